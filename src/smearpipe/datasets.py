@@ -1,0 +1,311 @@
+"""Dataset tools: Pascal VOC -> ultralytics YOLO conversion, YOLO label reading, class names.
+
+The source dataset is never modified: conversion writes a new folder (and refuses to write
+into a non-empty one unless asked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import DatasetError
+
+__all__ = [
+    "DETECTION_CLASSES",
+    "normalize_detection_class",
+    "VocBox",
+    "read_voc",
+    "ConversionReport",
+    "voc_to_yolo",
+    "read_yolo_labels",
+]
+
+#: Detection classes, in the order of YOLO class ids.
+DETECTION_CLASSES: tuple[str, ...] = ("WBC", "RBC", "Platelets")
+
+_DETECTION_ALIASES: dict[str, str] = {
+    "wbc": "WBC",
+    "wbcs": "WBC",
+    "white blood cell": "WBC",
+    "white_blood_cell": "WBC",
+    "leukocyte": "WBC",
+    "rbc": "RBC",
+    "rbcs": "RBC",
+    "red blood cell": "RBC",
+    "red_blood_cell": "RBC",
+    "erythrocyte": "RBC",
+    "platelets": "Platelets",
+    "platelet": "Platelets",
+    "platlets": "Platelets",
+    "plt": "Platelets",
+    "thrombocyte": "Platelets",
+}
+
+
+def normalize_detection_class(name: str) -> str | None:
+    """Map a spelling of a detection class to its canonical name, or None if unknown.
+
+    >>> normalize_detection_class("platlets")
+    'Platelets'
+    """
+    return _DETECTION_ALIASES.get(" ".join(str(name).strip().lower().split()))
+
+
+@dataclass(frozen=True)
+class VocBox:
+    label: str  # as written in the file
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+
+
+def read_voc(xml_path: str | os.PathLike) -> tuple[tuple[int, int], list[VocBox]]:
+    """Read a Pascal VOC annotation: ((width, height), boxes).
+
+    Raises
+    ------
+    DatasetError
+        If the file is missing, not XML, or lacks size / box fields.
+    """
+    xml_path = Path(xml_path)
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise DatasetError(f"annotation file not found: {xml_path}") from None
+    except ET.ParseError as exc:
+        raise DatasetError(f"cannot parse VOC XML {xml_path}: {exc}") from None
+    try:
+        size = root.find("size")
+        width = int(float(size.findtext("width")))  # type: ignore[union-attr,arg-type]
+        height = int(float(size.findtext("height")))  # type: ignore[union-attr,arg-type]
+        boxes = []
+        for obj in root.iter("object"):
+            bb = obj.find("bndbox")
+            boxes.append(
+                VocBox(
+                    label=(obj.findtext("name") or "").strip(),
+                    xmin=float(bb.findtext("xmin")),  # type: ignore[union-attr,arg-type]
+                    ymin=float(bb.findtext("ymin")),  # type: ignore[union-attr,arg-type]
+                    xmax=float(bb.findtext("xmax")),  # type: ignore[union-attr,arg-type]
+                    ymax=float(bb.findtext("ymax")),  # type: ignore[union-attr,arg-type]
+                )
+            )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DatasetError(f"malformed VOC annotation {xml_path}: {exc}") from None
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"VOC annotation {xml_path} has invalid image size {width}x{height}")
+    return (width, height), boxes
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`voc_to_yolo` did (also written as ``conversion_report.json``)."""
+
+    images: dict[str, int] = field(default_factory=dict)  # split -> images written
+    boxes: dict[str, int] = field(default_factory=dict)  # class -> boxes written
+    clipped_boxes: int = 0
+    dropped_zero_area: list[str] = field(default_factory=list)  # "image: label (x1,y1,x2,y2)"
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+    images_without_boxes: list[str] = field(default_factory=list)
+    data_yaml: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "boxes": self.boxes,
+            "clipped_boxes": self.clipped_boxes,
+            "dropped_zero_area": self.dropped_zero_area,
+            "unknown_labels": self.unknown_labels,
+            "images_without_boxes": self.images_without_boxes,
+            "data_yaml": self.data_yaml,
+        }
+
+
+def _read_split_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"split list not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def voc_to_yolo(
+    voc_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] = ("train", "val", "test"),
+    classes: Sequence[str] = DETECTION_CLASSES,
+    class_map: Mapping[str, str] | None = None,
+    on_unknown: str = "error",
+    overwrite: bool = False,
+    link_images: bool = True,
+) -> ConversionReport:
+    """Convert a Pascal VOC dataset (BCCD layout) to the ultralytics YOLO layout.
+
+    Expects ``voc_root/Annotations/*.xml``, ``voc_root/JPEGImages/*`` and
+    ``voc_root/ImageSets/Main/<split>.txt``. Writes ``out_dir/images/<split>/``,
+    ``out_dir/labels/<split>/*.txt`` (``class cx cy w h``, normalised), ``out_dir/data.yaml``
+    and ``out_dir/conversion_report.json``. Boxes are clipped to the image; zero-area boxes
+    are dropped and listed in the report.
+
+    Parameters
+    ----------
+    voc_root : path
+        Folder holding ``Annotations``, ``JPEGImages`` and ``ImageSets/Main``.
+    out_dir : path
+        Output folder; must not exist or be empty unless ``overwrite=True``.
+    splits : sequence of str
+        Split names whose ``ImageSets/Main/<split>.txt`` lists are honoured.
+    classes : sequence of str
+        Canonical class names, in class-id order.
+    class_map : mapping, optional
+        Extra spellings -> canonical name (checked before the built-in aliases).
+    on_unknown : {"error", "skip"}
+        Unknown class names raise :class:`DatasetError` (listing them) or are skipped and
+        counted in the report.
+    overwrite : bool
+        Allow writing into an existing, non-empty ``out_dir`` (its ``images``/``labels`` are replaced).
+    link_images : bool
+        Symlink images instead of copying them (falls back to copying where links fail).
+
+    Returns
+    -------
+    ConversionReport
+    """
+    voc_root, out_dir = Path(voc_root), Path(out_dir)
+    if on_unknown not in ("error", "skip"):
+        raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
+    ann_dir, img_dir, set_dir = voc_root / "Annotations", voc_root / "JPEGImages", voc_root / "ImageSets" / "Main"
+    for d in (ann_dir, img_dir, set_dir):
+        if not d.is_dir():
+            raise DatasetError(f"VOC folder not found: {d} (expected Annotations/, JPEGImages/, ImageSets/Main/ under {voc_root})")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    if out_dir.resolve() == voc_root.resolve() or voc_root.resolve() in out_dir.resolve().parents:
+        raise DatasetError("out_dir must be outside the source dataset (the source is never modified)")
+    class_ids = {name: i for i, name in enumerate(classes)}
+    extra = {" ".join(k.strip().lower().split()): v for k, v in (class_map or {}).items()}
+
+    def canonical(label: str) -> str | None:
+        key = " ".join(label.strip().lower().split())
+        name = extra.get(key) or normalize_detection_class(label) or (label if label in class_ids else None)
+        return name if name in class_ids else None
+
+    split_ids = {split: _read_split_file(set_dir / f"{split}.txt") for split in splits}
+    # First pass: parse everything and check labels before writing anything.
+    parsed: dict[str, tuple[tuple[int, int], list[VocBox]]] = {}
+    unknown: dict[str, int] = {}
+    for ids in split_ids.values():
+        for stem in ids:
+            if stem in parsed:
+                continue
+            parsed[stem] = read_voc(ann_dir / f"{stem}.xml")
+            for box in parsed[stem][1]:
+                if canonical(box.label) is None:
+                    unknown[box.label] = unknown.get(box.label, 0) + 1
+    if unknown and on_unknown == "error":
+        raise DatasetError(
+            f"unknown class name(s) {unknown} (known: {list(classes)}); map them with class_map= or pass on_unknown='skip'"
+        )
+
+    report = ConversionReport(unknown_labels=unknown)
+    for sub in ("images", "labels"):
+        if (out_dir / sub).exists():
+            shutil.rmtree(out_dir / sub)
+    for split, ids in split_ids.items():
+        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out_dir / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for stem in ids:
+            matches = sorted(img_dir.glob(f"{stem}.*"))
+            if not matches:
+                raise DatasetError(f"image for annotation {stem} not found in {img_dir}")
+            src = matches[0]
+            dst = out_dir / "images" / split / src.name
+            try:
+                if link_images:
+                    os.symlink(src.resolve(), dst)
+                else:
+                    shutil.copy2(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            (width, height), boxes = parsed[stem]
+            lines = []
+            for box in boxes:
+                name = canonical(box.label)
+                if name is None:
+                    continue
+                x1, x2 = np.clip([box.xmin, box.xmax], 0, width)
+                y1, y2 = np.clip([box.ymin, box.ymax], 0, height)
+                if (x1, y1, x2, y2) != (box.xmin, box.ymin, box.xmax, box.ymax):
+                    report.clipped_boxes += 1
+                if x2 <= x1 or y2 <= y1:
+                    report.dropped_zero_area.append(
+                        f"{stem}: {box.label} ({box.xmin:g},{box.ymin:g},{box.xmax:g},{box.ymax:g})"
+                    )
+                    continue
+                cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+                w, h = (x2 - x1) / width, (y2 - y1) / height
+                lines.append(f"{class_ids[name]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+                report.boxes[name] = report.boxes.get(name, 0) + 1
+            if not lines:
+                report.images_without_boxes.append(stem)
+            (out_dir / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        report.images[split] = len(ids)
+
+    yaml_lines = [f"path: {out_dir.resolve()}"]
+    for split in splits:
+        yaml_lines.append(f"{split}: images/{split}")
+    yaml_lines.append("names:")
+    yaml_lines += [f"  {i}: {name}" for i, name in enumerate(classes)]
+    data_yaml = out_dir / "data.yaml"
+    data_yaml.write_text("\n".join(yaml_lines) + "\n")
+    report.data_yaml = str(data_yaml)
+    (out_dir / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def read_yolo_labels(
+    path: str | os.PathLike, *, image_size: tuple[int, int] | None = None, num_classes: int | None = None
+) -> np.ndarray:
+    """Read a YOLO label file into an ``(N, 5)`` float array ``[class, x1, y1, x2, y2]``.
+
+    Coordinates are normalised (0-1) unless ``image_size=(width, height)`` is given, in which
+    case they are pixels. An empty file gives an ``(0, 5)`` array.
+
+    Raises
+    ------
+    DatasetError
+        Missing file, wrong number of fields, non-numeric values, class ids out of range,
+        coordinates outside [0, 1].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"label file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 5:
+            raise DatasetError(f"{path}:{lineno}: expected 5 fields 'class cx cy w h', got {len(parts)}")
+        try:
+            cls, cx, cy, w, h = (float(p) for p in parts)
+        except ValueError:
+            raise DatasetError(f"{path}:{lineno}: non-numeric value in {line.strip()!r}") from None
+        if cls != int(cls) or cls < 0 or (num_classes is not None and cls >= num_classes):
+            raise DatasetError(f"{path}:{lineno}: invalid class id {parts[0]!r}")
+        if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+            raise DatasetError(f"{path}:{lineno}: coordinates must be normalised to [0, 1], got {line.strip()!r}")
+        rows.append([cls, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    if image_size is not None:
+        arr[:, [1, 3]] *= image_size[0]
+        arr[:, [2, 4]] *= image_size[1]
+    return arr

@@ -1,0 +1,40 @@
+"""Exception types raised by smearpipe.
+
+Every error that smearpipe raises on purpose derives from :class:`SmearpipeError`,
+so callers can catch the whole family with one ``except`` clause.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SmearpipeError",
+    "ImageReadError",
+    "InvalidImageError",
+    "StainEstimationError",
+    "DatasetError",
+    "WeightsError",
+]
+
+
+class SmearpipeError(Exception):
+    """Base class of all smearpipe errors."""
+
+
+class ImageReadError(SmearpipeError, OSError):
+    """A file could not be found or decoded as an image."""
+
+
+class InvalidImageError(SmearpipeError, ValueError):
+    """An array does not follow (and cannot be converted to) the RGB uint8 (H, W, 3) convention."""
+
+
+class StainEstimationError(SmearpipeError, ValueError):
+    """Too few stained pixels to estimate stain vectors (e.g. a blank field)."""
+
+
+class DatasetError(SmearpipeError, ValueError):
+    """An annotated dataset is missing, malformed or inconsistent."""
+
+
+class WeightsError(SmearpipeError, ValueError):
+    """Model weights are unknown, missing, corrupt or do not match their record."""

@@ -1,0 +1,167 @@
+"""Reading, validating and writing images.
+
+smearpipe has one image convention everywhere: an RGB ``uint8`` array of shape
+``(H, W, 3)``. This module is the only place where other layouts are converted
+(OpenCV's BGR order is undone here, once).
+
+Conversion rules applied by :func:`to_rgb_uint8`:
+
+* ``(H, W)`` and ``(H, W, 1)`` grayscale: the channel is repeated three times.
+* ``(H, W, 4)`` RGBA: composited over a white background (transparent pixels
+  become white, like an empty, unstained field), then the alpha channel is dropped.
+* ``uint8``: kept as is.
+* ``uint16``: scaled to 0-255 by ``round(v / 257)`` (65535 -> 255).
+* ``float16/32/64``: must be finite and within ``[0, 1]``; scaled by 255 and rounded.
+* anything else (bool, signed or 32/64-bit integers, complex, object, channel-first
+  ``(3, H, W)``, empty arrays, NaN/inf) raises :class:`~smearpipe.errors.InvalidImageError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+
+from .errors import ImageReadError, InvalidImageError
+
+__all__ = ["ImageLike", "read_image", "to_rgb_uint8", "load_image", "write_image"]
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+def _describe(array: np.ndarray) -> str:
+    return f"shape {tuple(array.shape)} and dtype {array.dtype}"
+
+
+def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
+    """Convert an array to the RGB uint8 ``(H, W, 3)`` convention or raise.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA array of dtype
+        uint8, uint16 or float in ``[0, 1]`` (see the module docstring for the rules).
+    name : str, optional
+        Name used in error messages.
+
+    Returns
+    -------
+    rgb : (H, W, 3) uint8 ndarray
+        C-contiguous. The input itself is returned when it already follows the convention.
+
+    Raises
+    ------
+    InvalidImageError
+        If the array cannot be converted; the message says what was expected and what came.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_rgb_uint8(np.zeros((4, 5), np.uint8)).shape
+    (4, 5, 3)
+    """
+    if not isinstance(image, np.ndarray):
+        raise InvalidImageError(
+            f"{name} must be a numpy array or a path, got {type(image).__name__}"
+        )
+    expected = "an RGB uint8 array of shape (H, W, 3) (or grayscale (H, W), RGBA (H, W, 4); uint8, uint16 or float in [0, 1])"
+    if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        pass
+    elif image.ndim == 2:
+        image = image[:, :, None]
+    else:
+        hint = ""
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+            hint = "; channel-first arrays are not accepted, use np.moveaxis(image, 0, -1)"
+        raise InvalidImageError(f"{name} must be {expected}, got {_describe(image)}{hint}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InvalidImageError(f"{name} must have at least one pixel, got {_describe(image)}")
+
+    dtype = image.dtype
+    if dtype == np.uint8:
+        rgb = image
+    elif dtype == np.uint16:
+        rgb = np.rint(image.astype(np.float32) / 257.0).astype(np.uint8)
+    elif dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise InvalidImageError(f"{name} contains NaN or infinite values ({_describe(image)})")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidImageError(
+                f"float {name} must have values in [0, 1], got range [{lo:g}, {hi:g}] "
+                f"({_describe(image)}); convert 0-255 data with .astype(np.uint8)"
+            )
+        rgb = np.rint(image.astype(np.float32) * 255.0).astype(np.uint8)
+    else:
+        raise InvalidImageError(f"{name} must be {expected}, got {_describe(image)}")
+
+    channels = rgb.shape[-1]
+    if channels == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    elif channels == 4:
+        alpha = rgb[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = np.rint(rgb[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(rgb)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 ``(H, W, 3)``.
+
+    Any format OpenCV decodes (JPEG, PNG incl. 16-bit and RGBA, TIFF, BMP) is accepted
+    and converted with the rules of :func:`to_rgb_uint8`.
+
+    Raises
+    ------
+    ImageReadError
+        If the file does not exist, is not a file, or cannot be decoded. The message names the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageReadError(f"not a file: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if decoded is None:
+        raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
+    if decoded.ndim == 3:
+        if decoded.shape[2] == 3:
+            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        elif decoded.shape[2] == 4:
+            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA)
+    try:
+        return to_rgb_uint8(decoded, name=f"image file {path}")
+    except InvalidImageError as exc:
+        raise ImageReadError(str(exc)) from exc
+
+
+def load_image(image: ImageLike, *, name: str = "image") -> np.ndarray:
+    """Return ``image`` as RGB uint8 ``(H, W, 3)``: read it if it is a path, convert it if it is an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    return to_rgb_uint8(image, name=name)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
+    """Write an RGB uint8 image; refuses to replace an existing file unless ``overwrite=True``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    ImageReadError
+        If OpenCV cannot encode the image for the file's extension.
+    """
+    path = Path(path)
+    rgb = to_rgb_uint8(image)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"refusing to overwrite existing file {path} (pass overwrite=True)")
+    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ImageReadError(f"cannot encode image for file {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf.tofile(str(path))
+    return path

@@ -1,0 +1,581 @@
+"""Preprocessing of smear images: median filtering, CLAHE and Macenko stain normalisation.
+
+All functions take and return RGB uint8 ``(H, W, 3)`` arrays (see :mod:`smearpipe.io`).
+:class:`Preprocessing` is a frozen, serialisable record of which steps run in which order
+with which parameters; shipped weights store one so that inference always uses the
+preprocessing the model was trained with.
+
+References
+----------
+.. [1] M. Macenko et al., "A method for normalizing histology slides for quantitative
+   analysis", IEEE ISBI 2009, pp. 1107-1110. doi:10.1109/ISBI.2009.5193250
+.. [2] K. Zuiderveld, "Contrast limited adaptive histogram equalization",
+   Graphics Gems IV, 1994.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from importlib import resources
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from .errors import StainEstimationError
+from .io import to_rgb_uint8
+
+__all__ = [
+    "median_filter",
+    "clahe",
+    "estimate_background",
+    "MacenkoReference",
+    "MacenkoNormalizer",
+    "Preprocessing",
+    "STEPS",
+]
+
+STEPS = ("median", "clahe", "macenko")
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    # Fast path: the public functions accept exactly the smearpipe convention, anything
+    # else goes through the converter, which raises InvalidImageError when it must.
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image
+    return to_rgb_uint8(image)
+
+
+def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
+    """Median-filter each channel with a square ``ksize`` x ``ksize`` window (OpenCV ``medianBlur``).
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB image.
+    ksize : int, optional
+        Odd window size >= 1 (1 returns a copy).
+
+    Returns
+    -------
+    filtered : (H, W, 3) uint8 ndarray
+
+    Raises
+    ------
+    ValueError
+        If ``ksize`` is not an odd integer >= 1.
+    InvalidImageError
+        If ``image`` is not RGB uint8 ``(H, W, 3)`` (or convertible, see :mod:`smearpipe.io`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> median_filter(np.zeros((8, 8, 3), np.uint8), ksize=5).shape
+    (8, 8, 3)
+    """
+    if isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0:
+        raise ValueError(f"ksize must be an odd integer >= 1, got {ksize!r}")
+    image = _check_image(image)
+    if ksize == 1:
+        return image.copy()
+    return cv2.medianBlur(image, int(ksize))
+
+
+_CLAHE_CACHE: dict[tuple[float, tuple[int, int]], Any] = {}
+
+
+def clahe(
+    image: np.ndarray, *, clip_limit: float = 2.0, tile_grid: tuple[int, int] = (8, 8)
+) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of the lightness channel.
+
+    The image is converted to CIE L*a*b*, CLAHE is applied to L* only and the result is
+    converted back, so hues (the stain colours) are preserved.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB image.
+    clip_limit : float, optional
+        Contrast limit (OpenCV ``clipLimit``), > 0.
+    tile_grid : (int, int), optional
+        Number of tiles (rows, columns), each >= 1.
+
+    Returns
+    -------
+    enhanced : (H, W, 3) uint8 ndarray
+
+    Raises
+    ------
+    ValueError
+        For a non-positive ``clip_limit`` or a malformed ``tile_grid``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> clahe(np.full((16, 16, 3), 128, np.uint8)).dtype
+    dtype('uint8')
+    """
+    try:
+        clip = float(clip_limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_limit must be a positive number, got {clip_limit!r}") from None
+    if not np.isfinite(clip) or clip <= 0:
+        raise ValueError(f"clip_limit must be a positive number, got {clip_limit!r}")
+    try:
+        grid = tuple(int(t) for t in tile_grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"tile_grid must be two integers >= 1, got {tile_grid!r}") from None
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f"tile_grid must be two integers >= 1, got {tile_grid!r}")
+    image = _check_image(image)
+    key = (clip, grid)
+    op = _CLAHE_CACHE.get(key)
+    if op is None:  # a cache of immutable-by-use OpenCV objects; no behaviour depends on it
+        op = _CLAHE_CACHE.setdefault(key, cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid[1], grid[0])))
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = op.apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+# ----------------------------------------------------------------------------- Macenko
+
+_MAX_FIT_PIXELS = 20_000  # pixels used for estimating stain vectors / concentrations
+_MIN_STAINED_PIXELS = 50
+_MIN_BACKGROUND = 60.0  # an image whose brightest pixels are darker than this has no usable background
+
+
+def _subsample(image: np.ndarray, max_pixels: int = _MAX_FIT_PIXELS) -> np.ndarray:
+    flat = image.reshape(-1, 3)
+    step = max(1, flat.shape[0] // max_pixels)
+    return flat[::step]
+
+
+def estimate_background(image: np.ndarray, *, percentile: float = 95.0) -> np.ndarray:
+    """Estimate the per-channel intensity of unstained background (plasma / glass).
+
+    Blood smears, unlike H&E tissue, show a lot of light background; its colour depends on
+    the lamp, the camera's white balance and the stain. The estimate is the per-channel
+    median of the pixels whose mean intensity is at or above the given percentile.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+    percentile : float, optional
+        Brightness percentile defining "background" pixels.
+
+    Returns
+    -------
+    background : (3,) float64 ndarray
+        RGB intensities in ``[0, 255]``.
+    """
+    image = _check_image(image)
+    pixels = _subsample(image, _MAX_FIT_PIXELS)
+    lum = pixels.sum(axis=1, dtype=np.int32)
+    bright = pixels[lum >= np.percentile(lum, percentile)]
+    return np.median(bright, axis=0).astype(np.float64)
+
+
+def _od_lut(background: np.ndarray) -> np.ndarray:
+    """(3, 256) table: optical density of each uint8 value for each channel, >= 0."""
+    values = np.arange(256, dtype=np.float64)[None, :]
+    od = -np.log((values + 1.0) / (np.asarray(background, np.float64)[:, None] + 1.0))
+    return np.maximum(od, 0.0)
+
+
+def _optical_density(pixels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    return np.stack([lut[c][pixels[:, c]] for c in range(3)], axis=1)
+
+
+@dataclass(frozen=True)
+class MacenkoReference:
+    """Fitted Macenko parameters of a reference (target) appearance.
+
+    Attributes
+    ----------
+    stain_matrix : ((float, float, float), (float, float, float))
+        Unit optical-density vectors (R, G, B) of the two stains; row 0 is the basophilic
+        (azure / methylene blue, nuclear) stain, row 1 the acidophilic (eosin) stain.
+    max_concentrations : (float, float)
+        99th percentile of each stain's concentration over stained pixels.
+    background : (float, float, float)
+        RGB intensity of unstained background.
+    source : str
+        How the reference was made.
+    """
+
+    stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    max_concentrations: tuple[float, float]
+    background: tuple[float, float, float]
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MacenkoReference":
+        try:
+            sm = tuple(tuple(float(v) for v in row) for row in data["stain_matrix"])
+            mc = tuple(float(v) for v in data["max_concentrations"])
+            bg = tuple(float(v) for v in data["background"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed Macenko reference: {exc!r}") from None
+        if len(sm) != 2 or any(len(r) != 3 for r in sm) or len(mc) != 2 or len(bg) != 3:
+            raise ValueError("malformed Macenko reference: expected a 2x3 stain_matrix, 2 max_concentrations, 3 background values")
+        return cls(sm, mc, bg, str(data.get("source", "")))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _StainEstimate:
+    background: np.ndarray  # (3,)
+    stain_matrix: np.ndarray  # (2, 3)
+    max_concentrations: np.ndarray  # (2,)
+
+
+def _estimate_stains(
+    images: Sequence[np.ndarray], *, beta: float, alpha: float, background: Any
+) -> _StainEstimate:
+    ods, backgrounds = [], []
+    for image in images:
+        bg = estimate_background(image) if background is None else np.broadcast_to(
+            np.asarray(background, np.float64), (3,)
+        )
+        if bg.mean() < _MIN_BACKGROUND:
+            raise StainEstimationError(
+                f"no bright background found (estimated background RGB {np.round(bg, 1).tolist()}); "
+                "Macenko normalisation needs unstained background pixels"
+            )
+        od = _optical_density(_subsample(image), _od_lut(bg))
+        ods.append(od[np.linalg.norm(od, axis=1) > beta])
+        backgrounds.append(bg)
+    od = np.concatenate(ods)
+    if od.shape[0] < _MIN_STAINED_PIXELS:
+        raise StainEstimationError(
+            f"too few stained pixels to estimate stain vectors: {od.shape[0]} with optical density > {beta} "
+            f"(need at least {_MIN_STAINED_PIXELS}); is the image blank?"
+        )
+    # Plane of the two largest principal directions of the optical densities (Macenko step 3-4).
+    cov = np.cov(od, rowvar=False)
+    if not np.all(np.isfinite(cov)):
+        raise StainEstimationError("optical densities are not finite")
+    _, vecs = np.linalg.eigh(cov)
+    plane = vecs[:, [2, 1]]
+    plane *= np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # eigenvector signs are arbitrary
+    proj = od @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100.0 - alpha])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    stains = np.stack([v1, v2])
+    stains *= np.where(stains.sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    # Deterministic order for Romanowsky stains (Wright, Giemsa, May-Grunwald-Giemsa). The hue
+    # of the dyes differs between labs and cameras (BCCD nuclei are blue-violet, PBC nuclei
+    # purple-magenta), so no fixed colour rule orders them; what holds everywhere is that
+    # nuclei are the densest stained structure of a smear. Nuclear stain first: the extreme
+    # vector closest in angle to the darkest 2 % of stained pixels.
+    density = np.linalg.norm(od, axis=1)
+    dark_phi = np.median(phi[density >= np.percentile(density, 98)])
+    order = [0, 1] if abs(dark_phi - lo) <= abs(dark_phi - hi) else [1, 0]
+    stains = stains[order]
+    cos_angle = float(np.clip(stains[0] @ stains[1], -1.0, 1.0))
+    if np.degrees(np.arccos(cos_angle)) < 1.0:
+        raise StainEstimationError(
+            "stain vectors are (nearly) collinear: the image shows a single colour, two stains cannot be separated"
+        )
+    conc = od @ np.linalg.pinv(stains)
+    max_conc = np.percentile(conc, 99, axis=0)
+    if not np.all(np.isfinite(max_conc)) or np.any(max_conc <= 1e-6):
+        raise StainEstimationError(f"degenerate stain concentrations (99th percentiles {max_conc.tolist()})")
+    return _StainEstimate(np.median(np.stack(backgrounds), axis=0), stains, max_conc)
+
+
+class MacenkoNormalizer:
+    """Macenko stain normalisation adapted to Romanowsky-stained blood smears.
+
+    Differences from the H&E formulation of [1]_ (and from torchstain / StainTools):
+
+    * the background intensity is estimated per image and per channel
+      (:func:`estimate_background`) instead of assuming 240 for all channels, so a
+      differently white-balanced camera maps background to background;
+    * stained pixels are selected by the norm of their optical density, which keeps the
+      pale, eosin-only red cells that a per-channel threshold discards;
+    * the two stain vectors are ordered deterministically: nuclear (the extreme closest to
+      the densest stained pixels, which are nuclei in a smear) first, eosin second;
+    * images without enough stained pixels raise :class:`StainEstimationError`
+      (or are returned unchanged with ``on_failure="passthrough"``).
+
+    The transform is computed with per-channel 256-entry lookup tables, so it costs a few
+    gathers and multiplies per pixel.
+
+    Parameters
+    ----------
+    beta : float, optional
+        Optical-density norm above which a pixel counts as stained.
+    alpha : float, optional
+        Percentile (in %) of the angle distribution used for the robust extreme stain vectors.
+
+    References
+    ----------
+    .. [1] M. Macenko et al., "A method for normalizing histology slides for quantitative
+       analysis", IEEE ISBI 2009.
+
+    Examples
+    --------
+    >>> from smearpipe.io import read_image                     # doctest: +SKIP
+    >>> norm = MacenkoNormalizer.default()                      # doctest: +SKIP
+    >>> out = norm.transform(read_image("field.jpg"))           # doctest: +SKIP
+    """
+
+    def __init__(self, *, beta: float = 0.15, alpha: float = 1.0) -> None:
+        if not (beta > 0):
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        if not (0 <= alpha < 50):
+            raise ValueError(f"alpha must be in [0, 50), got {alpha!r}")
+        self.beta = float(beta)
+        self.alpha = float(alpha)
+        self._reference: MacenkoReference | None = None
+
+    def __repr__(self) -> str:
+        state = "fitted" if self._reference is not None else "not fitted"
+        return f"MacenkoNormalizer(beta={self.beta}, alpha={self.alpha}; {state})"
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(
+        self,
+        image_or_list: np.ndarray | Iterable[np.ndarray],
+        *,
+        background: Sequence[float] | float | None = None,
+        source: str = "",
+    ) -> "MacenkoNormalizer":
+        """Fit the target appearance to one image or to several images together.
+
+        Parameters
+        ----------
+        image_or_list : (H, W, 3) uint8 ndarray or iterable of them
+        background : float or (3,) floats, optional
+            Known background intensity; estimated per image when None.
+        source : str, optional
+            Free-text provenance stored in :attr:`reference`.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        StainEstimationError
+            If the images have too few stained pixels or no bright background.
+        """
+        if isinstance(image_or_list, np.ndarray) and image_or_list.ndim in (2, 3) and not (
+            image_or_list.ndim == 3 and image_or_list.shape[2] not in (1, 3, 4)
+        ):
+            images = [_check_image(image_or_list)]
+        else:
+            images = [_check_image(im) for im in image_or_list]
+        if not images:
+            raise ValueError("fit() needs at least one image")
+        est = _estimate_stains(images, beta=self.beta, alpha=self.alpha, background=background)
+        self._reference = MacenkoReference(
+            stain_matrix=tuple(tuple(float(v) for v in row) for row in est.stain_matrix),  # type: ignore[arg-type]
+            max_concentrations=tuple(float(v) for v in est.max_concentrations),  # type: ignore[arg-type]
+            background=tuple(float(v) for v in est.background),  # type: ignore[arg-type]
+            source=source or f"fitted on {len(images)} image(s)",
+        )
+        return self
+
+    @classmethod
+    def from_reference(cls, reference: MacenkoReference | Mapping[str, Any], **kwargs: Any) -> "MacenkoNormalizer":
+        """A normaliser with a previously fitted (e.g. stored) reference."""
+        self = cls(**kwargs)
+        self._reference = reference if isinstance(reference, MacenkoReference) else MacenkoReference.from_dict(reference)
+        return self
+
+    @classmethod
+    def default(cls) -> "MacenkoNormalizer":
+        """The normaliser fitted to the shipped PBC reference.
+
+        The reference was fitted by ``scripts/fit_macenko_reference.py`` on images of the
+        PBC ``train`` split (CellaVision DM96, May-Grunwald-Giemsa); its ``source`` field
+        says exactly which.
+        """
+        return cls.from_reference(default_reference())
+
+    @property
+    def reference(self) -> MacenkoReference:
+        """The fitted target parameters."""
+        if self._reference is None:
+            raise RuntimeError("MacenkoNormalizer is not fitted; call fit() or use MacenkoNormalizer.default()")
+        return self._reference
+
+    # -- transforming -------------------------------------------------------------------
+    def transform(
+        self, image: np.ndarray, *, on_failure: Literal["raise", "passthrough"] = "raise"
+    ) -> np.ndarray:
+        """Map ``image`` to the reference stain appearance.
+
+        Parameters
+        ----------
+        image : (H, W, 3) uint8 ndarray
+        on_failure : {"raise", "passthrough"}
+            What to do when the stains of ``image`` cannot be estimated (blank, single-colour
+            or background-free images): raise :class:`StainEstimationError`, or return an
+            unchanged copy.
+
+        Returns
+        -------
+        normalised : (H, W, 3) uint8 ndarray
+        """
+        if on_failure not in ("raise", "passthrough"):
+            raise ValueError(f"on_failure must be 'raise' or 'passthrough', got {on_failure!r}")
+        ref = self.reference
+        image = _check_image(image)
+        try:
+            src = _estimate_stains([image], beta=self.beta, alpha=self.alpha, background=None)
+        except StainEstimationError:
+            if on_failure == "passthrough":
+                return image.copy()
+            raise
+        # OD_out = OD_src @ pinv(S_src) @ diag(scale) @ S_ref is one 3x3 matrix M applied per
+        # pixel; with the background in the log domain the whole transform is
+        # out = exp(log(I_ref) - OD_lut[v] @ M): a table lookup, an affine 3x3 map and an exp,
+        # each a single multithreaded OpenCV call on float32.
+        ref_stains = np.asarray(ref.stain_matrix, np.float64)
+        scale = np.asarray(ref.max_concentrations, np.float64) / src.max_concentrations
+        m = np.linalg.pinv(src.stain_matrix) @ (scale[:, None] * ref_stains)  # (3 in, 3 out)
+        affine = np.concatenate([-m.T, np.log(np.asarray(ref.background, np.float64) + 1.0)[:, None]], axis=1)
+        lut = _od_lut(src.background).T.astype(np.float32).reshape(1, 256, 3)
+        od = cv2.LUT(image, lut)
+        log_out = cv2.transform(od, affine.astype(np.float32))
+        np.clip(log_out, -60.0, 30.0, out=log_out)  # degenerate estimates saturate, never overflow
+        out = cv2.exp(log_out)
+        out -= 1.0  # inverse of the +1 in the optical density
+        return cv2.convertScaleAbs(out)  # rounds and saturates to uint8; values are >= -1
+
+    def fit_transform(self, image: np.ndarray) -> np.ndarray:
+        """Fit on ``image`` and transform it (mostly useful for testing)."""
+        return self.fit(image).transform(image)
+
+
+_DEFAULT_REFERENCE_FILE = "macenko_reference_pbc.json"
+
+
+def default_reference() -> MacenkoReference:
+    """The shipped PBC Macenko reference (see :meth:`MacenkoNormalizer.default`)."""
+    text = resources.files("smearpipe").joinpath("data", _DEFAULT_REFERENCE_FILE).read_text()
+    return MacenkoReference.from_dict(json.loads(text)["reference"])
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Which preprocessing steps run, in which order, with which parameters.
+
+    A frozen, JSON-serialisable record. Model weights store one; calling it applies it.
+
+    Parameters
+    ----------
+    steps : tuple of {"median", "clahe", "macenko"}
+        Steps in the order they are applied; each at most once. Empty: identity.
+    median_ksize : int
+        Window of :func:`median_filter`.
+    clahe_clip_limit, clahe_tile_grid :
+        Parameters of :func:`clahe`.
+    macenko_reference : MacenkoReference or None
+        Target appearance for the ``"macenko"`` step; None means the shipped PBC default
+        (resolved and stored explicitly by :meth:`resolved`, which weights records use).
+    macenko_on_failure : {"raise", "passthrough"}
+        Passed to :meth:`MacenkoNormalizer.transform`.
+
+    Examples
+    --------
+    >>> p = Preprocessing(steps=("median", "clahe"))
+    >>> Preprocessing.from_dict(p.to_dict()) == p
+    True
+    """
+
+    steps: tuple[str, ...] = ()
+    median_ksize: int = 3
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: tuple[int, int] = (8, 8)
+    macenko_reference: MacenkoReference | None = None
+    macenko_on_failure: str = "raise"
+
+    def __post_init__(self) -> None:
+        steps = tuple(self.steps) if not isinstance(self.steps, str) else (self.steps,)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "clahe_tile_grid", tuple(int(t) for t in self.clahe_tile_grid))
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown:
+            raise ValueError(f"unknown preprocessing step(s) {unknown}; known steps are {list(STEPS)}")
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"each preprocessing step may appear once, got {list(steps)}")
+        if self.median_ksize < 1 or self.median_ksize % 2 == 0:
+            raise ValueError(f"median_ksize must be an odd integer >= 1, got {self.median_ksize!r}")
+        if not self.clahe_clip_limit > 0:
+            raise ValueError(f"clahe_clip_limit must be > 0, got {self.clahe_clip_limit!r}")
+        if len(self.clahe_tile_grid) != 2 or min(self.clahe_tile_grid) < 1:
+            raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}")
+        if self.macenko_on_failure not in ("raise", "passthrough"):
+            raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
+        if isinstance(self.macenko_reference, Mapping):
+            object.__setattr__(self, "macenko_reference", MacenkoReference.from_dict(self.macenko_reference))
+
+    def resolved(self) -> "Preprocessing":
+        """A copy whose Macenko reference is explicit (the default is looked up and stored)."""
+        if "macenko" in self.steps and self.macenko_reference is None:
+            return Preprocessing(**{**self._fields(), "macenko_reference": default_reference()})
+        return self
+
+    @cached_property
+    def _normalizer(self) -> MacenkoNormalizer:
+        ref = self.macenko_reference if self.macenko_reference is not None else default_reference()
+        return MacenkoNormalizer.from_reference(ref)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Apply the steps in order to an RGB uint8 image."""
+        out = _check_image(image)
+        for step in self.steps:
+            if step == "median":
+                out = median_filter(out, ksize=self.median_ksize)
+            elif step == "clahe":
+                out = clahe(out, clip_limit=self.clahe_clip_limit, tile_grid=self.clahe_tile_grid)
+            else:
+                out = self._normalizer.transform(out, on_failure=self.macenko_on_failure)  # type: ignore[arg-type]
+        return out
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "median_ksize": self.median_ksize,
+            "clahe_clip_limit": self.clahe_clip_limit,
+            "clahe_tile_grid": self.clahe_tile_grid,
+            "macenko_reference": self.macenko_reference,
+            "macenko_on_failure": self.macenko_on_failure,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (lists instead of tuples)."""
+        d = self._fields()
+        d["steps"] = list(self.steps)
+        d["clahe_tile_grid"] = list(self.clahe_tile_grid)
+        d["macenko_reference"] = None if self.macenko_reference is None else self.macenko_reference.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
+        known = {"steps", "median_ksize", "clahe_clip_limit", "clahe_tile_grid", "macenko_reference", "macenko_on_failure"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown Preprocessing field(s) {sorted(unknown)}")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        return cls.from_dict(json.loads(text))

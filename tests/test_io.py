@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from smearpipe import SmearpipeError
+from smearpipe.errors import ImageReadError, InvalidImageError
+from smearpipe.io import load_image, read_image, to_rgb_uint8, write_image
+
+from .conftest import SAMPLES
+
+
+def test_read_sample_is_rgb_uint8():
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    assert img.shape == (480, 640, 3) and img.dtype == np.uint8
+    bgr = cv2.imread(str(SAMPLES / "BloodImage_00007.jpg"))
+    np.testing.assert_array_equal(img, bgr[:, :, ::-1])  # BGR undone exactly once
+
+
+def test_load_image_accepts_path_and_array():
+    path = SAMPLES / "BloodImage_00007.jpg"
+    a = load_image(path)
+    b = load_image(str(path))
+    c = load_image(a)
+    np.testing.assert_array_equal(a, b)
+    assert c is a  # already conventional: no copy
+
+
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.full((2, 3), 7, np.uint8), np.full((2, 3, 3), 7, np.uint8)),
+        (np.full((2, 3, 1), 9, np.uint8), np.full((2, 3, 3), 9, np.uint8)),
+        (np.full((2, 3, 3), 65535, np.uint16), np.full((2, 3, 3), 255, np.uint8)),
+        (np.full((2, 3, 3), 257 * 10, np.uint16), np.full((2, 3, 3), 10, np.uint8)),
+        (np.full((2, 3, 3), 0.5, np.float32), np.full((2, 3, 3), 128, np.uint8)),
+        (np.full((2, 3, 3), 1.0, np.float64), np.full((2, 3, 3), 255, np.uint8)),
+    ],
+)
+def test_conversion_rules(array, expected):
+    np.testing.assert_array_equal(to_rgb_uint8(array), expected)
+
+
+def test_rgba_composited_over_white():
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)  # opaque: kept
+    rgba[0, 1] = (10, 20, 30, 0)  # transparent: white
+    out = to_rgb_uint8(rgba)
+    np.testing.assert_array_equal(out[0, 0], (10, 20, 30))
+    np.testing.assert_array_equal(out[0, 1], (255, 255, 255))
+
+
+@pytest.mark.parametrize(
+    "array, fragment",
+    [
+        (np.zeros((3, 4, 5), np.uint8), "got shape (3, 4, 5)"),
+        (np.zeros((3, 40, 50), np.uint8), "channel-first"),
+        (np.zeros((4,), np.uint8), "got shape (4,)"),
+        (np.zeros((0, 4, 3), np.uint8), "at least one pixel"),
+        (np.full((2, 2, 3), np.nan, np.float32), "NaN"),
+        (np.full((2, 2, 3), np.inf, np.float64), "NaN or infinite"),
+        (np.full((2, 2, 3), 200.0, np.float32), "range [200, 200]"),
+        (np.zeros((2, 2, 3), bool), "dtype bool"),
+        (np.zeros((2, 2, 3), np.int64), "dtype int64"),
+    ],
+)
+def test_bad_arrays_raise_our_error(array, fragment):
+    with pytest.raises(InvalidImageError) as info:
+        to_rgb_uint8(array)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, SmearpipeError)
+
+
+def test_non_array_rejected():
+    with pytest.raises(InvalidImageError, match="numpy array or a path"):
+        load_image([[1, 2, 3]])  # type: ignore[arg-type]
+
+
+def test_missing_file_names_path(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageReadError, match="nope.jpg"):
+        read_image(missing)
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageReadError, match="not a file"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\x00" * 20])
+def test_corrupt_file_names_path(tmp_path, content):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(content)
+    with pytest.raises(ImageReadError, match="corrupt.jpg"):
+        read_image(bad)
+
+
+def test_read_16bit_and_rgba_png(tmp_path):
+    img16 = np.zeros((5, 6, 3), np.uint16)
+    img16[..., 2] = 65535  # red in BGR order on disk
+    cv2.imwrite(str(tmp_path / "a.png"), img16)
+    out = read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
+    bgra = np.zeros((5, 6, 4), np.uint8)
+    bgra[..., 0] = 200  # blue
+    bgra[..., 3] = 255
+    cv2.imwrite(str(tmp_path / "b.png"), bgra)
+    np.testing.assert_array_equal(read_image(tmp_path / "b.png")[0, 0], (0, 0, 200))
+    gray = np.full((5, 6), 77, np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), gray)
+    np.testing.assert_array_equal(read_image(tmp_path / "c.png")[0, 0], (77, 77, 77))
+
+
+def test_write_image_never_overwrites(tmp_path):
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 0] = 255
+    path = write_image(tmp_path / "out.png", img)
+    np.testing.assert_array_equal(read_image(path), img)
+    with pytest.raises(FileExistsError):
+        write_image(path, np.zeros((4, 4, 3), np.uint8))
+    np.testing.assert_array_equal(read_image(path), img)  # untouched
+    write_image(path, np.zeros((4, 4, 3), np.uint8), overwrite=True)
+    assert read_image(path).max() == 0
