@@ -1,0 +1,188 @@
+"""Detector stage: YOLO (ultralytics) detection of WBCs, RBCs and platelets on a field.
+
+ultralytics is imported lazily, only here: importing smearpipe never imports it. Before the first
+import, ``YOLO_OFFLINE=1`` is set unless the caller set it, so ultralytics makes no connectivity
+checks (smearpipe never downloads anything for detection).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from .datasets import DETECTION_CLASSES, normalize_detection_class
+from .errors import WeightsError
+from .io import ImageLike, load_image
+from .preprocess import Preprocessing
+from .weights import DEFAULT_DETECTOR, WeightsRecord, resolve, sha256_file
+
+__all__ = ["Detection", "Detector", "import_ultralytics"]
+
+
+def import_ultralytics() -> Any:
+    """Import ultralytics with its network checks disabled (``YOLO_OFFLINE``)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    try:
+        import ultralytics
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise ImportError("the detector needs ultralytics: pip install ultralytics") from exc
+    return ultralytics
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected cell.
+
+    Attributes
+    ----------
+    box : (float, float, float, float)
+        ``(x1, y1, x2, y2)`` in pixels of the input image.
+    label : str
+        ``"WBC"``, ``"RBC"`` or ``"Platelets"``.
+    score : float
+        Detector confidence in [0, 1].
+    """
+
+    box: tuple[float, float, float, float]
+    label: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": list(self.box), "label": self.label, "score": self.score}
+
+
+class Detector:
+    """A loaded YOLO detector with its weights record.
+
+    Use :meth:`load`; the constructor takes an already loaded ultralytics model.
+
+    Examples
+    --------
+    >>> det = Detector.load()                                   # doctest: +SKIP
+    >>> cells = det.predict("datasets/bccd_samples/BloodImage_00007.jpg")  # doctest: +SKIP
+    >>> [c.label for c in cells if c.score > 0.5]               # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, record: WeightsRecord, *, conf: float = 0.25, iou: float = 0.7) -> None:
+        self.model = model
+        self.record = record
+        self.conf = float(conf)
+        self.iou = float(iou)
+        names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+        self._labels: dict[int, str] = {}
+        unknown = []
+        for idx, name in names.items():
+            canonical = normalize_detection_class(name)
+            if canonical is None:
+                unknown.append(name)
+            else:
+                self._labels[int(idx)] = canonical
+        if unknown:
+            raise WeightsError(f"detector classes {unknown} are not WBC/RBC/Platelets spellings; known: {list(DETECTION_CLASSES)}")
+
+    def __repr__(self) -> str:
+        return f"Detector({self.record.name!r}, classes={self.record.classes}, imgsz={self.record.input_size})"
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.record.preprocessing
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike | None = None) -> "Detector":
+        """Load the shipped default (None), a registered name, or a user ``.pt`` file.
+
+        Parameters
+        ----------
+        name_or_path : str or path, optional
+            None for :data:`~smearpipe.weights.DEFAULT_DETECTOR`; a registered name (see
+            :func:`smearpipe.weights.available`); or a path to ultralytics ``.pt`` weights. A ``.pt``
+            with a record ``<stem>.json`` beside it (as written by :func:`train_detector`) is checked
+            against it; without one, classes and input size are read from the checkpoint and no
+            preprocessing is assumed.
+
+        Raises
+        ------
+        WeightsError
+            Unknown name, missing or corrupt file, sha256 mismatch, unexpected classes.
+        """
+        found = resolve(DEFAULT_DETECTOR if name_or_path is None else name_or_path, kind="detector")
+        ultralytics = import_ultralytics()
+        path = found.path if isinstance(found, WeightsRecord) else found
+        try:
+            model = ultralytics.YOLO(str(path), task="detect")
+        except Exception as exc:  # ultralytics raises many types for bad files
+            raise WeightsError(f"cannot load YOLO weights {path}: {exc}") from exc
+        if isinstance(found, WeightsRecord):
+            record = found
+            meta = record.metadata
+            conf, iou = meta.get("default_conf", 0.25), meta.get("default_iou", 0.7)
+        else:
+            names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+            imgsz = (getattr(model, "overrides", None) or {}).get("imgsz", 640)
+            if isinstance(imgsz, (list, tuple)):
+                imgsz = max(imgsz)
+            record = WeightsRecord(
+                name=path.stem, kind="detector", file=path.name, sha256=sha256_file(path),
+                classes=tuple(names[i] for i in sorted(names)), input_size=int(imgsz),
+                preprocessing=Preprocessing(), metadata={"note": "user file without a record"}, folder=str(path.parent),
+            )
+            conf, iou = 0.25, 0.7
+        return cls(model, record, conf=conf, iou=iou)
+
+    def predict(self, image: ImageLike, *, conf: float | None = None, iou: float | None = None) -> list[Detection]:
+        """Detect cells on one field.
+
+        Parameters
+        ----------
+        image : path or (H, W, 3) uint8 ndarray
+            RGB field (see :mod:`smearpipe.io` for accepted inputs).
+        conf : float, optional
+            Minimum score (default: the record's ``default_conf``). Use 0.001 for mAP computations.
+        iou : float, optional
+            NMS IoU threshold (default: the record's ``default_iou``).
+
+        Returns
+        -------
+        list of Detection
+            Sorted by descending score; boxes in pixels of ``image``.
+        """
+        return self.predict_batch([image], conf=conf, iou=iou)[0]
+
+    def predict_batch(
+        self, images: Sequence[ImageLike], *, conf: float | None = None, iou: float | None = None
+    ) -> list[list[Detection]]:
+        """:meth:`predict` for several fields at once."""
+        conf = self.conf if conf is None else float(conf)
+        iou = self.iou if iou is None else float(iou)
+        if not (0.0 <= conf <= 1.0) or not (0.0 < iou <= 1.0):
+            raise ValueError(f"conf must be in [0, 1] and iou in (0, 1], got conf={conf}, iou={iou}")
+        rgbs = [load_image(im) for im in images]
+        bgrs = [cv2.cvtColor(self.preprocessing(rgb), cv2.COLOR_RGB2BGR) for rgb in rgbs]
+        if not bgrs:
+            return []
+        results = self.model.predict(
+            source=bgrs, imgsz=self.record.input_size, conf=conf, iou=iou, device="cpu", verbose=False, max_det=1000
+        )
+        out = []
+        for res, rgb in zip(results, rgbs):
+            h, w = rgb.shape[:2]
+            boxes = res.boxes
+            xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
+            xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
+            xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)
+            cls = boxes.cls.cpu().numpy().astype(int)
+            scores = boxes.conf.cpu().numpy().astype(np.float64)
+            order = np.argsort(-scores, kind="stable")
+            out.append(
+                [Detection(tuple(float(v) for v in xyxy[i]), self._labels[int(cls[i])], float(scores[i])) for i in order]  # type: ignore[arg-type]
+            )
+        return out

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearpipe.datasets import voc_to_yolo
+from smearpipe.detect import Detection, Detector
+from smearpipe.errors import DatasetError, WeightsError
+from smearpipe.evaluate import evaluate_detector
+from smearpipe.io import read_image
+from smearpipe.train import load_data_yaml, train_detector
+
+from .conftest import SAMPLES
+from .test_datasets import make_voc
+
+TRAIN = ["BloodImage_00001", "BloodImage_00003", "BloodImage_00004", "BloodImage_00005"]
+VAL = ["BloodImage_00000", "BloodImage_00006"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(bccd_root, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    voc = make_voc(root, bccd_root, {"train": TRAIN, "val": VAL})
+    voc_to_yolo(voc, root / "yolo", splits=("train", "val"))
+    return root / "yolo" / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train_detector(tiny_data, model="yolov8n.yaml", epochs=1, imgsz=96, batch=2, out_dir=out, name="smoke")
+
+
+def test_smoke_training_writes_weights_and_record(smoke_run):
+    assert smoke_run.weights.is_file() and smoke_run.record.is_file()
+    rec = json.loads(smoke_run.record.read_text())
+    assert rec["kind"] == "detector" and rec["classes"] == ["WBC", "RBC", "Platelets"]
+    assert rec["input_size"] == 96 and rec["preprocessing"]["steps"] == []
+    assert rec["training"]["stats"]["train"]["images"] == 4
+    assert len(rec["sha256"]) == 64
+
+
+def test_second_run_gets_new_folder(tiny_data, smoke_run):
+    again = train_detector(tiny_data, model="yolov8n.yaml", epochs=1, imgsz=64, batch=2,
+                           out_dir=smoke_run.run_dir.parent, name="smoke")
+    assert again.run_dir.name == "smoke-2"
+    assert smoke_run.weights.is_file()  # the first run is untouched
+
+
+def test_load_and_predict(smoke_run):
+    det = Detector.load(smoke_run.weights)
+    assert det.record.sha256 == json.loads(smoke_run.record.read_text())["sha256"]
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    cells = det.predict(img, conf=0.001)
+    assert isinstance(cells, list) and len(cells) > 0  # an untrained model still emits low-score boxes
+    for c in cells:
+        assert isinstance(c, Detection) and c.label in {"WBC", "RBC", "Platelets"}
+        x1, y1, x2, y2 = c.box
+        assert 0 <= x1 <= x2 <= 640 and 0 <= y1 <= y2 <= 480 and 0 <= c.score <= 1
+    assert [c.score for c in cells] == sorted((c.score for c in cells), reverse=True)
+    assert len(det.predict(img, conf=0.5)) <= len(cells)
+    by_path = det.predict(SAMPLES / "BloodImage_00007.jpg", conf=0.001)
+    assert len(by_path) == len(cells)
+    with pytest.raises(ValueError):
+        det.predict(img, conf=2.0)
+
+
+def test_tampered_weights_refused(smoke_run, tmp_path):
+    shutil.copy(smoke_run.weights, tmp_path / "detector.pt")
+    rec = json.loads(smoke_run.record.read_text())
+    (tmp_path / "detector.json").write_text(json.dumps(rec))
+    Detector.load(tmp_path / "detector.pt")  # intact copy loads
+    with open(tmp_path / "detector.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(WeightsError, match="sha256"):
+        Detector.load(tmp_path / "detector.pt")
+
+
+def test_unknown_and_missing_weights():
+    with pytest.raises(WeightsError, match="unknown detector weights"):
+        Detector.load("no-such-detector")
+    with pytest.raises(WeightsError, match="not found"):
+        Detector.load("/nonexistent/dir/model.pt")
+
+
+def test_garbage_pt_file(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot load"):
+        Detector.load(bad)
+
+
+def test_evaluate_writes_metrics_and_figures(smoke_run, tiny_data, tmp_path):
+    m = evaluate_detector(smoke_run.weights, tiny_data, split="val", out_dir=tmp_path / "ev")
+    assert 0.0 <= m["map50"] <= 1.0 and 0.0 <= m["map50_95"] <= m["map50"] + 1e-9
+    assert set(m["counting"]) == {"WBC", "RBC", "Platelets"}
+    assert m["counting"]["WBC"]["total_true"] == 2
+    assert (tmp_path / "ev" / "metrics.json").is_file() and (tmp_path / "ev" / "counts.csv").is_file()
+    assert any("PR_curve" in f or "BoxPR" in f for f in m["figures"]), m["figures"]
+    assert any("confusion_matrix" in f for f in m["figures"]), m["figures"]
+    with pytest.raises(FileExistsError):
+        evaluate_detector(smoke_run.weights, tiny_data, split="val", out_dir=tmp_path / "ev")
+
+
+def test_bad_training_inputs(tiny_data, tmp_path):
+    with pytest.raises(DatasetError, match="data YAML not found"):
+        train_detector(tmp_path / "missing.yaml", epochs=1)
+    # unknown class name
+    text = tiny_data.read_text().replace("Platelets", "Megakaryocyte")
+    (tmp_path / "unknown.yaml").write_text(text)
+    with pytest.raises(DatasetError, match="Megakaryocyte"):
+        load_data_yaml(tmp_path / "unknown.yaml")
+    # pretrained weights are never downloaded
+    with pytest.raises(WeightsError, match="not downloaded"):
+        train_detector(tiny_data, model="yolov8n.pt", epochs=1, out_dir=tmp_path / "r")
+    with pytest.raises(DatasetError, match="cannot resume"):
+        train_detector(tiny_data, epochs=1, out_dir=tmp_path / "r", name="never", resume=True)
+
+
+def _copy_dataset(tiny_data: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_data.parent, dest, symlinks=False)
+    yaml_path = dest / "data.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace(str(tiny_data.parent.resolve()), str(dest.resolve())))
+    return yaml_path
+
+
+def test_empty_label_files_rejected(tiny_data, tmp_path):
+    data = _copy_dataset(tiny_data, tmp_path / "d")
+    for f in (tmp_path / "d" / "labels" / "train").glob("*.txt"):
+        f.write_text("")
+    with pytest.raises(DatasetError, match="train split has no boxes"):
+        load_data_yaml(data)
+
+
+def test_non_image_file_rejected(tiny_data, tmp_path):
+    data = _copy_dataset(tiny_data, tmp_path / "d")
+    (tmp_path / "d" / "images" / "train" / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="non-image file"):
+        load_data_yaml(data)
+    (tmp_path / "d" / "images" / "train" / "notes.txt").unlink()
+    (tmp_path / "d" / "images" / "train" / "broken.jpg").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="broken.jpg"):
+        load_data_yaml(data)
+
+
+def test_import_smearpipe_does_not_import_ultralytics():
+    code = "import sys, smearpipe, smearpipe.detect, smearpipe.preprocess; print('ultralytics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_load_and_predict_with_network_forbidden(smoke_run):
+    code = textwrap.dedent(
+        f"""
+        import socket
+        def refuse(*a, **k):
+            raise AssertionError("network access attempted: " + repr(a[:2]))
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        from smearpipe.detect import Detector
+        det = Detector.load({str(smoke_run.weights)!r})
+        print(len(det.predict({str(SAMPLES / 'BloodImage_00011.jpg')!r}, conf=0.001)) >= 0)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("True")
