@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -309,3 +309,173 @@ def read_yolo_labels(
         arr[:, [1, 3]] *= image_size[0]
         arr[:, [2, 4]] *= image_size[1]
     return arr
+
+
+# ----------------------------------------------------------------------------- WBC crops
+
+#: WBC types of the default classifier, in class-index order.
+WBC_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+
+_WBC_ALIASES = {
+    "basophil": "basophil", "baso": "basophil", "ba": "basophil",
+    "eosinophil": "eosinophil", "eos": "eosinophil", "eo": "eosinophil",
+    "lymphocyte": "lymphocyte", "lympho": "lymphocyte", "lym": "lymphocyte", "ly": "lymphocyte",
+    "monocyte": "monocyte", "mono": "monocyte", "mo": "monocyte",
+    "neutrophil": "neutrophil", "neutro": "neutrophil", "neu": "neutrophil",
+    "segmented neutrophil": "neutrophil", "band neutrophil": "neutrophil", "sne": "neutrophil", "bne": "neutrophil",
+}
+
+
+def normalize_wbc_class(name: str) -> str | None:
+    """Map a spelling of a WBC type (``NEUTROPHIL``, ``Neutrophils``, ``neutrophil``) to its name, or None.
+
+    >>> normalize_wbc_class("NEUTROPHIL"), normalize_wbc_class("Eosinophils")
+    ('neutrophil', 'eosinophil')
+    """
+    key = " ".join(str(name).strip().lower().replace("_", " ").split())
+    if key in _WBC_ALIASES:
+        return _WBC_ALIASES[key]
+    if key.endswith("s") and key[:-1] in _WBC_ALIASES:
+        return _WBC_ALIASES[key[:-1]]
+    return None
+
+
+def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) -> np.ndarray:
+    """Square crop centred on ``box`` with side ``scale * max(box width, box height)``.
+
+    Parts outside the image are filled with the image's estimated background colour, so a cell at
+    the border keeps its position in the crop.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+    box : (x1, y1, x2, y2)
+        Pixel box of the cell.
+    scale : float
+        Crop side relative to the box's longer side (1.0 = tight).
+
+    Returns
+    -------
+    crop : (S, S, 3) uint8 ndarray
+    """
+    from .preprocess import estimate_background
+
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"box must have positive width and height, got {tuple(box)}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    side = max(2, int(round(max(x2 - x1, y2 - y1) * scale)))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    h, w = image.shape[:2]
+    src = image[max(top, 0): min(top + side, h), max(left, 0): min(left + side, w)]
+    if src.shape[:2] == (side, side):
+        return src.copy()
+    fill = estimate_background(image).round().astype(np.uint8)
+    crop = np.empty((side, side, 3), np.uint8)
+    crop[:] = fill
+    oy, ox = max(-top, 0), max(-left, 0)
+    crop[oy: oy + src.shape[0], ox: ox + src.shape[1]] = src
+    return crop
+
+
+def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[str]]:
+    """BCCD ``labels.csv`` (``,Image,Category``) -> ``{"BloodImage_00010": ["neutrophil", "eosinophil"]}``.
+
+    Rows with an empty category are left out; unknown names raise :class:`DatasetError`.
+    """
+    import csv
+
+    path = Path(labels_csv)
+    if not path.is_file():
+        raise DatasetError(f"labels file not found: {path}")
+    out: dict[str, list[str]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "Image" not in reader.fieldnames or "Category" not in reader.fieldnames:
+            raise DatasetError(f"{path}: expected columns 'Image' and 'Category', got {reader.fieldnames}")
+        for row in reader:
+            cat = (row["Category"] or "").strip()
+            if not cat:
+                continue
+            labels = []
+            for part in cat.split(","):
+                name = normalize_wbc_class(part)
+                if name is None:
+                    raise DatasetError(f"{path}: unknown WBC type {part.strip()!r} for image {row['Image']}")
+                labels.append(name)
+            out[f"BloodImage_{int(row['Image']):05d}"] = labels
+    return out
+
+
+@dataclass
+class CropReport:
+    """What :func:`extract_wbc_crops` wrote and skipped."""
+
+    written: dict[str, int] = field(default_factory=dict)  # class -> crops
+    skipped: dict[str, str] = field(default_factory=dict)  # image -> reason
+
+    def to_dict(self) -> dict:
+        return {"written": self.written, "skipped": self.skipped}
+
+
+def extract_wbc_crops(
+    voc_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    labels_csv: str | os.PathLike,
+    split: str | None = "train",
+    scale: float = 2.0,
+    overwrite: bool = False,
+) -> CropReport:
+    """Cut labelled WBC crops from annotated fields into an ImageFolder tree ``out_dir/<class>/``.
+
+    A field's WBC boxes get the field's label(s) from ``labels_csv`` when that is unambiguous: one
+    WBC box and one label, or n boxes with n identical labels. Other fields are skipped and listed in
+    the report (labels are per image in BCCD, not per box).
+
+    Parameters
+    ----------
+    voc_root : path
+        VOC folder (``Annotations``, ``JPEGImages``, ``ImageSets/Main``).
+    labels_csv : path
+        BCCD-style labels file (see :func:`read_bccd_subtype_labels`).
+    split : str or None
+        Only fields in ``ImageSets/Main/<split>.txt``; None for all annotated fields.
+    scale : float
+        Crop side relative to the box (see :func:`square_crop`).
+    """
+    from .io import read_image, write_image
+
+    voc_root, out_dir = Path(voc_root), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True)")
+    labels = read_bccd_subtype_labels(labels_csv)
+    if split is None:
+        stems = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
+    else:
+        stems = _read_split_file(voc_root / "ImageSets" / "Main" / f"{split}.txt")
+    report = CropReport()
+    for stem in stems:
+        (_, _), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")
+        wbcs = [b for b in boxes if normalize_detection_class(b.label) == "WBC" and b.xmax > b.xmin and b.ymax > b.ymin]
+        field_labels = labels.get(stem)
+        if not wbcs:
+            report.skipped[stem] = "no WBC box"
+            continue
+        if not field_labels:
+            report.skipped[stem] = "no subtype label"
+            continue
+        if not (len(field_labels) == len(wbcs) and len(set(field_labels)) == 1) and not (len(wbcs) == 1 and len(field_labels) == 1):
+            report.skipped[stem] = f"{len(wbcs)} WBC boxes vs labels {field_labels}: ambiguous"
+            continue
+        image = read_image(voc_root / "JPEGImages" / f"{stem}.jpg")
+        for i, box in enumerate(wbcs):
+            cls = field_labels[0]
+            crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)
+            write_image(out_dir / cls / f"{stem}_{i}.png", crop, overwrite=overwrite)
+            report.written[cls] = report.written.get(cls, 0) + 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "crop_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report

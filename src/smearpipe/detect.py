@@ -8,9 +8,9 @@ checks (smearpipe never downloads anything for detection).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -97,7 +97,7 @@ class Detector:
         return self.record.preprocessing
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike | None = None) -> "Detector":
+    def load(cls, name_or_path: str | os.PathLike | None = None) -> Detector:
         """Load the shipped default (None), a registered name, or a user ``.pt`` file.
 
         Parameters
@@ -173,7 +173,7 @@ class Detector:
             source=bgrs, imgsz=self.record.input_size, conf=conf, iou=iou, device="cpu", verbose=False, max_det=1000
         )
         out = []
-        for res, rgb in zip(results, rgbs):
+        for res, rgb in zip(results, rgbs, strict=True):
             h, w = rgb.shape[:2]
             boxes = res.boxes
             xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)

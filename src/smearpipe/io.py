@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
@@ -29,7 +28,7 @@ from .errors import ImageReadError, InvalidImageError
 
 __all__ = ["ImageLike", "read_image", "to_rgb_uint8", "load_image", "write_image"]
 
-ImageLike = Union[str, os.PathLike, np.ndarray]
+ImageLike = str | os.PathLike | np.ndarray
 
 
 def _describe(array: np.ndarray) -> str:

@@ -16,10 +16,11 @@ References
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from importlib import resources
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -215,7 +216,7 @@ class MacenkoReference:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MacenkoReference":
+    def from_dict(cls, data: Mapping[str, Any]) -> MacenkoReference:
         try:
             sm = tuple(tuple(float(v) for v in row) for row in data["stain_matrix"])
             mc = tuple(float(v) for v in data["max_concentrations"])
@@ -349,7 +350,7 @@ class MacenkoNormalizer:
         *,
         background: Sequence[float] | float | None = None,
         source: str = "",
-    ) -> "MacenkoNormalizer":
+    ) -> MacenkoNormalizer:
         """Fit the target appearance to one image or to several images together.
 
         Parameters
@@ -387,14 +388,14 @@ class MacenkoNormalizer:
         return self
 
     @classmethod
-    def from_reference(cls, reference: MacenkoReference | Mapping[str, Any], **kwargs: Any) -> "MacenkoNormalizer":
+    def from_reference(cls, reference: MacenkoReference | Mapping[str, Any], **kwargs: Any) -> MacenkoNormalizer:
         """A normaliser with a previously fitted (e.g. stored) reference."""
         self = cls(**kwargs)
         self._reference = reference if isinstance(reference, MacenkoReference) else MacenkoReference.from_dict(reference)
         return self
 
     @classmethod
-    def default(cls) -> "MacenkoNormalizer":
+    def default(cls) -> MacenkoNormalizer:
         """The normaliser fitted to the shipped PBC reference.
 
         The reference was fitted by ``scripts/fit_macenko_reference.py`` on images of the
@@ -524,7 +525,7 @@ class Preprocessing:
         if isinstance(self.macenko_reference, Mapping):
             object.__setattr__(self, "macenko_reference", MacenkoReference.from_dict(self.macenko_reference))
 
-    def resolved(self) -> "Preprocessing":
+    def resolved(self) -> Preprocessing:
         """A copy whose Macenko reference is explicit (the default is looked up and stored)."""
         if "macenko" in self.steps and self.macenko_reference is None:
             return Preprocessing(**{**self._fields(), "macenko_reference": default_reference()})
@@ -566,7 +567,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
         known = {"steps", "median_ksize", "clahe_clip_limit", "clahe_tile_grid", "macenko_reference", "macenko_on_failure"}
         unknown = set(data) - known
         if unknown:
@@ -577,5 +578,5 @@ class Preprocessing:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Preprocessing":
+    def from_json(cls, text: str) -> Preprocessing:
         return cls.from_dict(json.loads(text))

@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import numpy as np
 import yaml
 
 from .datasets import DETECTION_CLASSES, normalize_detection_class, read_yolo_labels
@@ -289,3 +291,355 @@ def train_detector(
     record_path = record.write(run_dir / "detector.json", overwrite=True)
     (run_dir / "train_summary.json").write_text(json.dumps({"run_dir": str(run_dir), **record.to_dict()}, indent=2))
     return DetectorTrainResult(run_dir=run_dir, weights=weights, record=record_path, metrics=metrics)
+
+
+# ============================================================================ classifier
+
+
+@dataclass(frozen=True)
+class CropSource:
+    """A set of labelled WBC crops.
+
+    ``root`` is an ImageFolder tree (``root/<class>/<image>``). With ``splits_csv`` (columns
+    ``path, class, split``; paths relative to ``root``, as PBC's ``splits.csv``), only rows of
+    ``split`` are used. ``center_fraction`` < 1 keeps the central part of each image (PBC images are
+    framed wider than detector crops). ``weight`` multiplies this source's sampling probability.
+    """
+
+    root: str
+    split: str | None = None
+    splits_csv: str | None = None
+    center_fraction: float = 1.0
+    weight: float = 1.0
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "split": self.split, "splits_csv": self.splits_csv,
+                "center_fraction": self.center_fraction, "weight": self.weight, "name": self.name}
+
+    def samples(self, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+        """``(path, class index)`` pairs; raises :class:`DatasetError` for unknown classes or empty sets."""
+        import csv
+
+        from .datasets import normalize_wbc_class
+
+        root = Path(self.root)
+        if not root.is_dir():
+            raise DatasetError(f"crop folder not found: {root}")
+        index = {c: i for i, c in enumerate(classes)}
+        out: list[tuple[Path, int]] = []
+        if self.splits_csv:
+            with open(self.splits_csv, newline="") as f:
+                for row in csv.DictReader(f):
+                    if self.split is not None and row["split"] != self.split:
+                        continue
+                    cls = normalize_wbc_class(row["class"])
+                    if cls not in index:
+                        raise DatasetError(f"{self.splits_csv}: unknown class {row['class']!r} (known: {list(classes)})")
+                    out.append((root / row["path"], index[cls]))
+        else:
+            folders = sorted(p for p in root.iterdir() if p.is_dir())
+            if not folders:
+                raise DatasetError(f"{root} has no class folders (ImageFolder layout: root/<class>/<image>)")
+            for folder in folders:
+                cls = normalize_wbc_class(folder.name)
+                if cls not in index:
+                    raise DatasetError(f"{root}: unknown class folder {folder.name!r} (known: {list(classes)})")
+                files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise DatasetError(f"class folder {folder} is empty")
+                out += [(p, index[cls]) for p in files]
+        if not out:
+            raise DatasetError(f"no crops found in {root}" + (f" for split {self.split!r}" if self.split else ""))
+        return out
+
+
+def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
+    return s if isinstance(s, CropSource) else CropSource(root=str(s))
+
+
+def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, prep: Preprocessing,
+                desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode, centre-crop, preprocess and resize every crop once: (N, size, size, 3) uint8, labels, source ids."""
+    import cv2
+    from tqdm.auto import tqdm
+
+    items = [(p, y, si) for si, src in enumerate(sources) for p, y in src.samples(classes)]
+    images = np.empty((len(items), size, size, 3), np.uint8)
+    for i, (path, _, si) in enumerate(tqdm(items, desc=desc, leave=False, mininterval=5)):
+        try:
+            img = read_image(path)
+        except ImageReadError as exc:
+            raise DatasetError(f"cannot read crop: {exc}") from None
+        frac = sources[si].center_fraction
+        if frac < 1.0:
+            h, w = img.shape[:2]
+            ch, cw = max(1, int(round(h * frac))), max(1, int(round(w * frac)))
+            img = img[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+        img = prep(img)
+        images[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR)
+    labels = np.array([y for _, y, _ in items], np.int64)
+    src_ids = np.array([si for _, _, si in items], np.int64)
+    return images, labels, src_ids
+
+
+@dataclass(frozen=True)
+class ClassifierTrainResult:
+    """What :func:`train_classifier` produced."""
+
+    run_dir: Path
+    weights: Path
+    record: Path
+    history: tuple[Mapping[str, float], ...]
+    best_epoch: int
+    best_val_macro_f1: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "weights": str(self.weights), "record": str(self.record),
+                "best_epoch": self.best_epoch, "best_val_macro_f1": self.best_val_macro_f1, "history": list(self.history)}
+
+
+def train_classifier(
+    train: list[CropSource | str | os.PathLike],
+    val: list[CropSource | str | os.PathLike],
+    *,
+    classes: tuple[str, ...] | None = None,
+    input_size: int = 112,
+    epochs: int = 15,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    label_smoothing: float = 0.1,
+    preprocessing: Preprocessing | None = None,
+    augment: Any = None,
+    rebalance: str = "sampler",
+    patience: int = 5,
+    pretrained: str | os.PathLike | None = None,
+    freeze_features: bool = False,
+    batch_norm: bool = True,
+    crop_scale: float = 2.0,
+    out_dir: str | os.PathLike = "runs/classifier",
+    name: str = "train",
+    record_name: str | None = None,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    bf16: bool | None = None,
+    num_workers: int = 1,
+    seed: int = 0,
+) -> ClassifierTrainResult:
+    """Train the VGG16 WBC-crop classifier.
+
+    Parameters
+    ----------
+    train, val : list of CropSource or ImageFolder paths
+        Training and validation crops (never a test split).
+    classes : tuple of str, optional
+        Class names in output order (default :data:`~smearpipe.datasets.WBC_CLASSES`).
+    input_size : int
+        Network input side in pixels.
+    epochs, batch_size, lr, weight_decay, label_smoothing :
+        AdamW with a one-cycle schedule over ``epochs``; cross-entropy with label smoothing.
+    preprocessing : Preprocessing, optional
+        Applied once to every crop before caching, and recorded: :class:`~smearpipe.classify.Classifier`
+        applies the same at inference. Default: Macenko normalisation to the PBC reference
+        (blank crops passed through).
+    augment : AugmentConfig, optional
+        Augmentation strengths (default :class:`~smearpipe.augment.AugmentConfig`); ``False`` disables.
+    rebalance : {"sampler", "loss", "none"}
+        Class rebalancing: a weighted sampler drawing classes equally often (times each source's
+        ``weight``), inverse-frequency class weights in the loss, or nothing.
+    patience : int
+        Early stopping: epochs without a better validation macro-F1.
+    pretrained, freeze_features, batch_norm :
+        See :func:`~smearpipe.classify.build_vgg16` (the paper's recipe: ``pretrained="imagenet",
+        freeze_features=True``).
+    crop_scale : float
+        Crop side relative to the detector box used when cutting crops (recorded for the pipeline).
+    out_dir, name, resume :
+        The run folder is ``out_dir/name`` (``name-2``... if it exists, unless ``resume``, which
+        continues from ``checkpoint.pt`` there).
+    max_minutes : float, optional
+        Stop after the first epoch that ends past this wall time (checkpoint kept, resumable).
+    bf16 : bool, optional
+        bfloat16 autocast on CPU (default: when supported).
+
+    Returns
+    -------
+    ClassifierTrainResult
+    """
+    import random
+
+    import torch
+    from sklearn.metrics import f1_score
+    from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+    from tqdm.auto import tqdm
+
+    from .augment import AugmentConfig, color_augment_batch, geometric_transform
+    from .classify import IMAGENET_MEAN, IMAGENET_STD, _bf16_supported, build_vgg16, save_classifier
+    from .datasets import WBC_CLASSES
+
+    classes = tuple(classes or WBC_CLASSES)
+    if rebalance not in ("sampler", "loss", "none"):
+        raise ValueError(f"rebalance must be 'sampler', 'loss' or 'none', got {rebalance!r}")
+    if input_size < 32 or epochs < 1 or batch_size < 1:
+        raise ValueError(f"input_size >= 32, epochs >= 1, batch_size >= 1 required, got {input_size}, {epochs}, {batch_size}")
+    train_sources, val_sources = [_as_source(s) for s in train], [_as_source(s) for s in val]
+    if not train_sources or not val_sources:
+        raise ValueError("train and val need at least one source each")
+    prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("macenko",), macenko_on_failure="passthrough")).resolved()
+    aug = None if augment is False else (augment or AugmentConfig())
+    use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+    out_dir = Path(out_dir)
+    run_dir = out_dir / name if resume else unique_run_dir(out_dir, name)
+    if resume and not (run_dir / "checkpoint.pt").is_file():
+        raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    cache_size = int(round(input_size * 1.15)) if aug else input_size
+    # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
+    import hashlib
+
+    key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
+                      cache_size, input_size, prep.to_dict()], sort_keys=True)
+    cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.is_file():
+        z = np.load(cache)
+        tr_x, tr_y, tr_s, va_x, va_y, va_s = (z[k] for k in ("tr_x", "tr_y", "tr_s", "va_x", "va_y", "va_s"))
+    else:
+        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, prep, "caching train crops")
+        va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops")
+        np.savez(cache, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
+
+    counts = np.bincount(tr_y, minlength=len(classes)).astype(np.float64)
+    if (counts == 0).any():
+        missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+        raise DatasetError(f"no training crops for class(es) {missing}")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    geo = geometric_transform(input_size, aug) if aug else None
+
+    class _Train(Dataset):
+        def __len__(self) -> int:
+            return len(tr_y)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            x = torch.from_numpy(tr_x[i]).permute(2, 0, 1).contiguous()
+            if geo is not None:
+                x = geo(x)
+            return x, int(tr_y[i])
+
+    if rebalance == "sampler":
+        src_w = np.array([s.weight for s in train_sources])[tr_s]
+        w = src_w / counts[tr_y]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(tr_y), replacement=True,
+                                        generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(_Train(), batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                            persistent_workers=num_workers > 0)
+    else:
+        loader = DataLoader(_Train(), batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
+    class_weight = torch.as_tensor(counts.sum() / (len(classes) * counts), dtype=torch.float32) if rebalance == "loss" else None
+    criterion = torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
+
+    model = build_vgg16(len(classes), batch_norm=batch_norm, pretrained=pretrained, freeze_features=freeze_features)
+    model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
+    history: list[dict[str, float]] = []
+    best_f1, best_epoch, start_epoch = -1.0, -1, 0
+    if resume:
+        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        history, best_f1, best_epoch, start_epoch = ck["history"], ck["best_f1"], ck["best_epoch"], ck["epoch"] + 1
+        torch.set_rng_state(ck["rng"])
+
+    def evaluate() -> tuple[float, float, float, np.ndarray]:
+        model.eval()
+        probs = []
+        with torch.inference_mode():
+            for i in range(0, len(va_y), 64):
+                x = torch.from_numpy(va_x[i:i + 64]).permute(0, 3, 1, 2).float().div(255)
+                x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    probs.append(torch.softmax(model(x).float(), 1))
+        p = torch.cat(probs)
+        loss = float(torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), torch.from_numpy(va_y)))
+        pred = p.argmax(1).numpy()
+        return loss, float((pred == va_y).mean()), float(f1_score(va_y, pred, average="macro")), pred
+
+    t_start = time.time()
+    stopped = "completed"
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        if freeze_features:
+            model.features.eval()
+        tot, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10)
+        for xb, yb in bar:
+            x = xb.float().div(255)
+            if aug:
+                x = color_augment_batch(x, aug)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x)
+            loss = criterion(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+        val_loss, val_acc, val_f1, _ = evaluate()
+        row = {"epoch": epoch + 1, "train_loss": tot / seen, "train_acc": correct / seen, "val_loss": val_loss,
+               "val_acc": val_acc, "val_macro_f1": val_f1, "lr": float(sched.get_last_lr()[0]),
+               "minutes": (time.time() - t_start) / 60}
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        if val_f1 > best_f1:
+            best_f1, best_epoch = val_f1, epoch + 1
+            torch.save(model.state_dict(), run_dir / "best_state.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
+                    "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch, "rng": torch.get_rng_state()},
+                   run_dir / "checkpoint.pt")
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if epoch + 1 - best_epoch >= patience:
+            stopped = f"early stop: no better val macro-F1 for {patience} epochs"
+            break
+        if max_minutes is not None and (time.time() - t_start) / 60 > max_minutes:
+            stopped = f"time limit {max_minutes} min reached"
+            break
+
+    model.load_state_dict(torch.load(run_dir / "best_state.pt", map_location="cpu", weights_only=True))
+    model = model.to(memory_format=torch.contiguous_format)
+    rec = save_classifier(
+        model,
+        {
+            "classes": classes, "input_size": input_size, "preprocessing": prep,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_scale": crop_scale,
+            "architecture": {"name": "vgg16_bn" if batch_norm else "vgg16", "batch_norm": batch_norm, "hidden": 256,
+                             "dropout": 0.3, "head": "global-avg-pool -> dropout -> 256 -> ReLU -> dropout -> N"},
+            "training": {
+                "train": [s.to_dict() for s in train_sources], "val": [s.to_dict() for s in val_sources],
+                "train_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+                "epochs_planned": epochs, "epochs_run": len(history), "best_epoch": best_epoch, "stopped": stopped,
+                "batch_size": batch_size, "optimizer": f"AdamW(lr={lr}, weight_decay={weight_decay}) + OneCycle",
+                "label_smoothing": label_smoothing, "rebalance": rebalance,
+                "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
+                "freeze_features": freeze_features, "bf16_autocast": use_bf16, "seed": seed,
+                "wall_minutes": round((time.time() - t_start) / 60, 1),
+            },
+            "metrics": {"best_val_macro_f1": best_f1, "history": history},
+        },
+        run_dir, record_name or "classifier", overwrite=True,
+    )
+    return ClassifierTrainResult(run_dir=run_dir, weights=rec.path, record=rec.path.with_suffix(".json"),
+                                 history=tuple(history), best_epoch=best_epoch, best_val_macro_f1=best_f1)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import WeightsError
 from .preprocess import Preprocessing
@@ -84,7 +85,7 @@ class WeightsRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, folder: str | os.PathLike = "") -> "WeightsRecord":
+    def from_dict(cls, data: Mapping[str, Any], *, folder: str | os.PathLike = "") -> WeightsRecord:
         try:
             kind = str(data["kind"])
             if kind not in _KINDS:

@@ -1,0 +1,69 @@
+"""Train the shipped default WBC classifier (and the leave-one-lab-out protocol model).
+
+Usage:
+  python scripts/train_default_classifier.py --out runs/classifier [--epochs 14] [--max-minutes 60]
+  python scripts/train_default_classifier.py --pbc-only ...   # PBC train only (cross-lab protocol)
+
+Data (never a test split):
+  * PBC train (``splits.csv``), centre 70 % of each image (PBC frames cells wider than detector crops);
+  * BCCD WBC crops cut from BCCD *train* fields (VOC boxes + ``labels.csv`` subtypes) with
+    ``extract_wbc_crops(scale=CROP_SCALE)``, oversampled x3;
+  * validation (early stopping on macro-F1): PBC val + BCCD crops from BCCD *val* fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from smearpipe.datasets import extract_wbc_crops
+from smearpipe.train import CropSource, train_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+CROP_SCALE = 1.75
+PBC_CENTER = 0.7
+
+
+def bccd_crops(out: Path, split: str) -> Path:
+    dest = out / "bccd_crops" / split
+    if not (dest / "crop_report.json").is_file():
+        report = extract_wbc_crops(SHARED / "bccd" / "BCCD", dest, labels_csv=SHARED / "bccd_wbc_subtypes" / "labels.csv",
+                                   split=split, scale=CROP_SCALE, overwrite=True)
+        print(split, json.dumps(report.written))
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "runs" / "classifier"))
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pbc-only", action="store_true", help="train on PBC only (leave-one-lab-out protocol)")
+    ap.add_argument("--pbc-limit", type=int, default=None, help="(pilot runs) use only every k-th PBC train image")
+    ap.add_argument("--record-name", default="classifier")
+    args = ap.parse_args()
+    out = Path(args.out)
+    pbc_root = str(SHARED / "pbc" / "PBC_dataset_normal_DIB")
+    splits = str(SHARED / "pbc" / "splits.csv")
+
+    def pbc(split: str) -> CropSource:
+        return CropSource(pbc_root, split=split, splits_csv=splits, center_fraction=PBC_CENTER, name=f"pbc-{split}")
+
+    train = [pbc("train")]
+    val = [pbc("val")]
+    if not args.pbc_only:
+        train.append(CropSource(str(bccd_crops(out, "train")), weight=3.0, name="bccd-train-fields"))
+        val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
+    result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
+                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE,
+                              record_name=args.record_name, num_workers=1)
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Training augmentations for WBC crops (torchvision transforms v2 + batched colour/stain jitter).
+
+Geometric augmentations (the method paper's rotation, flips, scaling, shifts/shear, elastic
+deformation) run per sample on uint8 tensors; colour augmentations for robustness across labs
+(stain jitter in haematoxylin-eosin-DAB optical-density space, brightness/contrast/saturation,
+gamma, white balance, blur, noise) run vectorised on a float batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter"]
+
+# scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation strengths (0 disables a step); recorded with trained weights."""
+
+    crop_scale_min: float = 0.6
+    rotate: bool = True  # rot90 + small free rotation
+    affine_degrees: float = 15.0
+    affine_shear: float = 8.0
+    affine_translate: float = 0.05
+    elastic_p: float = 0.15
+    jpeg_p: float = 0.2
+    stain_alpha: float = 0.2  # HED concentration scale in [1-a, 1+a]
+    stain_beta: float = 0.05  # HED concentration shift in [-b, b]
+    brightness: float = 0.15
+    contrast: float = 0.2
+    saturation: float = 0.25
+    gamma: float = 0.2
+    white_balance: float = 0.08
+    blur_p: float = 0.3
+    blur_sigma_max: float = 1.6
+    noise_std_max: float = 0.03
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def geometric_transform(size: int, cfg: AugmentConfig, fill: tuple[int, int, int] = (245, 215, 200)) -> Any:
+    """Per-sample v2 pipeline on (3, H, W) uint8 tensors -> (3, size, size) uint8."""
+    import torch
+    from torchvision.transforms import v2
+
+    class RandomRot90(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+
+    class RandomJPEG(torch.nn.Module):
+        """JPEG re-compression artefacts at a random quality (OpenCV codec)."""
+
+        def __init__(self, quality: tuple[int, int]) -> None:
+            super().__init__()
+            self.quality = quality
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            import cv2
+
+            q = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+            arr = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+            ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, q])
+            if not ok:
+                return x
+            return torch.from_numpy(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(arr.shape)).permute(2, 0, 1).contiguous()
+
+    ops: list[Any] = [
+        v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(0.85, 1.18), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+    ]
+    if cfg.rotate:
+        ops.append(RandomRot90())
+    if cfg.affine_degrees or cfg.affine_shear or cfg.affine_translate:
+        ops.append(v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate,) * 2,
+                                   shear=cfg.affine_shear, fill=list(fill)))
+    if cfg.elastic_p:
+        ops.append(v2.RandomApply([v2.ElasticTransform(alpha=25.0, sigma=5.0, fill=list(fill))], p=cfg.elastic_p))
+    if cfg.jpeg_p:
+        ops.append(v2.RandomApply([RandomJPEG((40, 95))], p=cfg.jpeg_p))
+    return v2.Compose(ops)
+
+
+def stain_jitter(x: Any, alpha: Any, beta: Any) -> Any:
+    """HED stain jitter on a float batch in [0, 1]: concentrations ``c * alpha + beta`` (Tellez et al. 2018).
+
+    ``x``: (B, 3, H, W); ``alpha``, ``beta``: (B, 3). Returns a batch in [0, 1].
+    """
+    import torch
+
+    rgb_from_hed = torch.as_tensor(_RGB_FROM_HED, device=x.device)
+    hed_from_rgb = torch.linalg.inv(rgb_from_hed)
+    od = -torch.log(x.clamp_min(1e-3))  # (B, 3, H, W)
+    conc = torch.einsum("bchw,cd->bdhw", od, hed_from_rgb)
+    conc = conc * alpha[:, :, None, None] + beta[:, :, None, None]
+    od2 = torch.einsum("bdhw,dc->bchw", conc, rgb_from_hed)
+    return torch.exp(-od2).clamp(0.0, 1.0)
+
+
+def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> Any:
+    """Random colour/stain/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator) * (hi - lo) + lo
+
+    if cfg.stain_alpha or cfg.stain_beta:
+        x = stain_jitter(x, u(1 - cfg.stain_alpha, 1 + cfg.stain_alpha, b, 3), u(-cfg.stain_beta, cfg.stain_beta, b, 3))
+    if cfg.white_balance:
+        x = x * u(1 - cfg.white_balance, 1 + cfg.white_balance, b, 3)[:, :, None, None]
+    if cfg.brightness:
+        x = x * u(1 - cfg.brightness, 1 + cfg.brightness, b)[:, None, None, None]
+    if cfg.contrast:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * u(1 - cfg.contrast, 1 + cfg.contrast, b)[:, None, None, None] + mean
+    if cfg.saturation:
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = gray + (x - gray) * u(1 - cfg.saturation, 1 + cfg.saturation, b)[:, None, None, None]
+    x = x.clamp(0.0, 1.0)
+    if cfg.gamma:
+        x = x ** torch.exp(u(-cfg.gamma, cfg.gamma, b))[:, None, None, None]
+    if cfg.blur_p:
+        pick = torch.rand(b, generator=generator) < cfg.blur_p
+        if pick.any():
+            sigma = float(u(0.4, cfg.blur_sigma_max, 1))
+            r = max(1, int(round(2.5 * sigma)))
+            t = torch.arange(-r, r + 1, dtype=x.dtype)
+            k = torch.exp(-(t**2) / (2 * sigma**2))
+            k = k / k.sum()
+            sub = x[pick]
+            sub = F.conv2d(F.pad(sub, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+            sub = F.conv2d(F.pad(sub, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+            x = x.clone()
+            x[pick] = sub
+    if cfg.noise_std_max:
+        x = x + torch.randn(x.shape, generator=generator) * u(0, cfg.noise_std_max, b)[:, None, None, None]
+    return x.clamp(0.0, 1.0)

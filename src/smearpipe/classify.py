@@ -1,0 +1,297 @@
+"""Classifier stage: VGG16 (batch-norm) typing of WBC crops.
+
+The network is torchvision's VGG16-BN feature extractor (13 conv layers) with a small head
+(global average pooling -> dropout -> 256 -> N classes) instead of the 120 M-parameter ImageNet head,
+so it trains from scratch on a CPU and ships as a ~29 MB fp16 safetensors file.
+
+References
+----------
+.. [1] K. Simonyan and A. Zisserman, "Very deep convolutional networks for large-scale image
+   recognition", ICLR 2015.
+.. [2] A. Acevedo et al., "A dataset of microscopic peripheral blood cell images for development of
+   automatic recognition systems", Data in Brief 30, 2020.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .errors import InvalidImageError, WeightsError
+from .io import to_rgb_uint8
+from .preprocess import Preprocessing
+from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
+
+__all__ = ["build_vgg16", "Classifier", "load_imagenet_features", "IMAGENET_MEAN", "IMAGENET_STD", "prepare_crops"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_vgg16(
+    num_classes: int,
+    *,
+    batch_norm: bool = True,
+    pretrained: str | os.PathLike | None = None,
+    hidden: int = 256,
+    dropout: float = 0.3,
+    freeze_features: bool = False,
+) -> Any:
+    """VGG16 (-BN) features with a small classification head.
+
+    Parameters
+    ----------
+    num_classes : int
+    batch_norm : bool
+        VGG16-BN (trains reliably from scratch) or plain VGG16 (the paper's network).
+    pretrained : {"imagenet"} or path, optional
+        ``"imagenet"`` loads torchvision's ImageNet weights for the conv layers (needs internet the
+        first time; offline it raises with instructions); a path loads a local torchvision VGG16
+        state dict (ImageNet or your own). None: random initialisation.
+    hidden, dropout : int, float
+        Head size and dropout.
+    freeze_features : bool
+        Frozen-base feature extraction (the paper's recipe): only the head trains.
+
+    Returns
+    -------
+    torch.nn.Module
+        Takes ``(N, 3, S, S)`` float tensors normalised with ImageNet mean/std; any S >= 32.
+    """
+    import torch
+    from torch import nn
+    from torchvision.models import vgg16, vgg16_bn
+
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    base = (vgg16_bn if batch_norm else vgg16)(weights=None)
+    if pretrained is not None:
+        state = load_imagenet_features(batch_norm=batch_norm) if str(pretrained) == "imagenet" else _load_state(pretrained)
+        missing = base.load_state_dict(state, strict=False)
+        feats_missing = [k for k in missing.missing_keys if k.startswith("features.")]
+        if feats_missing:
+            raise WeightsError(f"pretrained state dict lacks VGG16{'-BN' if batch_norm else ''} feature layers: {feats_missing[:4]}...")
+    model = nn.Sequential()
+    model.add_module("features", base.features)
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flatten", nn.Flatten())
+    model.add_module("head", nn.Sequential(nn.Dropout(dropout), nn.Linear(512, hidden), nn.ReLU(inplace=True),
+                                           nn.Dropout(dropout), nn.Linear(hidden, num_classes)))
+    if freeze_features:
+        for p in model.features.parameters():
+            p.requires_grad_(False)
+    del torch
+    return model
+
+
+def _load_state(path: str | os.PathLike) -> dict:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read state dict {path}: {exc}") from exc
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_imagenet_features(*, batch_norm: bool = True) -> dict:
+    """torchvision's ImageNet VGG16(-BN) state dict (downloads once into the torch hub cache).
+
+    Raises
+    ------
+    WeightsError
+        When the weights cannot be downloaded (offline): download
+        ``VGG16_BN_Weights.IMAGENET1K_V1`` on a machine with internet and pass the file path as
+        ``pretrained=``.
+    """
+    from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+
+    weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, socket errors, HTTP errors
+        raise WeightsError(
+            f"cannot download ImageNet weights ({weights.url}): {exc}. Without internet, fetch that file "
+            "elsewhere and pass its path as pretrained=PATH"
+        ) from exc
+
+
+def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised."""
+    out = np.empty((len(crops), 3, size, size), np.float32)
+    m = np.asarray(mean, np.float32)[:, None, None] * 255
+    s = np.asarray(std, np.float32)[:, None, None] * 255
+    for i, crop in enumerate(crops):
+        rgb = preprocessing(to_rgb_uint8(crop, name=f"crop {i}"))
+        interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (size, size), interpolation=interp)
+        out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
+    return out
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+class Classifier:
+    """A loaded WBC-crop classifier with its weights record.
+
+    Use :meth:`load`. ``classes`` are lowercase WBC type names in output order.
+
+    Examples
+    --------
+    >>> clf = Classifier.load()                                 # doctest: +SKIP
+    >>> clf.predict_proba([crop]).shape                         # doctest: +SKIP
+    (1, 5)
+    """
+
+    def __init__(self, model: Any, record: WeightsRecord, *, precision: str = "auto", batch_size: int = 32) -> None:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        self.model = model.eval()
+        self.record = record
+        self.batch_size = int(batch_size)
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and _bf16_supported())
+        meta = record.metadata
+        self.mean = tuple(meta.get("mean", IMAGENET_MEAN))
+        self.std = tuple(meta.get("std", IMAGENET_STD))
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.record.name!r}, classes={self.classes}, input_size={self.input_size})"
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.record.classes)
+
+    @property
+    def input_size(self) -> int:
+        return self.record.input_size
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.record.preprocessing
+
+    @property
+    def crop_scale(self) -> float:
+        """Crop side relative to the detector box that the model was trained with."""
+        return float(self.record.metadata.get("crop_scale", 2.0))
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike | None = None, *, precision: str = "auto") -> Classifier:
+        """Load the shipped default (None), a registered name, or a ``.safetensors`` file with its record.
+
+        A user file needs its record (``<stem>.json`` beside it, written by
+        :func:`~smearpipe.train.train_classifier`): classes, input size and preprocessing cannot be guessed.
+
+        Raises
+        ------
+        WeightsError
+            Unknown name, missing record or file, sha256 mismatch, tensors that do not fit the architecture.
+        """
+        found = resolve(DEFAULT_CLASSIFIER if name_or_path is None else name_or_path, kind="classifier")
+        if not isinstance(found, WeightsRecord):
+            raise WeightsError(f"{found} has no record ({found.with_suffix('.json').name}); classifier weights need one")
+        return cls(_model_from_record(found), found, precision=precision)
+
+    def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities of WBC crops.
+
+        Parameters
+        ----------
+        crops : list of (H, W, 3) uint8 ndarray
+            RGB crops of any size; each is preprocessed with the record's preprocessing and resized.
+
+        Returns
+        -------
+        proba : (N, len(classes)) float64 ndarray
+            Rows sum to 1.
+        """
+        import torch
+
+        if isinstance(crops, np.ndarray) and crops.ndim == 3:
+            raise InvalidImageError("predict_proba takes a list of crops; wrap a single crop as [crop]")
+        crops = list(crops)
+        if not crops:
+            return np.zeros((0, len(self.classes)))
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(crops), self.batch_size):
+                x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
+                                                   preprocessing=self.preprocessing, mean=self.mean, std=self.std))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+                    logits = self.model(x)
+                outs.append(torch.softmax(logits.float(), dim=1).numpy().astype(np.float64))
+        return np.concatenate(outs)
+
+    def predict(self, crops: Sequence[np.ndarray]) -> list[str]:
+        """Most probable class name of each crop."""
+        proba = self.predict_proba(crops)
+        return [self.classes[i] for i in proba.argmax(axis=1)]
+
+
+def _model_from_record(record: WeightsRecord) -> Any:
+    import torch
+    from safetensors.torch import load_file
+
+    arch = record.metadata.get("architecture", {})
+    model = build_vgg16(len(record.classes), batch_norm=arch.get("batch_norm", True), hidden=arch.get("hidden", 256),
+                        dropout=arch.get("dropout", 0.3))
+    try:
+        state = load_file(str(record.path))
+    except Exception as exc:
+        raise WeightsError(f"cannot read safetensors file {record.path}: {exc}") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights {record.path} do not fit the architecture of record {record.name!r}: {str(exc)[:300]}") from None
+    del torch
+    return model
+
+
+def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str | os.PathLike, name: str,
+                    *, fp16: bool = True, overwrite: bool = False) -> WeightsRecord:
+    """Write ``<name>.safetensors`` (fp16 by default) and its record ``<name>.json`` in ``out_dir``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .weights import sha256_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.safetensors"
+    if (path.exists() or path.with_suffix(".json").exists()) and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {path} / its record")
+    state = {k: (v.detach().to(torch.float16) if fp16 and v.is_floating_point() else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    fields = dict(record_fields)
+    rec = WeightsRecord(
+        name=name, kind="classifier", file=path.name, sha256=sha256_file(path), classes=tuple(fields.pop("classes")),
+        input_size=int(fields.pop("input_size")), preprocessing=fields.pop("preprocessing", Preprocessing()),
+        metadata={**fields, "dtype": "float16" if fp16 else "float32"}, folder=str(out_dir),
+    )
+    rec.write(path.with_suffix(".json"), overwrite=overwrite)
+    return rec

@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, stain_jitter
+from smearpipe.classify import Classifier, build_vgg16
+from smearpipe.datasets import WBC_CLASSES, extract_wbc_crops, normalize_wbc_class, read_bccd_subtype_labels, square_crop
+from smearpipe.errors import DatasetError, InvalidImageError, WeightsError
+from smearpipe.evaluate import evaluate_classifier
+from smearpipe.train import CropSource, train_classifier
+
+from .conftest import SHARED
+
+
+@pytest.fixture(scope="module")
+def tiny_crops(pbc_root, tmp_path_factory) -> Path:
+    """ImageFolder trees train/ and val/ with 3 PBC images per class."""
+    root = tmp_path_factory.mktemp("crops")
+    rows = list(csv.DictReader(open(pbc_root / "splits.csv", newline="")))
+    for split in ("train", "val"):
+        seen: dict[str, int] = {}
+        for r in rows:
+            if r["split"] == split and seen.get(r["class"], 0) < 3:
+                seen[r["class"]] = seen.get(r["class"], 0) + 1
+                dest = root / split / r["class"]
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy(pbc_root / "PBC_dataset_normal_DIB" / r["path"], dest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_crops, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clsruns")
+    return train_classifier([tiny_crops / "train"], [CropSource(str(tiny_crops / "val"), center_fraction=0.7)],
+                            input_size=32, epochs=1, batch_size=5, out_dir=out, name="smoke", num_workers=0)
+
+
+@pytest.mark.parametrize("name, expected", [("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"),
+                                            ("neutrophils", "neutrophil"), ("EOSINOPHIL", "eosinophil"),
+                                            ("Lymphocytes", "lymphocyte"), ("mono", "monocyte"), ("BASOPHIL", "basophil"),
+                                            ("platelet", None), ("", None)])
+def test_wbc_class_normalisation(name, expected):
+    assert normalize_wbc_class(name) == expected
+
+
+@pytest.mark.parametrize("size", [32, 64, 112])
+def test_model_shapes(size):
+    import torch
+
+    model = build_vgg16(5).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, size, size)).shape == (2, 5)
+    frozen = build_vgg16(3, freeze_features=True)
+    trainable = {n.split(".")[0] for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}
+
+
+def test_pretrained_offline_and_bad_path(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        build_vgg16(5, pretrained=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"junk")
+    with pytest.raises(WeightsError, match="cannot read"):
+        build_vgg16(5, pretrained=bad)
+
+
+def test_local_state_dict_is_loaded(tmp_path):
+    import torch
+    from torchvision.models import vgg16_bn
+
+    ref = vgg16_bn(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "vgg.pth")
+    model = build_vgg16(5, pretrained=tmp_path / "vgg.pth")
+    assert torch.equal(model.features[0].weight, ref.features[0].weight)
+
+
+def test_square_crop_centre_and_padding():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :] = (250, 240, 230)
+    img[40:60, 90:110] = 10
+    crop = square_crop(img, (90, 40, 110, 60), scale=2.0)
+    assert crop.shape == (40, 40, 3)
+    assert (crop[10:30, 10:30] == 10).all()
+    edge = square_crop(img, (0, 0, 20, 20), scale=3.0)  # cell at the corner: padded with background
+    assert edge.shape == (60, 60, 3)
+    assert (edge[20:40, 20:40] == img[0:20, 0:20]).all()
+    assert (edge[0, 0] == (250, 240, 230)).all()
+    with pytest.raises(ValueError):
+        square_crop(img, (10, 10, 10, 20))
+
+
+def test_bccd_labels_and_crop_extraction(bccd_root, tmp_path):
+    labels = read_bccd_subtype_labels(SHARED / "bccd_wbc_subtypes" / "labels.csv")
+    assert labels["BloodImage_00000"] == ["neutrophil"]
+    assert labels["BloodImage_00010"] == ["neutrophil", "eosinophil"]
+    report = extract_wbc_crops(bccd_root, tmp_path / "crops", labels_csv=SHARED / "bccd_wbc_subtypes" / "labels.csv",
+                               split="test", scale=1.75)
+    assert sum(report.written.values()) >= 60
+    assert "BloodImage_00135" in report.skipped  # no WBC box
+    files = list((tmp_path / "crops").glob("*/*.png"))
+    assert len(files) == sum(report.written.values())
+    with pytest.raises(DatasetError, match="not empty"):
+        extract_wbc_crops(bccd_root, tmp_path / "crops", labels_csv=SHARED / "bccd_wbc_subtypes" / "labels.csv")
+
+
+def test_stain_jitter_keeps_structure_changes_stain():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(0.2, 0.95, (2, 3, 24, 24)).astype(np.float32))
+    same = stain_jitter(x, torch.ones(2, 3), torch.zeros(2, 3))
+    torch.testing.assert_close(same, x.clamp(1e-3, 1), rtol=1e-4, atol=1e-4)  # identity parameters
+    changed = stain_jitter(x, torch.full((2, 3), 1.3), torch.full((2, 3), 0.05))
+    assert (changed - x).abs().mean() > 0.02
+    # structure kept: per-pixel intensity order correlates strongly
+    corr = np.corrcoef(changed.mean(1).flatten().numpy(), x.mean(1).flatten().numpy())[0, 1]
+    assert corr > 0.9
+    out = color_augment_batch(x, AugmentConfig())
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_geometric_transform_output():
+    import torch
+
+    g = geometric_transform(48, AugmentConfig(elastic_p=1.0, jpeg_p=1.0))
+    out = g(torch.randint(0, 256, (3, 60, 60), dtype=torch.uint8))
+    assert out.shape == (3, 48, 48) and out.dtype == torch.uint8
+
+
+def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
+    rec = json.loads(tiny_run.record.read_text())
+    assert rec["classes"] == list(WBC_CLASSES) and rec["input_size"] == 32
+    assert rec["preprocessing"]["steps"] == ["macenko"] and rec["preprocessing"]["macenko_reference"] is not None
+    assert rec["dtype"] == "float16" and len(rec["training"]["train"]) == 1
+    assert len(tiny_run.history) == 1 and tiny_run.weights.suffix == ".safetensors"
+    clf = Classifier.load(tiny_run.weights)
+    assert clf.classes == WBC_CLASSES
+    crops = [np.full((50, 70, 3), 200, np.uint8), np.random.default_rng(1).integers(0, 255, (300, 310, 3), dtype=np.uint8)]
+    p = clf.predict_proba(crops)
+    assert p.shape == (2, 5)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    again = Classifier.load(tiny_run.weights).predict_proba(crops)
+    np.testing.assert_allclose(p, again, rtol=1e-5, atol=1e-6)  # deterministic after reload
+    assert clf.predict_proba([]).shape == (0, 5)
+    with pytest.raises(InvalidImageError):
+        clf.predict_proba([np.zeros((10, 10), np.float32) + np.nan])
+    with pytest.raises(InvalidImageError, match="list of crops"):
+        clf.predict_proba(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_evaluation_figures(tiny_run, tiny_crops, tmp_path):
+    m = evaluate_classifier(tiny_run.weights, CropSource(str(tiny_crops / "val"), center_fraction=0.7), out_dir=tmp_path / "ev")
+    assert m["n"] == 15 and 0 <= m["accuracy"] <= 1
+    assert set(m["per_class"]) == set(WBC_CLASSES) and m["per_class"]["basophil"]["support"] == 3
+    assert np.asarray(m["confusion_matrix"]).sum() == 15
+    for fig in ("confusion_matrix.png", "roc_curves.png", "confidence.png", "training_curves.png"):
+        assert (tmp_path / "ev" / fig).stat().st_size > 1000
+    with pytest.raises(FileExistsError):
+        evaluate_classifier(tiny_run.weights, tiny_crops / "val", out_dir=tmp_path / "ev")
+
+
+def test_tampered_and_wrong_size_weights(tiny_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for f in (tiny_run.weights, tiny_run.record):
+        shutil.copy(f, tmp_path / f.name)
+    path = tmp_path / tiny_run.weights.name
+    with open(path, "ab") as f:
+        f.write(b" ")
+    with pytest.raises(WeightsError, match="sha256"):
+        Classifier.load(path)
+    # a file of the wrong architecture whose record checksum matches still fails clearly
+    state = load_file(str(tiny_run.weights))
+    key = next(k for k in state if k.startswith("head.") and k.endswith("weight"))
+    state[key] = state[key][:, :10].contiguous()
+    save_file(state, str(path))
+    from smearpipe.weights import sha256_file
+
+    rec = json.loads((tmp_path / tiny_run.record.name).read_text())
+    rec["sha256"] = sha256_file(path)
+    (tmp_path / tiny_run.record.name).write_text(json.dumps(rec))
+    with pytest.raises(WeightsError, match="do not fit"):
+        Classifier.load(path)
+    with pytest.raises(WeightsError, match="unknown classifier"):
+        Classifier.load("no-such-classifier")
+
+
+def test_bad_training_data(tiny_crops, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "neutrophil").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="is empty"):
+        train_classifier([empty], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r")
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_crops / "train", unknown)
+    (unknown / "neutrophil").rename(unknown / "megakaryocyte")
+    with pytest.raises(DatasetError, match="megakaryocyte"):
+        train_classifier([unknown], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_crops / "train", corrupt)
+    (corrupt / "basophil" / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="zz_broken.jpg"):
+        train_classifier([corrupt], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r2")
+    with pytest.raises(DatasetError, match="cannot resume"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r3", resume=True)
