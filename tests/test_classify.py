@@ -1,44 +1,25 @@
 from __future__ import annotations
 
-import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, stain_jitter
 from smearpipe.classify import Classifier, build_vgg16
-from smearpipe.datasets import WBC_CLASSES, extract_wbc_crops, normalize_wbc_class, read_bccd_subtype_labels, square_crop
+from smearpipe.datasets import (
+    WBC_CLASSES,
+    extract_wbc_crops,
+    normalize_wbc_class,
+    read_bccd_subtype_labels,
+    square_crop,
+)
 from smearpipe.errors import DatasetError, InvalidImageError, WeightsError
 from smearpipe.evaluate import evaluate_classifier
 from smearpipe.train import CropSource, train_classifier
 
 from .conftest import SHARED
-
-
-@pytest.fixture(scope="module")
-def tiny_crops(pbc_root, tmp_path_factory) -> Path:
-    """ImageFolder trees train/ and val/ with 3 PBC images per class."""
-    root = tmp_path_factory.mktemp("crops")
-    rows = list(csv.DictReader(open(pbc_root / "splits.csv", newline="")))
-    for split in ("train", "val"):
-        seen: dict[str, int] = {}
-        for r in rows:
-            if r["split"] == split and seen.get(r["class"], 0) < 3:
-                seen[r["class"]] = seen.get(r["class"], 0) + 1
-                dest = root / split / r["class"]
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.copy(pbc_root / "PBC_dataset_normal_DIB" / r["path"], dest)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_crops, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clsruns")
-    return train_classifier([tiny_crops / "train"], [CropSource(str(tiny_crops / "val"), center_fraction=0.7)],
-                            input_size=32, epochs=1, batch_size=5, out_dir=out, name="smoke", num_workers=0)
 
 
 @pytest.mark.parametrize("name, expected", [("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"),

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,20 +8,7 @@ import pytest
 from smearpipe.datasets import normalize_detection_class, read_voc, read_yolo_labels, voc_to_yolo
 from smearpipe.errors import DatasetError
 
-from .conftest import SAMPLES
-
-
-def make_voc(root: Path, bccd_root: Path, splits: dict[str, list[str]]) -> Path:
-    """A small VOC dataset (BCCD layout) under root/VOC, with the given split lists."""
-    voc = root / "VOC"
-    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
-    for split, stems in splits.items():
-        for stem in stems:
-            shutil.copy(bccd_root / "Annotations" / f"{stem}.xml", voc / "Annotations")
-            shutil.copy(bccd_root / "JPEGImages" / f"{stem}.jpg", voc / "JPEGImages")
-        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-    return voc
+from .conftest import SAMPLES, make_voc
 
 
 @pytest.mark.parametrize(

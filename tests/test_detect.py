@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from smearpipe.datasets import voc_to_yolo
 from smearpipe.detect import Detection, Detector
 from smearpipe.errors import DatasetError, WeightsError
 from smearpipe.evaluate import evaluate_detector
@@ -17,24 +16,6 @@ from smearpipe.io import read_image
 from smearpipe.train import load_data_yaml, train_detector
 
 from .conftest import SAMPLES
-from .test_datasets import make_voc
-
-TRAIN = ["BloodImage_00001", "BloodImage_00003", "BloodImage_00004", "BloodImage_00005"]
-VAL = ["BloodImage_00000", "BloodImage_00006"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(bccd_root, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    voc = make_voc(root, bccd_root, {"train": TRAIN, "val": VAL})
-    voc_to_yolo(voc, root / "yolo", splits=("train", "val"))
-    return root / "yolo" / "data.yaml"
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    return train_detector(tiny_data, model="yolov8n.yaml", epochs=1, imgsz=96, batch=2, out_dir=out, name="smoke")
 
 
 def test_smoke_training_writes_weights_and_record(smoke_run):

@@ -1,6 +1,36 @@
-"""smearpipe: automated peripheral blood smear analysis (detect, count and type blood cells)."""
+"""smearpipe: automated peripheral blood smear analysis (detect, count and type blood cells).
+
+Importing smearpipe is cheap and side-effect free: torch and ultralytics are imported only when a
+model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from .errors import SmearpipeError
 
 __version__ = "0.1.0"
-__all__ = ["SmearpipeError", "__version__"]
+
+_LAZY = {
+    "analyze_smear": "pipeline",
+    "analyze_fields": "pipeline",
+    "load_pipeline": "pipeline",
+    "draw": "pipeline",
+    "SmearResult": "pipeline",
+    "PipelineConfig": "pipeline",
+    "train_detector": "train",
+    "train_classifier": "train",
+    "evaluate_detector": "evaluate",
+    "evaluate_classifier": "evaluate",
+}
+
+__all__ = ["SmearpipeError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'smearpipe' has no attribute {name!r}")

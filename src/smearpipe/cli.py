@@ -54,6 +54,116 @@ def _cmd_convert_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import csv
+
+    from .pipeline import PipelineConfig, iter_fields, load_pipeline, summarize, write_field_outputs
+
+    out_dir = Path(args.out)
+    summary_paths = [out_dir / "slide_summary.json", out_dir / "slide_summary.csv"]
+    if not args.overwrite:
+        existing = [str(p) for p in summary_paths if p.exists()]
+        if existing:
+            print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
+            return 2
+    paths = []
+    for raw in args.paths:
+        p = Path(raw)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+        else:
+            paths.append(p)
+    config = PipelineConfig(det_conf=args.conf)
+    pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
+    results, errors = [], []
+    stems: set[str] = set()
+    for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
+        if not isinstance(out, Exception):
+            stem = Path(source).stem
+            if stem in stems:  # two inputs with the same name: keep both
+                stem = f"{stem}_{len(stems)}"
+            stems.add(stem)
+            try:
+                write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
+            except FileExistsError as exc:
+                errors.append((source, str(exc)))
+                continue
+            results.append(out)
+            diff = ", ".join(f"{k} {v}" for k, v in out.differential.items() if v) or "-"
+            print(f"{source}: " + ", ".join(f"{k} {v}" for k, v in out.counts.items()) + f" | WBC types: {diff}"
+                  + (f" | {out.n_review} flagged" if out.n_review else ""))
+        else:
+            errors.append((source, str(out)))
+            print(f"error: {source}: {out}", file=sys.stderr)
+    summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
+               "fields": [r.source for r in results]}
+    summary_paths[0].write_text(json.dumps(payload, indent=2) + "\n")
+    with summary_paths[1].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["wbc_type", "count", "percent", "ci95_low", "ci95_high"])
+        for k, v in summary.differential.items():
+            lo, hi = summary.differential_ci95[k]
+            w.writerow([k, v, f"{summary.differential_percent[k]:.2f}", f"{lo:.2f}", f"{hi:.2f}"])
+    print(summary.table())
+    print(f"outputs in {out_dir}")
+    if not results:
+        return 2
+    return 1 if errors else 0
+
+
+def _cmd_train_detector(args: argparse.Namespace) -> int:
+    from .preprocess import Preprocessing
+    from .train import train_detector
+
+    prep = Preprocessing(steps=tuple(x for x in args.preprocess.split(",") if x))
+    res = train_detector(args.data, model=args.model, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
+                         device=args.device, out_dir=args.out, name=args.name, resume=args.resume, preprocessing=prep,
+                         select=args.select, train_args=json.loads(args.train_args))
+    print(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_evaluate_detector(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_detector
+
+    m = evaluate_detector(args.weights, args.data, split=args.split, out_dir=args.out, overwrite=args.overwrite)
+    print(json.dumps({k: m[k] for k in ("detector", "split", "images", "map50", "map50_95", "per_class", "counting")}, indent=2))
+    return 0
+
+
+def _crop_source(spec: str):  # noqa: ANN202
+    """``ROOT`` or ``ROOT::SPLITS_CSV::SPLIT[::CENTER_FRACTION]``."""
+    from .train import CropSource
+
+    parts = spec.split("::")
+    if len(parts) == 1:
+        return CropSource(parts[0])
+    if len(parts) not in (3, 4):
+        raise ValueError(f"crop source must be ROOT or ROOT::SPLITS_CSV::SPLIT[::CENTER_FRACTION], got {spec!r}")
+    return CropSource(parts[0], splits_csv=parts[1], split=parts[2], center_fraction=float(parts[3]) if len(parts) == 4 else 1.0)
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .train import train_classifier
+
+    res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
+                           input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
+                           out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
+                           pretrained=args.pretrained, freeze_features=args.freeze_features)
+    print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
+    return 0
+
+
+def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_classifier
+
+    m = evaluate_classifier(args.weights, [_crop_source(s) for s in args.crops], out_dir=args.out, overwrite=args.overwrite)
+    print(json.dumps({k: m[k] for k in ("classifier", "n", "accuracy", "macro_f1", "per_class")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=_cmd_preprocess)
 
+    p = sub.add_parser("analyze", help="detect, count and type cells on field images (one slide)")
+    p.add_argument("paths", nargs="+", help="field images or folders of them")
+    p.add_argument("--out", default="smearpipe-out", help="output folder (default: %(default)s)")
+    p.add_argument("--detector", default=None, help="detector weights name or .pt path (default: shipped)")
+    p.add_argument("--classifier", default=None, help="classifier weights name or .safetensors path (default: shipped)")
+    p.add_argument("--conf", type=float, default=None, help="detector score threshold (default: from the weights record)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_analyze)
+
     p = sub.add_parser("convert-voc", help="convert a Pascal VOC dataset (BCCD layout) to the YOLO layout")
     p.add_argument("voc_root", help="folder with Annotations/, JPEGImages/, ImageSets/Main/")
     p.add_argument("out", help="output folder (must be new or empty unless --overwrite)")
@@ -75,6 +195,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
     p.set_defaults(func=_cmd_convert_voc)
+
+    p = sub.add_parser("train-detector", help="train a YOLO detector on a YOLO-layout dataset")
+    p.add_argument("data", help="data YAML (from convert-voc)")
+    p.add_argument("--model", default="yolov8n.yaml", help="model config (from scratch) or local .pt to fine-tune")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/detector")
+    p.add_argument("--name", default="train")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME")
+    p.add_argument("--preprocess", default="", help="comma-separated preprocessing steps applied to all images")
+    p.add_argument("--select", choices=("best", "last"), default="best")
+    p.add_argument("--train-args", default="{}", help='JSON of further ultralytics arguments, e.g. \'{"cos_lr": true}\'')
+    p.set_defaults(func=_cmd_train_detector)
+
+    p = sub.add_parser("evaluate-detector", help="mAP and counting accuracy of a detector on a split")
+    p.add_argument("data", help="data YAML")
+    p.add_argument("--weights", default=None, help="name or .pt path (default: shipped)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="runs/eval_detector")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_evaluate_detector)
+
+    p = sub.add_parser("train-classifier", help="train the VGG16 WBC classifier on ImageFolder crops")
+    p.add_argument("--train", nargs="+", required=True, help="crop sources: ROOT or ROOT::SPLITS_CSV::SPLIT[::CENTER_FRACTION]")
+    p.add_argument("--val", nargs="+", required=True, help="validation crop sources (same syntax)")
+    p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default="runs/classifier")
+    p.add_argument("--name", default="train")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
+    p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
+    p.set_defaults(func=_cmd_train_classifier)
+
+    p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")
+    p.add_argument("crops", nargs="+", help="crop sources: ROOT or ROOT::SPLITS_CSV::SPLIT[::CENTER_FRACTION]")
+    p.add_argument("--weights", default=None, help="name or .safetensors path (default: shipped)")
+    p.add_argument("--out", default="runs/eval_classifier")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_evaluate_classifier)
     return parser
 
 
@@ -84,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (SmearpipeError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

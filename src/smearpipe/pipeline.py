@@ -1,0 +1,435 @@
+"""The two-stage pipeline: :func:`analyze_smear` on one field, :func:`analyze_fields` on a slide.
+
+Flow: validate the image -> detector (with its recorded preprocessing) -> square crop around each
+WBC (the classifier's recorded crop scale, clipped and padded) -> classifier (with its recorded
+preprocessing, batched) -> frozen result records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import DETECTION_CLASSES, square_crop
+from .errors import SmearpipeError
+from .io import ImageLike, load_image
+
+__all__ = [
+    "PipelineConfig",
+    "Pipeline",
+    "load_pipeline",
+    "CellResult",
+    "SmearResult",
+    "SlideSummary",
+    "SlideResult",
+    "analyze_smear",
+    "iter_fields",
+    "analyze_fields",
+    "summarize",
+    "clopper_pearson",
+    "draw",
+    "write_field_outputs",
+]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Options of the pipeline.
+
+    Attributes
+    ----------
+    det_conf, det_iou : float, optional
+        Detector score and NMS thresholds (None: the detector record's defaults).
+    review_probability : float
+        A WBC whose top type probability is below this is flagged ``needs_review``.
+    border_margin : float
+        A box within this many pixels of the image edge is flagged (the cell may be cut).
+    crop_scale : float, optional
+        Crop side relative to the WBC box (None: the classifier record's ``crop_scale``).
+    """
+
+    det_conf: float | None = None
+    det_iou: float | None = None
+    review_probability: float = 0.7
+    border_margin: float = 2.0
+    crop_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.review_probability <= 1.0:
+            raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
+        if self.border_margin < 0:
+            raise ValueError(f"border_margin must be >= 0, got {self.border_margin}")
+        if self.crop_scale is not None and self.crop_scale <= 0:
+            raise ValueError(f"crop_scale must be > 0, got {self.crop_scale}")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loaded detector + classifier (see :func:`load_pipeline`)."""
+
+    detector: Any
+    classifier: Any
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def models(self) -> dict[str, dict[str, str]]:
+        return {
+            "detector": {"name": self.detector.record.name, "sha256": self.detector.record.sha256},
+            "classifier": {"name": self.classifier.record.name, "sha256": self.classifier.record.sha256},
+        }
+
+
+def load_pipeline(
+    detector: Any = None, classifier: Any = None, *, device: str = "cpu", config: PipelineConfig | None = None
+) -> Pipeline:
+    """Load the models once; pass the result to :func:`analyze_smear` / :func:`analyze_fields`.
+
+    Parameters
+    ----------
+    detector, classifier : name, path, loaded model or None
+        None: the shipped defaults. Names/paths go to ``Detector.load`` / ``Classifier.load``.
+    device : str
+        Only ``"cpu"`` is supported for inference.
+    config : PipelineConfig, optional
+    """
+    from .classify import Classifier
+    from .detect import Detector
+
+    if device != "cpu":
+        raise ValueError(f"only device='cpu' is supported for inference, got {device!r}")
+    det = detector if isinstance(detector, Detector) else Detector.load(detector)
+    clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
+    return Pipeline(det, clf, config or PipelineConfig())
+
+
+@lru_cache(maxsize=1)
+def _default_pipeline() -> Pipeline:
+    # Loaded once on first use; the shipped weights are immutable, so the cache changes no behaviour.
+    return load_pipeline()
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One detected cell; WBC fields are None for RBCs and platelets."""
+
+    box: tuple[float, float, float, float]
+    label: str
+    score: float
+    wbc_type: str | None = None
+    wbc_probability: float | None = None
+    probabilities: dict[str, float] | None = None
+    needs_review: bool = False
+    review_reasons: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": [float(v) for v in self.box], "label": self.label, "score": self.score, "wbc_type": self.wbc_type,
+            "wbc_probability": self.wbc_probability, "probabilities": self.probabilities,
+            "needs_review": self.needs_review, "review_reasons": list(self.review_reasons),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellResult:
+        return cls(box=tuple(d["box"]), label=d["label"], score=d["score"], wbc_type=d.get("wbc_type"),  # type: ignore[arg-type]
+                   wbc_probability=d.get("wbc_probability"), probabilities=d.get("probabilities"),
+                   needs_review=d.get("needs_review", False), review_reasons=tuple(d.get("review_reasons", ())))
+
+
+@dataclass(frozen=True)
+class SmearResult:
+    """Result of :func:`analyze_smear` on one field."""
+
+    detections: tuple[CellResult, ...]
+    counts: dict[str, int]
+    differential: dict[str, int]
+    image_size: tuple[int, int]  # (width, height)
+    models: dict[str, dict[str, str]]
+    timings_ms: dict[str, float]
+    source: str | None = None
+
+    @property
+    def differential_percent(self) -> dict[str, float]:
+        n = sum(self.differential.values())
+        return {k: (100.0 * v / n if n else 0.0) for k, v in self.differential.items()}
+
+    @property
+    def wbcs(self) -> tuple[CellResult, ...]:
+        return tuple(d for d in self.detections if d.label == "WBC")
+
+    @property
+    def n_review(self) -> int:
+        return sum(d.needs_review for d in self.detections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "image_size": list(self.image_size), "counts": dict(self.counts),
+            "differential": dict(self.differential), "differential_percent": self.differential_percent,
+            "detections": [d.to_dict() for d in self.detections], "models": self.models,
+            "timings_ms": dict(self.timings_ms),
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SmearResult:
+        return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
+                   differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
+                   models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SmearResult:
+        return cls.from_dict(json.loads(text))
+
+
+def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None) -> SmearResult:
+    """Detect, count and type the cells of one blood smear field.
+
+    Parameters
+    ----------
+    image : path or (H, W, 3) uint8 ndarray
+        RGB field (see :mod:`smearpipe.io` for the accepted inputs and conversions).
+    pipeline : Pipeline, optional
+        From :func:`load_pipeline`; None uses the shipped default weights (loaded once).
+    config : PipelineConfig, optional
+        Overrides ``pipeline.config`` for this call.
+
+    Returns
+    -------
+    SmearResult
+
+    Raises
+    ------
+    SmearpipeError
+        Unreadable or invalid image (``ImageReadError`` / ``InvalidImageError``), missing weights.
+
+    Examples
+    --------
+    >>> r = analyze_smear("datasets/bccd_samples/BloodImage_00007.jpg")   # doctest: +SKIP
+    >>> r.counts, r.differential                                          # doctest: +SKIP
+    """
+    p = pipeline or _default_pipeline()
+    cfg = config or p.config
+    t0 = time.perf_counter()
+    rgb = load_image(image)
+    source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    t1 = time.perf_counter()
+    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou)
+    t2 = time.perf_counter()
+    h, w = rgb.shape[:2]
+    wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
+    scale = cfg.crop_scale or p.classifier.crop_scale
+    crops = [square_crop(rgb, dets[i].box, scale=scale) for i in wbc_idx]
+    t3 = time.perf_counter()
+    proba = p.classifier.predict_proba(crops) if crops else np.zeros((0, len(p.classifier.classes)))
+    t4 = time.perf_counter()
+    classes = p.classifier.classes
+    typed = {i: row for i, row in zip(wbc_idx, proba, strict=True)}
+    cells = []
+    for i, d in enumerate(dets):
+        x1, y1, x2, y2 = d.box
+        reasons = []
+        if min(x1, y1) <= cfg.border_margin or x2 >= w - cfg.border_margin or y2 >= h - cfg.border_margin:
+            reasons.append("touches image border")
+        if i in typed:
+            row = typed[i]
+            k = int(row.argmax())
+            if row[k] < cfg.review_probability:
+                reasons.append(f"low type probability {row[k]:.2f}")
+            cells.append(CellResult(d.box, d.label, d.score, classes[k], float(row[k]),
+                                    {c: float(v) for c, v in zip(classes, row, strict=True)}, bool(reasons), tuple(reasons)))
+        else:
+            # border flags matter for WBC typing and counting; RBC/platelets are counted as is
+            cells.append(CellResult(d.box, d.label, d.score))
+    counts = {c: 0 for c in DETECTION_CLASSES}
+    for c in cells:
+        counts[c.label] = counts.get(c.label, 0) + 1
+    differential = {c: 0 for c in classes}
+    for c in cells:
+        if c.wbc_type is not None:
+            differential[c.wbc_type] += 1
+    t5 = time.perf_counter()
+    timings = {"read": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3, "crop": (t3 - t2) * 1e3,
+               "classify": (t4 - t3) * 1e3, "assemble": (t5 - t4) * 1e3, "total": (t5 - t0) * 1e3}
+    return SmearResult(tuple(cells), counts, differential, (w, h), p.models, timings, source)
+
+
+# ----------------------------------------------------------------------------- slides
+
+def clopper_pearson(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) binomial confidence interval for ``k`` successes of ``n``, as proportions."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return (0.0, 1.0)
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return (float(ci.low), float(ci.high))
+
+
+@dataclass(frozen=True)
+class SlideSummary:
+    """Totals over the fields of a slide, with exact 95 % CIs of the WBC differential."""
+
+    fields: int
+    failed: int
+    counts: dict[str, int]
+    differential: dict[str, int]
+    differential_percent: dict[str, float]
+    differential_ci95: dict[str, tuple[float, float]]  # percent
+    flagged_for_review: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fields": self.fields, "failed": self.failed, "counts": self.counts, "differential": self.differential,
+                "differential_percent": self.differential_percent,
+                "differential_ci95": {k: list(v) for k, v in self.differential_ci95.items()},
+                "flagged_for_review": self.flagged_for_review}
+
+    def table(self) -> str:
+        n = sum(self.differential.values())
+        lines = [f"fields {self.fields} (failed {self.failed}); cells: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()),
+                 f"{'WBC type':<12}{'n':>6}{'%':>8}   95% CI (exact)"]
+        for k, v in self.differential.items():
+            lo, hi = self.differential_ci95[k]
+            lines.append(f"{k:<12}{v:>6}{self.differential_percent[k]:>8.1f}   {lo:5.1f} - {hi:5.1f}")
+        lines.append(f"{'total':<12}{n:>6}   flagged for review: {self.flagged_for_review}")
+        return "\n".join(lines)
+
+
+def summarize(results: Iterable[SmearResult], *, failed: int = 0, classes: Sequence[str] | None = None) -> SlideSummary:
+    """Slide summary of per-field results (totals, differential %, Clopper-Pearson 95 % CIs)."""
+    counts: dict[str, int] = {c: 0 for c in DETECTION_CLASSES}
+    diff: dict[str, int] = {c: 0 for c in (classes or ())}
+    fields = flagged = 0
+    for r in results:
+        fields += 1
+        flagged += r.n_review
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + v
+        for k, v in r.differential.items():
+            diff[k] = diff.get(k, 0) + v
+    n = sum(diff.values())
+    pct = {k: (100.0 * v / n if n else 0.0) for k, v in diff.items()}
+    ci = {k: tuple(100.0 * x for x in clopper_pearson(v, n)) for k, v in diff.items()}
+    return SlideSummary(fields, failed, counts, diff, pct, ci, flagged)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """Per-field results, the fields that failed (source, reason) and the slide summary."""
+
+    fields: tuple[SmearResult, ...]
+    errors: tuple[tuple[str, str], ...]
+    summary: SlideSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary.to_dict(), "errors": [list(e) for e in self.errors],
+                "fields": [f.to_dict() for f in self.fields]}
+
+
+def iter_fields(
+    images: Iterable[ImageLike], *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[str, SmearResult | SmearpipeError]]:
+    """Analyse fields one at a time, yielding ``(source, result or error)``; memory stays constant.
+
+    Errors of our own types (unreadable or invalid images) are yielded, not raised, so one bad file
+    does not stop a slide.
+    """
+    from tqdm.auto import tqdm
+
+    p = pipeline or _default_pipeline()
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    for i, image in enumerate(tqdm(images, total=total, disable=not progress, desc="fields", unit="field")):
+        source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"array[{i}]"
+        try:
+            yield source, analyze_smear(image, pipeline=p, config=config)
+        except SmearpipeError as exc:
+            yield source, exc
+
+
+def analyze_fields(
+    images: Iterable[ImageLike], *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None,
+    progress: bool = True,
+) -> SlideResult:
+    """Analyse the fields of one slide: per-field results plus a slide summary with exact CIs.
+
+    Images are read one at a time (pass paths for constant memory over thousands of fields); a field
+    that cannot be read is listed in ``errors`` and the rest are processed.
+    """
+    p = pipeline or _default_pipeline()
+    results, errors = [], []
+    for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):
+        if isinstance(out, SmearResult):
+            results.append(out)
+        else:
+            errors.append((source, str(out)))
+    return SlideResult(tuple(results), tuple(errors), summarize(results, failed=len(errors), classes=p.classifier.classes))
+
+
+# ----------------------------------------------------------------------------- drawing
+
+_COLOURS = {"WBC": (128, 0, 160), "RBC": (220, 40, 40), "Platelets": (0, 150, 220)}
+
+
+def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.ndarray:
+    """Annotated copy of ``image``: boxes coloured by class, WBC type + probability, legend with counts.
+
+    Returns
+    -------
+    (H, W, 3) uint8 ndarray
+    """
+    import cv2
+
+    rgb = load_image(image).copy()
+    h, w = rgb.shape[:2]
+    if (w, h) != tuple(result.image_size):
+        raise ValueError(f"image size {(w, h)} differs from the result's {tuple(result.image_size)}")
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    fs = max(0.35, min(w, h) / 1000)
+    for c in sorted(result.detections, key=lambda d: d.label == "WBC"):
+        x1, y1, x2, y2 = (int(round(v)) for v in c.box)
+        colour = _COLOURS.get(c.label, (0, 0, 0))
+        cv2.rectangle(rgb, (x1, y1), (x2, y2), colour, thickness if c.label == "WBC" else 1)
+        if c.wbc_type is not None:
+            text = f"{c.wbc_type} {c.wbc_probability:.2f}" + (" ?" if c.needs_review else "")
+            (tw, th), _ = cv2.getTextSize(text, font, fs * 1.2, 1)
+            ty = y1 - 4 if y1 - th - 6 >= 0 else min(h - 2, y2 + th + 4)
+            cv2.rectangle(rgb, (x1, ty - th - 3), (x1 + tw + 4, ty + 3), colour, -1)
+            cv2.putText(rgb, text, (x1 + 2, ty), font, fs * 1.2, (255, 255, 255), 1, cv2.LINE_AA)
+    legend = [f"{k}: {v}" for k, v in result.counts.items()]
+    legend += [f"  {k}: {v}" for k, v in result.differential.items() if v]
+    lh = int(22 * fs / 0.5)
+    box_h = lh * len(legend) + 8
+    overlay = rgb.copy()
+    cv2.rectangle(overlay, (4, 4), (int(190 * fs / 0.5), 4 + box_h), (255, 255, 255), -1)
+    rgb = cv2.addWeighted(overlay, 0.75, rgb, 0.25, 0)
+    for i, line in enumerate(legend):
+        key = line.split(":")[0].strip()
+        colour = _COLOURS.get(key, (30, 30, 30))
+        cv2.putText(rgb, line, (10, 4 + lh * (i + 1)), font, fs, colour, 1, cv2.LINE_AA)
+    return rgb
+
+
+def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os.PathLike, stem: str,
+                        *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked."""
+    from .io import write_image
+
+    out_dir = Path(out_dir)
+    png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
+    if not overwrite:
+        for p in (png, js):
+            if p.exists():
+                raise FileExistsError(f"refusing to overwrite {p} (use --overwrite / overwrite=True)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_image(png, draw(result, image), overwrite=overwrite)
+    js.write_text(result.to_json(indent=1) + "\n")
+    return png, js

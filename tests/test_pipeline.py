@@ -1,0 +1,199 @@
+"""analyze_smear / analyze_fields / draw / CLI with smoke-trained models (fast; numbers are meaningless).
+
+The shipped default weights are exercised in test_default_weights.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from smearpipe import SmearpipeError, analyze_fields, analyze_smear, draw, load_pipeline
+from smearpipe.cli import main as cli_main
+from smearpipe.detect import Detection
+from smearpipe.errors import ImageReadError, InvalidImageError
+from smearpipe.io import read_image
+from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize
+
+from .conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def pipe(smoke_run, tiny_run):
+    # a low threshold so that the barely trained detector yields many boxes, WBCs among them
+    return load_pipeline(detector=smoke_run.weights, classifier=tiny_run.weights, config=PipelineConfig(det_conf=0.001))
+
+
+def _check(result: SmearResult, w: int = 640, h: int = 480) -> None:
+    assert result.image_size == (w, h)
+    assert sum(result.counts.values()) == len(result.detections)
+    assert sum(result.differential.values()) == result.counts["WBC"]
+    for d in result.detections:
+        x1, y1, x2, y2 = d.box
+        assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
+        if d.label == "WBC":
+            assert d.wbc_type in result.differential and 0 <= d.wbc_probability <= 1
+            assert abs(sum(d.probabilities.values()) - 1) < 1e-6
+            assert d.wbc_probability == max(d.probabilities.values())
+        else:
+            assert d.wbc_type is None and d.wbc_probability is None
+
+
+def test_path_and_array_inputs_agree(pipe):
+    path = SAMPLES / "BloodImage_00007.jpg"
+    a = analyze_smear(path, pipeline=pipe)
+    b = analyze_smear(read_image(path), pipeline=pipe)
+    _check(a)
+    assert a.counts == b.counts and a.differential == b.differential
+    assert a.source == str(path) and b.source is None
+    assert set(a.timings_ms) >= {"detect", "classify", "total"}
+    assert a.models["detector"]["sha256"] == pipe.detector.record.sha256
+
+
+class StubDetector:
+    """Returns fixed detections: pipeline logic tested independently of detector quality."""
+
+    def __init__(self, detections, record):
+        self.detections = detections
+        self.record = record
+
+    def predict(self, image, *, conf=None, iou=None):
+        return list(self.detections)
+
+
+def test_many_wbcs_are_all_typed(pipe):
+    grid = [Detection((float(x), float(y), x + 60.0, y + 60.0), "WBC", 0.9) for x in range(20, 560, 90) for y in (30, 200)]
+    rbcs = [Detection((5.0, 400.0, 45.0, 440.0), "RBC", 0.8), Detection((300.0, 420.0, 340.0, 479.0), "RBC", 0.7)]
+    stub = Pipeline(StubDetector(grid + rbcs, pipe.detector.record), pipe.classifier)
+    r = analyze_smear(SAMPLES / "BloodImage_00011.jpg", pipeline=stub)
+    _check(r)
+    assert r.counts == {"WBC": len(grid), "RBC": 2, "Platelets": 0}
+    assert len(r.wbcs) == 12 and all(d.wbc_type is not None for d in r.wbcs)
+    # the classifier saw exactly these crops, batched
+    from smearpipe.datasets import square_crop
+
+    img = read_image(SAMPLES / "BloodImage_00011.jpg")
+    expected = pipe.classifier.predict_proba([square_crop(img, d.box, scale=pipe.classifier.crop_scale) for d in grid])
+    got = np.array([[d.probabilities[c] for c in pipe.classifier.classes] for d in r.wbcs])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # an RBC at the border is not flagged (flags concern WBC typing), a WBC at the border is
+    stub2 = Pipeline(StubDetector([Detection((0.0, 10.0, 50.0, 60.0), "WBC", 0.9)] + rbcs, pipe.detector.record), pipe.classifier)
+    r2 = analyze_smear(img, pipeline=stub2)
+    assert "touches image border" in r2.wbcs[0].review_reasons
+    assert not any(d.needs_review for d in r2.detections if d.label == "RBC")
+
+
+def test_stub_field_without_wbc(pipe):
+    stub = Pipeline(StubDetector([Detection((100.0, 100.0, 140.0, 140.0), "RBC", 0.9)], pipe.detector.record), pipe.classifier)
+    r = analyze_smear(SAMPLES / "BloodImage_00135.jpg", pipeline=stub)
+    assert r.counts == {"WBC": 0, "RBC": 1, "Platelets": 0} and sum(r.differential.values()) == 0
+
+
+def test_border_and_low_confidence_flags(pipe):
+    boxes = [Detection((200.0, 150.0, 300.0, 250.0), "WBC", 0.9), Detection((590.0, 300.0, 640.0, 380.0), "WBC", 0.8)]
+    stub = Pipeline(StubDetector(boxes, pipe.detector.record), pipe.classifier)
+    r = analyze_smear(SAMPLES / "BloodImage_00015.jpg", pipeline=stub, config=PipelineConfig(review_probability=1.0))
+    assert len(r.wbcs) == 2 and all(d.needs_review for d in r.wbcs)  # nothing is certain at probability 1.0
+    w, h = r.image_size
+    for d in r.wbcs:
+        x1, y1, x2, y2 = d.box
+        touches = min(x1, y1) <= 2 or x2 >= w - 2 or y2 >= h - 2
+        assert touches == ("touches image border" in d.review_reasons)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [("missing.jpg", ImageReadError), (np.zeros((10, 10, 5), np.uint8), InvalidImageError),
+     (np.full((8, 8, 3), np.nan), InvalidImageError), (np.zeros((0, 4, 3), np.uint8), InvalidImageError),
+     (np.zeros((3, 40, 50), np.uint8), InvalidImageError), ("not an array", ImageReadError)],
+)
+def test_bad_inputs(pipe, tmp_path, bad, error):
+    if isinstance(bad, str):
+        bad = tmp_path / bad
+    with pytest.raises(error):
+        analyze_smear(bad, pipeline=pipe)
+
+
+def test_corrupt_file(pipe, tmp_path):
+    f = tmp_path / "corrupt.jpg"
+    f.write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(SmearpipeError, match="corrupt.jpg"):
+        analyze_smear(f, pipeline=pipe)
+
+
+def test_json_roundtrip(pipe):
+    r = analyze_smear(SAMPLES / "BloodImage_00007.jpg", pipeline=pipe)
+    back = SmearResult.from_json(r.to_json())
+    assert back == r
+    assert json.loads(r.to_json())["counts"] == r.counts
+
+
+def test_draw(pipe):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    r = analyze_smear(img, pipeline=pipe)
+    out = draw(r, img)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - img).sum() > 0
+    np.testing.assert_array_equal(img, read_image(SAMPLES / "BloodImage_00007.jpg"))  # input untouched
+    with pytest.raises(ValueError, match="differs"):
+        draw(r, img[:100])
+
+
+@pytest.mark.parametrize("k, n", [(0, 100), (1, 100), (37, 100), (100, 100), (5, 17)])
+def test_clopper_pearson_matches_beta_quantiles(k, n):
+    lo, hi = clopper_pearson(k, n)
+    exp_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+    exp_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+    assert lo == pytest.approx(exp_lo, abs=1e-9) and hi == pytest.approx(exp_hi, abs=1e-9)
+
+
+def test_summary_maths():
+    r = SmearResult((), {"WBC": 3, "RBC": 10, "Platelets": 1}, {"neutrophil": 2, "lymphocyte": 1}, (10, 10), {}, {})
+    s = summarize([r, r])
+    assert s.counts == {"WBC": 6, "RBC": 20, "Platelets": 2}
+    assert s.differential_percent["neutrophil"] == pytest.approx(400 / 6)
+    lo, hi = s.differential_ci95["lymphocyte"]
+    assert lo == pytest.approx(100 * beta.ppf(0.025, 2, 5)) and hi == pytest.approx(100 * beta.ppf(0.975, 3, 4))
+    assert "neutrophil" in s.table()
+
+
+def test_batch_continues_past_corrupt_file(pipe, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    slide = analyze_fields([SAMPLES / "BloodImage_00007.jpg", bad, SAMPLES / "BloodImage_00135.jpg"], pipeline=pipe, progress=False)
+    assert len(slide.fields) == 2 and len(slide.errors) == 1 and "bad.jpg" in slide.errors[0][0]
+    assert slide.summary.fields == 2 and slide.summary.failed == 1
+    assert slide.summary.counts["WBC"] == sum(f.counts["WBC"] for f in slide.fields)
+
+
+def test_cli_end_to_end(smoke_run, tiny_run, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SAMPLES / "BloodImage_00007.jpg", src)
+    (src / "broken.jpg").write_bytes(b"junk")
+    out = tmp_path / "out"
+    args = ["analyze", str(src), "--out", str(out), "--detector", str(smoke_run.weights),
+            "--classifier", str(tiny_run.weights), "--conf", "0.01", "--quiet"]
+    code = cli_main(args)
+    printed = capsys.readouterr()
+    assert code == 1  # one bad file: reported, the rest processed
+    assert "broken.jpg" in printed.err and "WBC type" in printed.out
+    assert (out / "BloodImage_00007.png").is_file() and (out / "BloodImage_00007.json").is_file()
+    summary = json.loads((out / "slide_summary.json").read_text())
+    assert summary["summary"]["fields"] == 1 and summary["summary"]["failed"] == 1
+    assert (out / "slide_summary.csv").read_text().startswith("wbc_type,count,percent")
+    before = (out / "BloodImage_00007.json").read_text()
+    assert cli_main(args) == 2  # summary exists: refuses, nothing overwritten
+    assert (out / "BloodImage_00007.json").read_text() == before
+    assert cli_main(args + ["--overwrite"]) == 1
+
+
+def test_cli_bad_weights(tmp_path, capsys):
+    code = cli_main(["analyze", str(SAMPLES / "BloodImage_00007.jpg"), "--out", str(tmp_path / "o"),
+                     "--detector", "no-such-detector"])
+    assert code == 2
+    assert "unknown detector weights" in capsys.readouterr().err
