@@ -1,0 +1,108 @@
+"""Register a trained detector run as shipped weights: weights/<name>.pt + record + training report.
+
+Usage:
+  python scripts/ship_detector.py RUN_DIR --name detector-bccd-yolov8n-v1 [--checkpoint last]
+
+RUN_DIR is an ultralytics run folder (``weights/last.pt``, ``args.yaml``, ``results.csv``), as written by
+``smearpipe.train.train_detector`` or ``scripts/train_default_detector.py``. The script
+  1. converts BCCD to the YOLO layout (official split) under runs/bccd_yolo if needed,
+  2. copies the checkpoint to ``weights/<name>.pt`` (refuses to replace an existing file),
+  3. evaluates it on the BCCD **test** split with ``evaluate_detector`` (mAP via ultralytics, counting),
+  4. writes the record ``weights/<name>.json`` (sha256, classes, imgsz, preprocessing, data, split,
+     training arguments, test metrics) and ``reports/<name>/`` (metrics JSON, training curves, PR curve,
+     confusion matrix, per-image counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from smearpipe.datasets import voc_to_yolo
+from smearpipe.evaluate import evaluate_detector
+from smearpipe.preprocess import Preprocessing
+from smearpipe.weights import WeightsRecord, sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    ap.add_argument("--conf", type=float, default=0.25, help="default score threshold stored in the record")
+    ap.add_argument("--iou", type=float, default=0.7, help="default NMS IoU stored in the record")
+    args = ap.parse_args()
+    run = Path(args.run_dir)
+    yolo_dir = REPO / "runs" / "bccd_yolo"
+    if not (yolo_dir / "data.yaml").is_file():
+        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"))
+    data_yaml = yolo_dir / "data.yaml"
+
+    target = REPO / "weights" / f"{args.name}.pt"
+    if target.exists():
+        raise SystemExit(f"{target} exists: every shipped version stays; pick a new name")
+    target.parent.mkdir(exist_ok=True)
+    shutil.copyfile(run / "weights" / f"{args.checkpoint}.pt", target)
+    train_args = yaml.safe_load((run / "args.yaml").read_text())
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    last_row = {k.strip(): float(v) for k, v in rows[-1].items() if k.strip()}
+
+    record = WeightsRecord(
+        name=args.name, kind="detector", file=target.name, sha256=sha256_file(target),
+        classes=("WBC", "RBC", "Platelets"), input_size=int(train_args["imgsz"]), preprocessing=Preprocessing(),
+        metadata={
+            "architecture": str(train_args["model"]),
+            "default_conf": args.conf,
+            "default_iou": args.iou,
+            "training": {
+                "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
+                "train_split": "ImageSets/Main/trainval.txt (292 fields)",
+                "val_split_for_monitoring": "ImageSets/Main/val.txt (87 fields; part of trainval, so val numbers are optimistic)",
+                "test_split": "ImageSets/Main/test.txt (72 fields; never used for training or selection)",
+                "from_scratch": True,
+                "checkpoint": f"{args.checkpoint}.pt (chosen before looking at test)",
+                "epochs": len(rows),
+                "ultralytics_args": {k: train_args[k] for k in ("epochs", "imgsz", "batch", "optimizer", "cos_lr", "close_mosaic",
+                                                                 "mosaic", "scale", "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v",
+                                                                 "seed", "lr0", "lrf") if k in train_args},
+                "wall_minutes": round(last_row.get("time", 0.0) / 60, 1),
+            },
+            "metrics": {},
+        },
+        folder=str(target.parent),
+    )
+    report = REPO / "reports" / args.name
+    report.mkdir(parents=True, exist_ok=True)
+    # evaluation reads the weights through the registry (sha256-checked) via a temporary record
+    tmp_record = target.with_suffix(".json")
+    record.write(tmp_record)
+    metrics = evaluate_detector(target, data_yaml, split="test", out_dir=REPO / "runs" / f"eval_{args.name}", overwrite=True)
+    val_metrics = {k: last_row[k] for k in last_row if k.startswith("metrics/")}
+    final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, "metrics": {
+        "bccd_test": {k: metrics[k] for k in ("images", "map50", "map50_95", "per_class", "counting_conf", "counting")},
+        "bccd_val_last_epoch_optimistic": val_metrics,
+    }}})
+    final.write(tmp_record, overwrite=True)
+    (report / "metrics_test.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.copyfile(run / "results.csv", report / "results.csv")
+    for fig in ("results.png",):
+        if (run / fig).is_file():
+            shutil.copyfile(run / fig, report / "training_curves.png")
+    ev = REPO / "runs" / f"eval_{args.name}"
+    for f in ev.glob("ultralytics_val/*.png"):
+        if any(key in f.name for key in ("BoxPR", "PR_curve", "confusion_matrix_normalized")):
+            shutil.copyfile(f, report / f.name)
+    shutil.copyfile(ev / "counts.csv", report / "counts_test.csv")
+    print(json.dumps(final.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
