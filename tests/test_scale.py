@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from smearpipe.io import read_image
+from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter, rescale_factor
+
+
+def synthetic_field(diameter: float, *, seed: int = 0, size=(480, 640), n: int | None = None, overlap: bool = True) -> np.ndarray:
+    """Pink disks with a pale centre on a light background; touching/overlapping when ``overlap``."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((*size, 3), np.uint8)
+    img[:] = (235, 232, 228)
+    r = diameter / 2
+    n = n or int(0.45 * size[0] * size[1] / (np.pi * r * r))
+    centres = []
+    for _ in range(n * 20):
+        if len(centres) >= n:
+            break
+        c = rng.uniform([r, r], [size[1] - r, size[0] - r])
+        min_gap = 1.6 * r if overlap else 2.1 * r
+        if all(np.hypot(*(c - d)) >= min_gap for d in centres):
+            centres.append(c)
+    for cx, cy in centres:
+        cv2.circle(img, (int(round(cx)), int(round(cy))), int(round(r)), (200, 140, 150), -1, cv2.LINE_AA)
+        cv2.circle(img, (int(round(cx)), int(round(cy))), int(round(r * 0.35)), (222, 190, 195), -1, cv2.LINE_AA)
+    return img
+
+
+@pytest.mark.parametrize("diameter", [20, 40, 80])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_known_size_synthetic_fields(diameter, overlap):
+    est = estimate_rbc_diameter(synthetic_field(diameter, overlap=overlap))
+    assert est == pytest.approx(diameter, rel=0.12), est
+
+
+def test_bccd_field_scales_proportionally(bccd_root):
+    img = read_image(bccd_root / "JPEGImages" / "BloodImage_00231.jpg")
+    base = estimate_rbc_diameter(img)
+    assert 60 < base < 140  # annotated BCCD red cells: median box side ~105 px
+    for s in (0.7, 0.4, 0.25):
+        small = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        assert estimate_rbc_diameter(small) / s == pytest.approx(base, rel=0.15), s
+
+
+def test_blank_field_raises_ours():
+    with pytest.raises(ScaleEstimationError):
+        estimate_rbc_diameter(np.full((100, 120, 3), 240, np.uint8))
+
+
+def test_rescale_factor():
+    img = synthetic_field(40)
+    assert rescale_factor(img, target_rbc_diameter=40) == 1.0  # within tolerance: no resampling
+    assert rescale_factor(img, target_rbc_diameter=100) == pytest.approx(2.5, rel=0.12)
+    assert rescale_factor(img, target_rbc_diameter=100, rbc_diameter_px=25) == 4.0
+    assert rescale_factor(img, target_rbc_diameter=100, pixel_size_um=0.15) == pytest.approx(2.0)  # 7.5 um / 0.15 = 50 px
+    with pytest.raises(ValueError):
+        rescale_factor(img, target_rbc_diameter=100, rbc_diameter_px=20, pixel_size_um=0.1)
+    with pytest.raises(ValueError):
+        rescale_factor(img, target_rbc_diameter=100, pixel_size_um=0)
