@@ -48,7 +48,7 @@ cells = [
          "det_run = train_detector(work / 'yolo' / 'data.yaml', model='yolov8n.yaml', epochs=1, imgsz=64, batch=2,\n"
          "                         out_dir=work / 'runs', name='my_detector')\n"
          "print(det_run.weights, det_run.record)\n"
-         "m = evaluate_detector(det_run.weights, work / 'yolo' / 'data.yaml', split='val', out_dir=work / 'eval_det')\n"
+         "m = evaluate_detector(work / 'yolo' / 'data.yaml', detector=det_run.weights, split='val', out_dir=work / 'eval_det')\n"
          "print('mAP@0.5 (meaningless after 1 epoch):', round(m['map50'], 3))"),
     md("## 4. Train the WBC classifier on your own crops\n\n"
        "Cut labelled WBC crops from annotated fields (a field's label from a BCCD-style `labels.csv`), or use any "
@@ -60,7 +60,7 @@ cells = [
          "print('crops:', crops.written, 'skipped:', crops.skipped)\n"
          "clf_run = train_classifier([work / 'crops'], [work / 'crops'], classes=('lymphocyte', 'monocyte', 'neutrophil'),\n"
          "                           input_size=32, epochs=1, batch_size=2, out_dir=work / 'runs', name='my_classifier', num_workers=0)\n"
-         "ev = evaluate_classifier(clf_run.weights, work / 'crops', out_dir=work / 'eval_clf')\n"
+         "ev = evaluate_classifier(work / 'crops', classifier=clf_run.weights, out_dir=work / 'eval_clf')\n"
          "print('figures:', ev['figures'])"),
     md("## 5. Use your own models in the pipeline"),
     code("mine = load_pipeline(detector=det_run.weights, classifier=clf_run.weights)\n"

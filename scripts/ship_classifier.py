@@ -50,7 +50,7 @@ def main() -> None:
     report = REPO / "reports" / args.name
     results = {}
     for key, source in (("pbc_test", pbc), ("bccd_test_fields", CropSource(str(bccd_test), name="bccd-test-fields"))):
-        m = evaluate_classifier(target, source, out_dir=report / key, overwrite=True)
+        m = evaluate_classifier(source, classifier=target, out_dir=report / key, overwrite=True)
         results[key] = {k: m[k] for k in ("n", "accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "auc_ovr")}
         print(key, json.dumps({k: m[k] for k in ("n", "accuracy", "macro_f1")}))
     rec = json.loads(target.with_suffix(".json").read_text())

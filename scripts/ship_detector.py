@@ -43,7 +43,7 @@ def main() -> None:
     run = Path(args.run_dir)
     yolo_dir = REPO / "runs" / "bccd_yolo"
     if not (yolo_dir / "data.yaml").is_file():
-        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"))
+        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
     data_yaml = yolo_dir / "data.yaml"
 
     target = REPO / "weights" / f"{args.name}.pt"
@@ -84,7 +84,7 @@ def main() -> None:
     # evaluation reads the weights through the registry (sha256-checked) via a temporary record
     tmp_record = target.with_suffix(".json")
     record.write(tmp_record)
-    metrics = evaluate_detector(target, data_yaml, split="test", out_dir=REPO / "runs" / f"eval_{args.name}", overwrite=True)
+    metrics = evaluate_detector(data_yaml, detector=target, split="test", out_dir=REPO / "runs" / f"eval_{args.name}", overwrite=True)
     val_metrics = {k: last_row[k] for k in last_row if k.startswith("metrics/")}
     final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, "metrics": {
         "bccd_test": {k: metrics[k] for k in ("images", "map50", "map50_95", "per_class", "counting_conf", "counting")},

@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     yolo_dir = REPO / "runs" / "bccd_yolo"
     if not (yolo_dir / "data.yaml").is_file():
-        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"))
+        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
     data = yaml.safe_load((yolo_dir / "data.yaml").read_text())
     data.update(train="images/trainval", val="images/val")
     trainval_yaml = yolo_dir / "data_trainval.yaml"

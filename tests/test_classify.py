@@ -136,14 +136,14 @@ def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
 
 
 def test_evaluation_figures(tiny_run, tiny_crops, tmp_path):
-    m = evaluate_classifier(tiny_run.weights, CropSource(str(tiny_crops / "val"), center_fraction=0.7), out_dir=tmp_path / "ev")
+    m = evaluate_classifier(CropSource(str(tiny_crops / "val"), center_fraction=0.7), classifier=tiny_run.weights, out_dir=tmp_path / "ev")
     assert m["n"] == 15 and 0 <= m["accuracy"] <= 1
     assert set(m["per_class"]) == set(WBC_CLASSES) and m["per_class"]["basophil"]["support"] == 3
     assert np.asarray(m["confusion_matrix"]).sum() == 15
     for fig in ("confusion_matrix.png", "roc_curves.png", "confidence.png", "training_curves.png"):
         assert (tmp_path / "ev" / fig).stat().st_size > 1000
     with pytest.raises(FileExistsError):
-        evaluate_classifier(tiny_run.weights, tiny_crops / "val", out_dir=tmp_path / "ev")
+        evaluate_classifier(tiny_crops / "val", classifier=tiny_run.weights, out_dir=tmp_path / "ev")
 
 
 def test_tampered_and_wrong_size_weights(tiny_run, tmp_path):
@@ -189,3 +189,26 @@ def test_bad_training_data(tiny_crops, tmp_path):
         train_classifier([corrupt], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r2")
     with pytest.raises(DatasetError, match="cannot resume"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r3", resume=True)
+
+
+def test_too_few_crops_for_batch(tiny_crops, tmp_path):
+    with pytest.raises(DatasetError, match="batch_size"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=64, input_size=32,
+                         out_dir=tmp_path, num_workers=0)
+
+
+def test_resume_refuses_other_settings(tiny_run):
+    with pytest.raises(ValueError, match="input_size"):
+        train_classifier([tiny_run.run_dir.parent / "x"], [tiny_run.run_dir.parent / "y"], input_size=48, epochs=1,
+                         out_dir=tiny_run.run_dir.parent, name=tiny_run.run_dir.name, resume=True)
+
+
+def test_training_leaves_caller_rng_alone(tiny_crops, tmp_path):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                     out_dir=tmp_path, num_workers=0, augment=False)
+    assert torch.equal(torch.rand(3), expected)

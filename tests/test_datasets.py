@@ -34,7 +34,9 @@ def test_bccd_conversion_full(bccd_root, tmp_path):
     (w, h), boxes = read_voc(bccd_root / "Annotations" / "BloodImage_00000.xml")
     labels = read_yolo_labels(tmp_path / "yolo" / "labels" / "val" / "BloodImage_00000.txt", image_size=(w, h))
     src = np.array([[b.xmin, b.ymin, b.xmax, b.ymax] for b in boxes])
-    np.testing.assert_allclose(np.sort(labels[:, 1:], axis=0), np.sort(src, axis=0), atol=0.01)
+    got = labels[:, 1:]
+    # compare whole boxes (rows), in the same order
+    np.testing.assert_allclose(got[np.lexsort(got.T[::-1])], src[np.lexsort(src.T[::-1])], atol=0.01)
 
 
 def test_conversion_never_modifies_source_nor_overwrites(bccd_root, tmp_path):
@@ -106,6 +108,24 @@ def test_bad_voc_inputs(tmp_path):
 
 
 def test_sample_annotations_parse():
-    for xml in sorted(SAMPLES.glob("*.xml")):
+    xmls = sorted(SAMPLES.glob("*.xml"))
+    assert len(xmls) == 6
+    for xml in xmls:
         (w, h), boxes = read_voc(xml)
         assert (w, h) == (640, 480) and boxes
+
+
+def test_overlapping_splits_refused(bccd_root, tmp_path):
+    voc = make_voc(tmp_path, bccd_root, {"train": ["BloodImage_00000", "BloodImage_00001"], "val": ["BloodImage_00001"]})
+    with pytest.raises(DatasetError, match="share 1 image"):
+        voc_to_yolo(voc, tmp_path / "o", splits=("train", "val"))
+    report = voc_to_yolo(voc, tmp_path / "o2", splits=("train", "val"), allow_overlap=True)
+    assert report.images == {"train": 2, "val": 1}
+
+
+def test_exact_custom_class_names(bccd_root, tmp_path):
+    voc = make_voc(tmp_path, bccd_root, {"train": ["BloodImage_00000"]})
+    xml = voc / "Annotations" / "BloodImage_00000.xml"
+    xml.write_text(xml.read_text().replace("<name>WBC</name>", "<name>wbc</name>"))
+    report = voc_to_yolo(voc, tmp_path / "o", splits=("train",), classes=("wbc", "RBC", "Platelets"))
+    assert report.boxes.get("wbc") == 1 and report.unknown_labels == {}

@@ -73,12 +73,14 @@ def test_unknown_and_missing_weights():
 def test_garbage_pt_file(tmp_path):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"not a checkpoint")
+    from smearpipe.preprocess import Preprocessing
+
     with pytest.raises(WeightsError, match="cannot load"):
-        Detector.load(bad)
+        Detector.load(bad, preprocessing=Preprocessing())
 
 
 def test_evaluate_writes_metrics_and_figures(smoke_run, tiny_data, tmp_path):
-    m = evaluate_detector(smoke_run.weights, tiny_data, split="val", out_dir=tmp_path / "ev")
+    m = evaluate_detector(tiny_data, detector=smoke_run.weights, split="val", out_dir=tmp_path / "ev")
     assert 0.0 <= m["map50"] <= 1.0 and 0.0 <= m["map50_95"] <= m["map50"] + 1e-9
     assert set(m["counting"]) == {"WBC", "RBC", "Platelets"}
     assert m["counting"]["WBC"]["total_true"] == 2
@@ -86,7 +88,7 @@ def test_evaluate_writes_metrics_and_figures(smoke_run, tiny_data, tmp_path):
     assert any("PR_curve" in f or "BoxPR" in f for f in m["figures"]), m["figures"]
     assert any("confusion_matrix" in f for f in m["figures"]), m["figures"]
     with pytest.raises(FileExistsError):
-        evaluate_detector(smoke_run.weights, tiny_data, split="val", out_dir=tmp_path / "ev")
+        evaluate_detector(tiny_data, detector=smoke_run.weights, split="val", out_dir=tmp_path / "ev")
 
 
 def test_bad_training_inputs(tiny_data, tmp_path):
@@ -147,9 +149,72 @@ def test_load_and_predict_with_network_forbidden(smoke_run):
         socket.getaddrinfo = refuse
         from smearpipe.detect import Detector
         det = Detector.load({str(smoke_run.weights)!r})
-        print(len(det.predict({str(SAMPLES / 'BloodImage_00011.jpg')!r}, conf=0.001)) >= 0)
+        cells = det.predict({str(SAMPLES / 'BloodImage_00011.jpg')!r}, conf=0.001)
+        print("predicted", len(cells))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("True")
+    assert out.stdout.strip().splitlines()[-1].startswith("predicted ")
+
+
+def test_training_with_preprocessing_and_evaluation(tiny_data, tmp_path):
+    from smearpipe.preprocess import Preprocessing
+
+    prep = Preprocessing(steps=("median",), median_ksize=3)
+    run = train_detector(tiny_data, epochs=1, imgsz=64, batch=2, out_dir=tmp_path / "r", name="prep", preprocessing=prep)
+    det = Detector.load(run.weights)
+    assert det.preprocessing == prep.resolved()
+    assert (run.run_dir / "data" / "images" / "train").is_dir()  # training saw preprocessed copies
+    m = evaluate_detector(tiny_data, detector=det, split="val", out_dir=tmp_path / "ev")
+    assert 0.0 <= m["map50"] <= 1.0
+
+
+def test_unrecorded_checkpoint_needs_explicit_preprocessing(smoke_run):
+    from smearpipe.preprocess import Preprocessing
+
+    raw = smoke_run.run_dir / "weights" / "last.pt"
+    with pytest.raises(WeightsError, match="detector.pt"):
+        Detector.load(raw)
+    det = Detector.load(raw, preprocessing=Preprocessing())
+    assert det.record.preprocessing == Preprocessing()
+    with pytest.raises(ValueError, match="only for weight files without a record"):
+        Detector.load(smoke_run.weights, preprocessing=Preprocessing())
+
+
+def test_reserved_train_args(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="imgsz"):
+        train_detector(tiny_data, epochs=1, out_dir=tmp_path, train_args={"imgsz": 320})
+
+
+def test_predict_batch_needs_a_list(smoke_run):
+    det = Detector.load(smoke_run.weights)
+    with pytest.raises(TypeError, match="list"):
+        det.predict_batch(str(SAMPLES / "BloodImage_00007.jpg"))
+    with pytest.raises(TypeError, match="list"):
+        det.predict_batch(read_image(SAMPLES / "BloodImage_00007.jpg"))
+    assert len(det.predict_batch([SAMPLES / "BloodImage_00007.jpg", SAMPLES / "BloodImage_00011.jpg"], conf=0.001)) == 2
+
+
+def test_class_order_mismatch_is_refused(smoke_run, tiny_data, tmp_path):
+    text = tiny_data.read_text()
+    swapped = text.replace("0: WBC", "0: TMP").replace("1: RBC", "1: WBC").replace("0: TMP", "0: RBC")
+    (tmp_path / "swapped.yaml").write_text(swapped)
+    with pytest.raises(DatasetError, match="class order"):
+        evaluate_detector(tmp_path / "swapped.yaml", detector=smoke_run.weights, split="val", out_dir=tmp_path / "ev")
+
+
+def test_loading_a_detector_keeps_global_settings(smoke_run):
+    code = textwrap.dedent(
+        f"""
+        import cv2, numpy as np, torch
+        before = (np.get_printoptions(), cv2.getNumThreads(), torch._tensor_str.PRINT_OPTS.linewidth)
+        from smearpipe.detect import Detector
+        Detector.load({str(smoke_run.weights)!r})
+        after = (np.get_printoptions(), cv2.getNumThreads(), torch._tensor_str.PRINT_OPTS.linewidth)
+        print(before == after, before[1], after[1])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "True", out.stdout

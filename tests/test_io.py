@@ -122,3 +122,9 @@ def test_write_image_never_overwrites(tmp_path):
     np.testing.assert_array_equal(read_image(path), img)  # untouched
     write_image(path, np.zeros((4, 4, 3), np.uint8), overwrite=True)
     assert read_image(path).max() == 0
+
+
+def test_write_image_bad_extension(tmp_path):
+    with pytest.raises(ValueError, match="extension"):
+        write_image(tmp_path / "x.xyz", np.zeros((2, 2, 3), np.uint8))
+    assert not (tmp_path / "x.xyz").exists()

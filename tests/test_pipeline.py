@@ -98,22 +98,20 @@ def test_border_and_low_confidence_flags(pipe):
     stub = Pipeline(StubDetector(boxes, pipe.detector.record), pipe.classifier)
     r = analyze_smear(SAMPLES / "BloodImage_00015.jpg", pipeline=stub, config=PipelineConfig(review_probability=1.0))
     assert len(r.wbcs) == 2 and all(d.needs_review for d in r.wbcs)  # nothing is certain at probability 1.0
-    w, h = r.image_size
-    for d in r.wbcs:
-        x1, y1, x2, y2 = d.box
-        touches = min(x1, y1) <= 2 or x2 >= w - 2 or y2 >= h - 2
-        assert touches == ("touches image border" in d.review_reasons)
+    # the first box is inside the field, the second ends at the right edge (x2 = 640)
+    assert ["touches image border" in d.review_reasons for d in r.wbcs] == [False, True]
 
 
 @pytest.mark.parametrize(
     "bad, error",
     [("missing.jpg", ImageReadError), (np.zeros((10, 10, 5), np.uint8), InvalidImageError),
      (np.full((8, 8, 3), np.nan), InvalidImageError), (np.zeros((0, 4, 3), np.uint8), InvalidImageError),
-     (np.zeros((3, 40, 50), np.uint8), InvalidImageError), ("not an array", ImageReadError)],
+     (np.zeros((3, 40, 50), np.uint8), InvalidImageError), ("missing dir/x.png", ImageReadError),
+     (None, InvalidImageError), ([[1, 2, 3]], InvalidImageError)],
 )
 def test_bad_inputs(pipe, tmp_path, bad, error):
     if isinstance(bad, str):
-        bad = tmp_path / bad
+        bad = tmp_path / bad  # a path that does not exist
     with pytest.raises(error):
         analyze_smear(bad, pipeline=pipe)
 
@@ -197,3 +195,10 @@ def test_cli_bad_weights(tmp_path, capsys):
                      "--detector", "no-such-detector"])
     assert code == 2
     assert "unknown detector weights" in capsys.readouterr().err
+
+
+def test_analyze_fields_needs_a_list(pipe):
+    with pytest.raises(TypeError, match="list"):
+        analyze_fields(str(SAMPLES), pipeline=pipe, progress=False)
+    with pytest.raises(TypeError, match="list"):
+        analyze_fields(read_image(SAMPLES / "BloodImage_00007.jpg"), pipeline=pipe, progress=False)

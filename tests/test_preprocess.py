@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from smearpipe import SmearpipeError
 from smearpipe.datasets import read_voc
-from smearpipe.errors import InvalidImageError, StainEstimationError
+from smearpipe.errors import InvalidImageError, NotFittedError, StainEstimationError
 from smearpipe.io import read_image
 from smearpipe.preprocess import (
     MacenkoNormalizer,
@@ -198,7 +198,7 @@ def test_huge_field(bccd_field):
 
 
 def test_unfitted_normaliser_and_bad_options(bccd_field):
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         MacenkoNormalizer().transform(bccd_field)
     with pytest.raises(ValueError):
         MacenkoNormalizer.default().transform(bccd_field, on_failure="ignore")  # type: ignore[arg-type]
@@ -219,6 +219,7 @@ def test_random_images_raise_only_our_errors(image, name):
     try:
         out = FUNCS[name](image)
     except SmearpipeError:
+        assert name == "macenko"  # median and CLAHE accept every valid uint8 image
         return
     assert out.shape == image.shape and out.dtype == np.uint8
 
@@ -274,3 +275,16 @@ def test_preprocessing_from_dict_rejects_unknown_fields():
         Preprocessing.from_dict({"steps": [], "gamma": 2})
     with pytest.raises(ValueError, match="malformed Macenko reference"):
         MacenkoReference.from_dict({"stain_matrix": [[1, 2]]})
+
+
+def test_fit_rejects_bad_layouts_with_our_error():
+    with pytest.raises(InvalidImageError, match="channel-first"):
+        MacenkoNormalizer().fit(np.zeros((3, 40, 50), np.uint8))
+    with pytest.raises(InvalidImageError):
+        MacenkoNormalizer().fit(np.zeros((40, 50, 5), np.uint8))
+
+
+@pytest.mark.parametrize("bad", [3.0, True, "3"])
+def test_preprocessing_rejects_non_integer_ksize(bad):
+    with pytest.raises(ValueError):
+        Preprocessing(median_ksize=bad)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter"]
 
@@ -45,31 +46,34 @@ class AugmentConfig:
         return asdict(self)
 
 
+class RandomRot90(torch.nn.Module):
+    """Rotate by a random multiple of 90 degrees (cells have no orientation)."""
+
+    def forward(self, x: Any) -> Any:
+        return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+class RandomJPEG(torch.nn.Module):
+    """JPEG re-compression artefacts at a random quality (OpenCV codec)."""
+
+    def __init__(self, quality: tuple[int, int]) -> None:
+        super().__init__()
+        self.quality = quality
+
+    def forward(self, x: Any) -> Any:
+        import cv2
+
+        q = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+        arr = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+        ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, q])
+        if not ok:
+            return x
+        return torch.from_numpy(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(arr.shape)).permute(2, 0, 1).contiguous()
+
+
 def geometric_transform(size: int, cfg: AugmentConfig, fill: tuple[int, int, int] = (245, 215, 200)) -> Any:
     """Per-sample v2 pipeline on (3, H, W) uint8 tensors -> (3, size, size) uint8."""
-    import torch
     from torchvision.transforms import v2
-
-    class RandomRot90(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
-
-    class RandomJPEG(torch.nn.Module):
-        """JPEG re-compression artefacts at a random quality (OpenCV codec)."""
-
-        def __init__(self, quality: tuple[int, int]) -> None:
-            super().__init__()
-            self.quality = quality
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            import cv2
-
-            q = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
-            arr = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
-            ok, buf = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, q])
-            if not ok:
-                return x
-            return torch.from_numpy(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(arr.shape)).permute(2, 0, 1).contiguous()
 
     ops: list[Any] = [
         v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(0.85, 1.18), antialias=True),

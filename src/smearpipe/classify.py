@@ -72,7 +72,11 @@ def build_vgg16(
     base = (vgg16_bn if batch_norm else vgg16)(weights=None)
     if pretrained is not None:
         state = load_imagenet_features(batch_norm=batch_norm) if str(pretrained) == "imagenet" else _load_state(pretrained)
-        missing = base.load_state_dict(state, strict=False)
+        try:
+            missing = base.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise WeightsError(f"pretrained state dict does not fit VGG16{'-BN' if batch_norm else ''} "
+                               f"(batch_norm={batch_norm}): {str(exc)[:300]}") from None
         feats_missing = [k for k in missing.missing_keys if k.startswith("features.")]
         if feats_missing:
             raise WeightsError(f"pretrained state dict lacks VGG16{'-BN' if batch_norm else ''} feature layers: {feats_missing[:4]}...")
@@ -166,6 +170,8 @@ class Classifier:
     def __init__(self, model: Any, record: WeightsRecord, *, precision: str = "auto", batch_size: int = 32) -> None:
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.eval()
         self.record = record
         self.batch_size = int(batch_size)

@@ -22,9 +22,14 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
+    used: set[str] = set()
     for path in args.images:
         path = Path(path)
-        target = out_dir / f"{path.stem}_preprocessed.png"
+        stem, n = path.stem, 2
+        while stem in used:  # same file name from two folders: keep both
+            stem, n = f"{path.stem}_{n}", n + 1
+        used.add(stem)
+        target = out_dir / f"{stem}_preprocessed.png"
         try:
             result = prep(read_image(path))
             write_image(target, result, overwrite=args.overwrite)
@@ -79,9 +84,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     stems: set[str] = set()
     for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
         if not isinstance(out, Exception):
-            stem = Path(source).stem
-            if stem in stems:  # two inputs with the same name: keep both
-                stem = f"{stem}_{len(stems)}"
+            base = stem = Path(source).stem
+            n = 2
+            while stem in stems:  # two inputs with the same name: keep both
+                stem, n = f"{base}_{n}", n + 1
             stems.add(stem)
             try:
                 write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
@@ -128,7 +134,7 @@ def _cmd_train_detector(args: argparse.Namespace) -> int:
 def _cmd_evaluate_detector(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_detector
 
-    m = evaluate_detector(args.weights, args.data, split=args.split, out_dir=args.out, overwrite=args.overwrite)
+    m = evaluate_detector(args.data, detector=args.weights, split=args.split, out_dir=args.out, overwrite=args.overwrite)
     print(json.dumps({k: m[k] for k in ("detector", "split", "images", "map50", "map50_95", "per_class", "counting")}, indent=2))
     return 0
 
@@ -159,7 +165,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_classifier
 
-    m = evaluate_classifier(args.weights, [_crop_source(s) for s in args.crops], out_dir=args.out, overwrite=args.overwrite)
+    m = evaluate_classifier([_crop_source(s) for s in args.crops], classifier=args.weights, out_dir=args.out, overwrite=args.overwrite)
     print(json.dumps({k: m[k] for k in ("classifier", "n", "accuracy", "macro_f1", "per_class")}, indent=2))
     return 0
 
@@ -248,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (SmearpipeError, FileExistsError, ValueError) as exc:
+    except (SmearpipeError, FileExistsError, ValueError, TypeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,12 @@ from .errors import DatasetError
 
 __all__ = [
     "DETECTION_CLASSES",
+    "WBC_CLASSES",
+    "normalize_wbc_class",
+    "square_crop",
+    "read_bccd_subtype_labels",
+    "CropReport",
+    "extract_wbc_crops",
     "normalize_detection_class",
     "VocBox",
     "read_voc",
@@ -146,6 +152,7 @@ def voc_to_yolo(
     on_unknown: str = "error",
     overwrite: bool = False,
     link_images: bool = True,
+    allow_overlap: bool = False,
 ) -> ConversionReport:
     """Convert a Pascal VOC dataset (BCCD layout) to the ultralytics YOLO layout.
 
@@ -174,6 +181,9 @@ def voc_to_yolo(
         Allow writing into an existing, non-empty ``out_dir`` (its ``images``/``labels`` are replaced).
     link_images : bool
         Symlink images instead of copying them (falls back to copying where links fail).
+    allow_overlap : bool
+        Allow an image in several of ``splits`` (e.g. ``trainval`` next to ``val``); by default
+        overlapping or duplicated split lists raise :class:`DatasetError` (they leak data).
 
     Returns
     -------
@@ -195,10 +205,26 @@ def voc_to_yolo(
 
     def canonical(label: str) -> str | None:
         key = " ".join(label.strip().lower().split())
-        name = extra.get(key) or normalize_detection_class(label) or (label if label in class_ids else None)
-        return name if name in class_ids else None
+        for name in (extra.get(key), label if label in class_ids else None, normalize_detection_class(label)):
+            if name in class_ids:
+                return name
+        return None
 
     split_ids = {split: _read_split_file(set_dir / f"{split}.txt") for split in splits}
+    for split, ids in split_ids.items():
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise DatasetError(f"split list {split}.txt names images more than once: {dupes[:5]}")
+    if not allow_overlap:
+        names = list(split_ids)
+        for a_i, a in enumerate(names):
+            for b in names[a_i + 1:]:
+                common = sorted(set(split_ids[a]) & set(split_ids[b]))
+                if common:
+                    raise DatasetError(
+                        f"splits {a!r} and {b!r} share {len(common)} image(s), e.g. {common[:3]}: that leaks data "
+                        "(pass allow_overlap=True for e.g. trainval next to val)"
+                    )
     # First pass: parse everything and check labels before writing anything.
     parsed: dict[str, tuple[tuple[int, int], list[VocBox]]] = {}
     unknown: dict[str, int] = {}
@@ -299,6 +325,8 @@ def read_yolo_labels(
             cls, cx, cy, w, h = (float(p) for p in parts)
         except ValueError:
             raise DatasetError(f"{path}:{lineno}: non-numeric value in {line.strip()!r}") from None
+        if not all(np.isfinite(v) for v in (cls, cx, cy, w, h)):
+            raise DatasetError(f"{path}:{lineno}: non-finite value in {line.strip()!r}")
         if cls != int(cls) or cls < 0 or (num_classes is not None and cls >= num_classes):
             raise DatasetError(f"{path}:{lineno}: invalid class id {parts[0]!r}")
         if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
@@ -405,7 +433,11 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
                 if name is None:
                     raise DatasetError(f"{path}: unknown WBC type {part.strip()!r} for image {row['Image']}")
                 labels.append(name)
-            out[f"BloodImage_{int(row['Image']):05d}"] = labels
+            try:
+                index = int(row["Image"])
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}: Image column must be an integer, got {row['Image']!r}") from None
+            out[f"BloodImage_{index:05d}"] = labels
     return out
 
 
@@ -449,8 +481,10 @@ def extract_wbc_crops(
     from .io import read_image, write_image
 
     voc_root, out_dir = Path(voc_root), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True)")
+        shutil.rmtree(out_dir)  # no stale crops of an earlier extraction mixed in
     labels = read_bccd_subtype_labels(labels_csv)
     if split is None:
         stems = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
@@ -470,7 +504,10 @@ def extract_wbc_crops(
         if not (len(field_labels) == len(wbcs) and len(set(field_labels)) == 1) and not (len(wbcs) == 1 and len(field_labels) == 1):
             report.skipped[stem] = f"{len(wbcs)} WBC boxes vs labels {field_labels}: ambiguous"
             continue
-        image = read_image(voc_root / "JPEGImages" / f"{stem}.jpg")
+        matches = sorted((voc_root / "JPEGImages").glob(f"{stem}.*"))
+        if not matches:
+            raise DatasetError(f"image for annotation {stem} not found in {voc_root / 'JPEGImages'}")
+        image = read_image(matches[0])
         for i, box in enumerate(wbcs):
             cls = field_labels[0]
             crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)

@@ -25,12 +25,29 @@ __all__ = ["Detection", "Detector", "import_ultralytics"]
 
 
 def import_ultralytics() -> Any:
-    """Import ultralytics with its network checks disabled (``YOLO_OFFLINE``)."""
+    """Import ultralytics with its network checks disabled and the global settings it changes restored.
+
+    ultralytics' import sets numpy/torch print options and ``cv2.setNumThreads(0)``; they are put back
+    as they were, so loading a detector does not change the rest of the user's program.
+    ``YOLO_OFFLINE=1`` is set for the process unless the caller set it (no connectivity checks).
+    """
+    import sys
+
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    if "ultralytics" in sys.modules:
+        return sys.modules["ultralytics"]
+    import torch
+
+    np_opts, cv_threads = np.get_printoptions(), cv2.getNumThreads()
+    torch_opts = torch._tensor_str.PRINT_OPTS.__dict__.copy()
     try:
         import ultralytics
     except ImportError as exc:  # pragma: no cover - dependency of the package
         raise ImportError("the detector needs ultralytics: pip install ultralytics") from exc
+    finally:
+        np.set_printoptions(**np_opts)
+        cv2.setNumThreads(cv_threads)
+        torch._tensor_str.PRINT_OPTS.__dict__.update(torch_opts)
     return ultralytics
 
 
@@ -97,7 +114,7 @@ class Detector:
         return self.record.preprocessing
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike | None = None) -> Detector:
+    def load(cls, name_or_path: str | os.PathLike | None = None, *, preprocessing: Preprocessing | None = None) -> Detector:
         """Load the shipped default (None), a registered name, or a user ``.pt`` file.
 
         Parameters
@@ -106,8 +123,10 @@ class Detector:
             None for :data:`~smearpipe.weights.DEFAULT_DETECTOR`; a registered name (see
             :func:`smearpipe.weights.available`); or a path to ultralytics ``.pt`` weights. A ``.pt``
             with a record ``<stem>.json`` beside it (as written by :func:`train_detector`) is checked
-            against it; without one, classes and input size are read from the checkpoint and no
-            preprocessing is assumed.
+            against it. A file without a record needs ``preprocessing=`` (what its training images
+            went through; ``Preprocessing()`` for none): nothing is assumed silently.
+        preprocessing : Preprocessing, optional
+            Only for weight files without a record.
 
         Raises
         ------
@@ -115,6 +134,15 @@ class Detector:
             Unknown name, missing or corrupt file, sha256 mismatch, unexpected classes.
         """
         found = resolve(DEFAULT_DETECTOR if name_or_path is None else name_or_path, kind="detector")
+        if isinstance(found, WeightsRecord) and preprocessing is not None:
+            raise ValueError("preprocessing= is only for weight files without a record; this one has a record")
+        if not isinstance(found, WeightsRecord) and preprocessing is None:
+            run_record = found.parent.parent / "detector.json"
+            hint = f" (this looks like a train_detector run: load {run_record.with_suffix('.pt')} instead)" if run_record.is_file() else ""
+            raise WeightsError(
+                f"{found} has no record ({found.with_suffix('.json').name}), so its preprocessing is unknown{hint}; "
+                "pass preprocessing=Preprocessing(...) (Preprocessing() if its training images were not preprocessed)"
+            )
         ultralytics = import_ultralytics()
         path = found.path if isinstance(found, WeightsRecord) else found
         try:
@@ -133,7 +161,8 @@ class Detector:
             record = WeightsRecord(
                 name=path.stem, kind="detector", file=path.name, sha256=sha256_file(path),
                 classes=tuple(names[i] for i in sorted(names)), input_size=int(imgsz),
-                preprocessing=Preprocessing(), metadata={"note": "user file without a record"}, folder=str(path.parent),
+                preprocessing=preprocessing or Preprocessing(), metadata={"note": "user file without a record"},
+                folder=str(path.parent),
             )
             conf, iou = 0.25, 0.7
         return cls(model, record, conf=conf, iou=iou)
@@ -161,6 +190,8 @@ class Detector:
         self, images: Sequence[ImageLike], *, conf: float | None = None, iou: float | None = None
     ) -> list[list[Detection]]:
         """:meth:`predict` for several fields at once."""
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("predict_batch takes a list of images; use predict() for one image")
         conf = self.conf if conf is None else float(conf)
         iou = self.iou if iou is None else float(iou)
         if not (0.0 <= conf <= 1.0) or not (0.0 < iou <= 1.0):

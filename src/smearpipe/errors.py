@@ -11,6 +11,7 @@ __all__ = [
     "ImageReadError",
     "InvalidImageError",
     "StainEstimationError",
+    "NotFittedError",
     "DatasetError",
     "WeightsError",
 ]
@@ -30,6 +31,10 @@ class InvalidImageError(SmearpipeError, ValueError):
 
 class StainEstimationError(SmearpipeError, ValueError):
     """Too few stained pixels to estimate stain vectors (e.g. a blank field)."""
+
+
+class NotFittedError(SmearpipeError, RuntimeError):
+    """A fitted object (e.g. a Macenko normaliser) was used before ``fit``."""
 
 
 class DatasetError(SmearpipeError, ValueError):

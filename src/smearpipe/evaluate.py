@@ -46,9 +46,9 @@ def _counting(detector: Detector, image_files: list[Path], label_dir: Path, name
 
 
 def evaluate_detector(
-    detector: Detector | str | os.PathLike | None = None,
-    data: str | os.PathLike = "",
+    data: str | os.PathLike,
     *,
+    detector: Detector | str | os.PathLike | None = None,
     split: str = "test",
     out_dir: str | os.PathLike = "runs/eval_detector",
     conf: float | None = None,
@@ -63,10 +63,10 @@ def evaluate_detector(
 
     Parameters
     ----------
-    detector : Detector, name or path, optional
-        None for the shipped default.
     data : path
         ultralytics data YAML containing ``split``.
+    detector : Detector, name or path, optional
+        None for the shipped default.
     split : str
         Split to evaluate on (``"test"`` for reported numbers).
     out_dir : path
@@ -79,6 +79,12 @@ def evaluate_detector(
     """
     det = detector if isinstance(detector, Detector) else Detector.load(detector)
     cfg = load_data_yaml(data, splits=(split,))
+    data_classes = [normalize_detection_class(n) or n for n in cfg["names"]]
+    if data_classes != list(det.record.classes):
+        raise DatasetError(
+            f"class order of {data} {data_classes} differs from the detector's {list(det.record.classes)}: "
+            "ultralytics compares class ids, so the metrics would be wrong; reorder the dataset's names"
+        )
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir / 'metrics.json'} exists; pass overwrite=True or another out_dir")
@@ -128,9 +134,9 @@ def evaluate_detector(
 
 
 def evaluate_classifier(
-    classifier: Any = None,
-    sources: Any = (),
+    sources: Any,
     *,
+    classifier: Any = None,
     out_dir: str | os.PathLike = "runs/eval_classifier",
     overwrite: bool = False,
     batch_size: int = 64,
@@ -139,10 +145,10 @@ def evaluate_classifier(
 
     Parameters
     ----------
-    classifier : Classifier, name or path, optional
-        None for the shipped default.
     sources : CropSource, path, or list of them
         Labelled crops (e.g. ``CropSource(pbc_root, split="test", splits_csv=..., center_fraction=0.7)``).
+    classifier : Classifier, name or path, optional
+        None for the shipped default.
     out_dir : path
         Receives ``metrics.json``, ``predictions.csv`` and PNG figures; an existing ``metrics.json``
         is not overwritten unless ``overwrite=True``.
@@ -158,7 +164,7 @@ def evaluate_classifier(
     from .classify import Classifier
     from .io import read_image
     from .report import plot_confidence, plot_confusion_matrix, plot_roc_curves, plot_training_curves
-    from .train import CropSource, _as_source
+    from .train import CropSource, _as_source, center_crop
 
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
     srcs = [_as_source(s) for s in ([sources] if isinstance(sources, (str, os.PathLike, CropSource)) else list(sources))]
@@ -174,12 +180,7 @@ def evaluate_classifier(
     for i in range(0, len(items), batch_size):
         crops = []
         for path, _, src in items[i: i + batch_size]:
-            img = read_image(path)
-            if src.center_fraction < 1.0:
-                h, w = img.shape[:2]
-                ch, cw = int(round(h * src.center_fraction)), int(round(w * src.center_fraction))
-                img = img[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
-            crops.append(img)
+            crops.append(center_crop(read_image(path), src.center_fraction))
         probas.append(clf.predict_proba(crops))
     proba = np.concatenate(probas)
     y = np.array([y for _, y, _ in items])

@@ -122,7 +122,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageReadError(f"not a file: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"cannot read image file {path}: {exc}") from exc
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if decoded is None:
         raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
@@ -158,7 +161,12 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     rgb = to_rgb_uint8(image)
     if path.exists() and not overwrite:
         raise FileExistsError(f"refusing to overwrite existing file {path} (pass overwrite=True)")
-    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}:
+        raise ValueError(f"unsupported image file extension {path.suffix!r} for {path} (use .png, .jpg, .tif, .bmp or .webp)")
+    try:
+        ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error:
+        ok = False
     if not ok:
         raise ImageReadError(f"cannot encode image for file {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

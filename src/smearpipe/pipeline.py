@@ -345,6 +345,9 @@ def iter_fields(
     """
     from tqdm.auto import tqdm
 
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        raise TypeError("analyze_fields/iter_fields take a list of images or paths; for a folder use "
+                        "sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear")
     p = pipeline or _default_pipeline()
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     for i, image in enumerate(tqdm(images, total=total, disable=not progress, desc="fields", unit="field")):
@@ -364,6 +367,9 @@ def analyze_fields(
     Images are read one at a time (pass paths for constant memory over thousands of fields); a field
     that cannot be read is listed in ``errors`` and the rest are processed.
     """
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        raise TypeError("analyze_fields takes a list of images or paths; for a folder use "
+                        "sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear")
     p = pipeline or _default_pipeline()
     results, errors = [], []
     for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from .errors import StainEstimationError
+from .errors import NotFittedError, StainEstimationError
 from .io import to_rgb_uint8
 
 __all__ = [
@@ -84,9 +84,6 @@ def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
     return cv2.medianBlur(image, int(ksize))
 
 
-_CLAHE_CACHE: dict[tuple[float, tuple[int, int]], Any] = {}
-
-
 def clahe(
     image: np.ndarray, *, clip_limit: float = 2.0, tile_grid: tuple[int, int] = (8, 8)
 ) -> np.ndarray:
@@ -132,10 +129,7 @@ def clahe(
     if len(grid) != 2 or min(grid) < 1:
         raise ValueError(f"tile_grid must be two integers >= 1, got {tile_grid!r}")
     image = _check_image(image)
-    key = (clip, grid)
-    op = _CLAHE_CACHE.get(key)
-    if op is None:  # a cache of immutable-by-use OpenCV objects; no behaviour depends on it
-        op = _CLAHE_CACHE.setdefault(key, cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid[1], grid[0])))
+    op = cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid[1], grid[0]))  # per call: cv2.CLAHE is stateful
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
     lab[:, :, 0] = op.apply(lab[:, :, 0])
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
@@ -370,10 +364,8 @@ class MacenkoNormalizer:
         StainEstimationError
             If the images have too few stained pixels or no bright background.
         """
-        if isinstance(image_or_list, np.ndarray) and image_or_list.ndim in (2, 3) and not (
-            image_or_list.ndim == 3 and image_or_list.shape[2] not in (1, 3, 4)
-        ):
-            images = [_check_image(image_or_list)]
+        if isinstance(image_or_list, np.ndarray) and image_or_list.ndim <= 3:
+            images = [_check_image(image_or_list)]  # one image (invalid layouts raise InvalidImageError)
         else:
             images = [_check_image(im) for im in image_or_list]
         if not images:
@@ -408,7 +400,7 @@ class MacenkoNormalizer:
     def reference(self) -> MacenkoReference:
         """The fitted target parameters."""
         if self._reference is None:
-            raise RuntimeError("MacenkoNormalizer is not fitted; call fit() or use MacenkoNormalizer.default()")
+            raise NotFittedError("MacenkoNormalizer is not fitted; call fit() or use MacenkoNormalizer.default()")
         return self._reference
 
     # -- transforming -------------------------------------------------------------------
@@ -508,15 +500,18 @@ class Preprocessing:
     def __post_init__(self) -> None:
         steps = tuple(self.steps) if not isinstance(self.steps, str) else (self.steps,)
         object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "clahe_tile_grid", tuple(int(t) for t in self.clahe_tile_grid))
+        try:
+            object.__setattr__(self, "clahe_tile_grid", tuple(int(t) for t in self.clahe_tile_grid))
+        except (TypeError, ValueError):
+            raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}") from None
         unknown = [s for s in steps if s not in STEPS]
         if unknown:
             raise ValueError(f"unknown preprocessing step(s) {unknown}; known steps are {list(STEPS)}")
         if len(set(steps)) != len(steps):
             raise ValueError(f"each preprocessing step may appear once, got {list(steps)}")
-        if self.median_ksize < 1 or self.median_ksize % 2 == 0:
+        if isinstance(self.median_ksize, bool) or not isinstance(self.median_ksize, (int, np.integer)) or self.median_ksize < 1 or self.median_ksize % 2 == 0:
             raise ValueError(f"median_ksize must be an odd integer >= 1, got {self.median_ksize!r}")
-        if not self.clahe_clip_limit > 0:
+        if isinstance(self.clahe_clip_limit, bool) or not isinstance(self.clahe_clip_limit, (int, float)) or not self.clahe_clip_limit > 0:
             raise ValueError(f"clahe_clip_limit must be > 0, got {self.clahe_clip_limit!r}")
         if len(self.clahe_tile_grid) != 2 or min(self.clahe_tile_grid) < 1:
             raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}")

@@ -136,6 +136,9 @@ def _preprocessed_copy(cfg: Mapping[str, Any], prep: Preprocessing, dest: Path, 
             if lf.exists():
                 shutil.copyfile(lf, dest / "labels" / split / lf.name)
         out[split] = f"images/{split}"
+    # ultralytics' dataset check wants train and val keys even when only one split is evaluated
+    out.setdefault("train", f"images/{splits[0]}")
+    out.setdefault("val", f"images/{splits[0]}")
     yaml_path = dest / "data.yaml"
     yaml_path.write_text(yaml.safe_dump(out))
     return yaml_path
@@ -204,6 +207,11 @@ def train_detector(
     """
     from .detect import import_ultralytics
 
+    reserved = {"data", "epochs", "imgsz", "batch", "device", "workers", "seed", "project", "name", "exist_ok", "resume",
+                "pretrained", "model"}
+    clash = sorted(reserved & set(train_args or {}))
+    if clash:
+        raise ValueError(f"train_args may not set {clash}: use train_detector's own parameters")
     if select not in ("best", "last"):
         raise ValueError(f"select must be 'best' or 'last', got {select!r}")
     if epochs < 1 or imgsz < 32 or batch < 1:
@@ -222,9 +230,18 @@ def train_detector(
         last = run_dir / "weights" / "last.pt"
         if not last.is_file():
             raise DatasetError(f"cannot resume: {last} not found")
+        # the record must describe the run as it was started, whatever this call passes
+        saved = json.loads((run_dir / "run_config.json").read_text())
+        model, epochs, imgsz, batch, seed = saved["model"], saved["epochs"], saved["imgsz"], saved["batch"], saved["seed"]
+        select, train_args = saved["select"], saved["train_args"]
+        prep = Preprocessing.from_dict(saved["preprocessing"])
     else:
         run_dir = unique_run_dir(out_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "run_config.json").write_text(json.dumps({
+            "data": str(Path(data).resolve()), "model": str(model), "epochs": epochs, "imgsz": imgsz, "batch": batch,
+            "seed": seed, "select": select, "train_args": dict(train_args or {}), "preprocessing": prep.to_dict()}, indent=2))
     data_yaml = Path(data)
     if prep.steps and not resume:
         data_yaml = _preprocessed_copy(cfg, prep, run_dir / "data", ("train", "val"))
@@ -252,14 +269,20 @@ def train_detector(
         raise WeightsError(f"training finished without {chosen}")
     weights = run_dir / "detector.pt"
     shutil.copyfile(chosen, weights)
-    metrics = {}
+    metrics: dict[str, Any] = {}
     results_csv = run_dir / "results.csv"
     if results_csv.is_file():
         import csv
 
         rows = list(csv.DictReader(results_csv.open()))
         if rows:
-            metrics = {"final_epoch_val": {k.strip(): float(v) for k, v in rows[-1].items() if k.strip()}}
+            last_epoch = {}
+            for k, v in rows[-1].items():
+                try:
+                    last_epoch[k.strip()] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            metrics = {"last_epoch_val": last_epoch, "note": f"validation metrics of the last epoch; shipped checkpoint: {select}.pt"}
     record = WeightsRecord(
         name=record_name or run_dir.name,
         kind="detector",
@@ -354,6 +377,35 @@ class CropSource:
         return out
 
 
+def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
+    """Central ``fraction`` of an image (both sides), at least one pixel."""
+    if fraction >= 1.0:
+        return image
+    if fraction <= 0:
+        raise ValueError(f"center fraction must be > 0, got {fraction}")
+    h, w = image.shape[:2]
+    ch, cw = max(1, int(round(h * fraction))), max(1, int(round(w * fraction)))
+    return image[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+
+
+class _CachedCrops:
+    """Map-style dataset over cached uint8 crops (module level so that worker processes can pickle it)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).contiguous()
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
 def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
     return s if isinstance(s, CropSource) else CropSource(root=str(s))
 
@@ -371,12 +423,7 @@ def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, 
             img = read_image(path)
         except ImageReadError as exc:
             raise DatasetError(f"cannot read crop: {exc}") from None
-        frac = sources[si].center_fraction
-        if frac < 1.0:
-            h, w = img.shape[:2]
-            ch, cw = max(1, int(round(h * frac))), max(1, int(round(w * frac)))
-            img = img[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
-        img = prep(img)
+        img = prep(center_crop(img, sources[si].center_fraction))
         images[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR)
     labels = np.array([y for _, y, _ in items], np.int64)
     src_ids = np.array([si for _, _, si in items], np.int64)
@@ -467,11 +514,9 @@ def train_classifier(
     -------
     ClassifierTrainResult
     """
-    import random
-
     import torch
     from sklearn.metrics import f1_score
-    from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+    from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm.auto import tqdm
 
     from .augment import AugmentConfig, color_augment_batch, geometric_transform
@@ -489,22 +534,34 @@ def train_classifier(
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("macenko",), macenko_on_failure="passthrough")).resolved()
     aug = None if augment is False else (augment or AugmentConfig())
     use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    config = {"classes": list(classes), "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "weight_decay": weight_decay, "label_smoothing": label_smoothing, "preprocessing": prep.to_dict(),
+              "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
+              "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
+              "crop_scale": crop_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
+              "val": [s.to_dict() for s in val_sources]}
 
     out_dir = Path(out_dir)
     run_dir = out_dir / name if resume else unique_run_dir(out_dir, name)
-    if resume and not (run_dir / "checkpoint.pt").is_file():
-        raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
+        saved = json.loads((run_dir / "run_config.json").read_text())
+        differs = sorted(k for k in config if k != "epochs" and saved.get(k) != json.loads(json.dumps(config[k])))
+        if differs:
+            raise ValueError(f"resume with other settings than the run was started with: {differs}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
 
     cache_size = int(round(input_size * 1.15)) if aug else input_size
     # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
     import hashlib
 
+    # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for s in train_sources + val_sources for p, y in s.samples(classes)]
     key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
-                      cache_size, input_size, prep.to_dict()], sort_keys=True)
+                      cache_size, input_size, prep.to_dict(), files], sort_keys=True)
     cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
@@ -513,8 +570,14 @@ def train_classifier(
     else:
         tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, prep, "caching train crops")
         va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops")
-        np.savez(cache, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
+        os.replace(tmp, cache)  # atomic: a concurrent run never reads a half-written cache
 
+    caller_rng = torch.get_rng_state()  # restored at the end: training does not reseed the caller's RNG
+    torch.manual_seed(seed)
+    if len(tr_y) < batch_size:
+        raise DatasetError(f"only {len(tr_y)} training crops for batch_size {batch_size}: lower batch_size or add data")
     counts = np.bincount(tr_y, minlength=len(classes)).astype(np.float64)
     if (counts == 0).any():
         missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
@@ -523,25 +586,16 @@ def train_classifier(
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     geo = geometric_transform(input_size, aug) if aug else None
 
-    class _Train(Dataset):
-        def __len__(self) -> int:
-            return len(tr_y)
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            x = torch.from_numpy(tr_x[i]).permute(2, 0, 1).contiguous()
-            if geo is not None:
-                x = geo(x)
-            return x, int(tr_y[i])
-
+    train_set = _CachedCrops(tr_x, tr_y, geo)
     if rebalance == "sampler":
         src_w = np.array([s.weight for s in train_sources])[tr_s]
         w = src_w / counts[tr_y]
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(tr_y), replacement=True,
                                         generator=torch.Generator().manual_seed(seed))
-        loader = DataLoader(_Train(), batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+        loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
                             persistent_workers=num_workers > 0)
     else:
-        loader = DataLoader(_Train(), batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
                             generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
     class_weight = torch.as_tensor(counts.sum() / (len(classes) * counts), dtype=torch.float32) if rebalance == "loss" else None
     criterion = torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
@@ -618,6 +672,7 @@ def train_classifier(
             stopped = f"time limit {max_minutes} min reached"
             break
 
+    torch.set_rng_state(caller_rng)
     model.load_state_dict(torch.load(run_dir / "best_state.pt", map_location="cpu", weights_only=True))
     model = model.to(memory_format=torch.contiguous_format)
     rec = save_classifier(
