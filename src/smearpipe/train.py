@@ -20,7 +20,17 @@ from .io import read_image, write_image
 from .preprocess import Preprocessing
 from .weights import WeightsRecord, sha256_file
 
-__all__ = ["DetectorTrainResult", "train_detector", "load_data_yaml", "unique_run_dir"]
+__all__ = [
+    "DetectorTrainResult",
+    "train_detector",
+    "load_data_yaml",
+    "unique_run_dir",
+    "CropSource",
+    "ClassifierTrainConfig",
+    "ClassifierTrainResult",
+    "train_classifier",
+    "center_crop",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -446,33 +456,44 @@ class ClassifierTrainResult:
                 "best_epoch": self.best_epoch, "best_val_macro_f1": self.best_val_macro_f1, "history": list(self.history)}
 
 
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """Settings of :func:`train_classifier` (each is also accepted as a keyword override there).
+
+    See :func:`train_classifier` for the meaning of each field.
+    """
+
+    classes: tuple[str, ...] | None = None
+    input_size: int = 112
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    preprocessing: Preprocessing | None = None
+    augment: Any = None
+    rebalance: str = "sampler"
+    patience: int = 5
+    pretrained: str | os.PathLike | None = None
+    freeze_features: bool = False
+    batch_norm: bool = True
+    crop_scale: float = 2.0
+    max_minutes: float | None = None
+    bf16: bool | None = None
+    num_workers: int = 1
+    seed: int = 0
+
+
 def train_classifier(
     train: list[CropSource | str | os.PathLike],
     val: list[CropSource | str | os.PathLike],
     *,
-    classes: tuple[str, ...] | None = None,
-    input_size: int = 112,
-    epochs: int = 15,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    label_smoothing: float = 0.1,
-    preprocessing: Preprocessing | None = None,
-    augment: Any = None,
-    rebalance: str = "sampler",
-    patience: int = 5,
-    pretrained: str | os.PathLike | None = None,
-    freeze_features: bool = False,
-    batch_norm: bool = True,
-    crop_scale: float = 2.0,
+    config: ClassifierTrainConfig | None = None,
     out_dir: str | os.PathLike = "runs/classifier",
     name: str = "train",
     record_name: str | None = None,
     resume: bool = False,
-    max_minutes: float | None = None,
-    bf16: bool | None = None,
-    num_workers: int = 1,
-    seed: int = 0,
+    **options: Any,
 ) -> ClassifierTrainResult:
     """Train the VGG16 WBC-crop classifier.
 
@@ -480,6 +501,11 @@ def train_classifier(
     ----------
     train, val : list of CropSource or ImageFolder paths
         Training and validation crops (never a test split).
+    config : ClassifierTrainConfig, optional
+        All training settings in one frozen record; keyword ``options`` override its fields
+        (``train_classifier(tr, va, epochs=3)`` is ``config=ClassifierTrainConfig(epochs=3)``).
+    **options
+        Any field of :class:`ClassifierTrainConfig`, described here:
     classes : tuple of str, optional
         Class names in output order (default :data:`~smearpipe.datasets.WBC_CLASSES`).
     input_size : int
@@ -514,6 +540,16 @@ def train_classifier(
     -------
     ClassifierTrainResult
     """
+    import dataclasses
+
+    try:
+        cfg = dataclasses.replace(config or ClassifierTrainConfig(), **options)
+    except TypeError:
+        known = [f.name for f in dataclasses.fields(ClassifierTrainConfig)]
+        raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
+    (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
+     pretrained, freeze_features, batch_norm, crop_scale, max_minutes, bf16, num_workers, seed) = (
+        getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
     from sklearn.metrics import f1_score
     from torch.utils.data import DataLoader, WeightedRandomSampler
