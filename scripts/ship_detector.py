@@ -52,6 +52,14 @@ def main() -> None:
     target.parent.mkdir(exist_ok=True)
     shutil.copyfile(run / "weights" / f"{args.checkpoint}.pt", target)
     train_args = yaml.safe_load((run / "args.yaml").read_text())
+    # red-cell ruler at the training scale: median field estimate over the training fields
+    import numpy as np
+
+    from smearpipe.io import read_image
+    from smearpipe.scale import estimate_rbc_diameter
+
+    trainval = (BCCD / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    rbc = float(np.median([estimate_rbc_diameter(read_image(BCCD / "JPEGImages" / f"{s}.jpg")) for s in trainval]))
     rows = list(csv.DictReader((run / "results.csv").open()))
     last_row = {k.strip(): float(v) for k, v in rows[-1].items() if k.strip()}
 
@@ -62,6 +70,8 @@ def main() -> None:
             "architecture": str(train_args["model"]),
             "default_conf": args.conf,
             "default_iou": args.iou,
+            "rbc_diameter_px": round(rbc, 1),
+            "rbc_diameter_note": "median of smearpipe.scale.estimate_rbc_diameter over the 292 training fields at their native scale",
             "training": {
                 "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
                 "train_split": "ImageSets/Main/trainval.txt (292 fields)",

@@ -54,6 +54,13 @@ class PipelineConfig:
         A box within this many pixels of the image edge is flagged (the cell may be cut).
     crop_scale : float, optional
         Crop side relative to the WBC box (None: the classifier record's ``crop_scale``).
+    rescale : bool
+        Resize each field so that its red cells match the detector's training scale before detection
+        (red cells as a ruler, :mod:`smearpipe.scale`); boxes are still reported in the original image's
+        pixels. Needs ``rbc_diameter_px`` in the detector record.
+    rbc_diameter_px, pixel_size_um : float, optional
+        The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
+        implies ``rescale``; otherwise the diameter is estimated from the field.
     """
 
     det_conf: float | None = None
@@ -61,8 +68,17 @@ class PipelineConfig:
     review_probability: float = 0.7
     border_margin: float = 2.0
     crop_scale: float | None = None
+    rescale: bool = False
+    rbc_diameter_px: float | None = None
+    pixel_size_um: float | None = None
 
     def __post_init__(self) -> None:
+        if self.rbc_diameter_px is not None and self.pixel_size_um is not None:
+            raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
+        for name in ("rbc_diameter_px", "pixel_size_um"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
         if not 0.0 <= self.review_probability <= 1.0:
             raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
         if self.border_margin < 0:
@@ -154,6 +170,7 @@ class SmearResult:
     models: dict[str, dict[str, str]]
     timings_ms: dict[str, float]
     source: str | None = None
+    scale_factor: float = 1.0  # the field was resized by this factor for detection (1.0: not resized)
 
     @property
     def differential_percent(self) -> dict[str, float]:
@@ -173,7 +190,7 @@ class SmearResult:
             "source": self.source, "image_size": list(self.image_size), "counts": dict(self.counts),
             "differential": dict(self.differential), "differential_percent": self.differential_percent,
             "detections": [d.to_dict() for d in self.detections], "models": self.models,
-            "timings_ms": dict(self.timings_ms),
+            "timings_ms": dict(self.timings_ms), "scale_factor": self.scale_factor,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -183,7 +200,8 @@ class SmearResult:
     def from_dict(cls, d: dict[str, Any]) -> SmearResult:
         return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
                    differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
-                   models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"))
+                   models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
+                   scale_factor=float(d.get("scale_factor", 1.0)))
 
     @classmethod
     def from_json(cls, text: str) -> SmearResult:
@@ -221,10 +239,28 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t0 = time.perf_counter()
     rgb = load_image(image)
     source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
-    t1 = time.perf_counter()
-    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou)
-    t2 = time.perf_counter()
     h, w = rgb.shape[:2]
+    factor = 1.0
+    if cfg.rescale or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None:
+        from .scale import rescale_factor
+
+        target = p.detector.record.metadata.get("rbc_diameter_px")
+        if target is None:
+            raise ValueError(f"detector {p.detector.record.name!r} records no rbc_diameter_px: rescaling is not possible")
+        factor = rescale_factor(rgb, target_rbc_diameter=float(target), rbc_diameter_px=cfg.rbc_diameter_px,
+                                pixel_size_um=cfg.pixel_size_um)
+    t1 = time.perf_counter()
+    if factor != 1.0:
+        import cv2
+
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        sx, sy = w / size[0], h / size[1]
+        dets = [type(d)((min(d.box[0] * sx, w), min(d.box[1] * sy, h), min(d.box[2] * sx, w), min(d.box[3] * sy, h)), d.label, d.score)
+                for d in p.detector.predict(resized, conf=cfg.det_conf, iou=cfg.det_iou)]
+    else:
+        dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou)
+    t2 = time.perf_counter()
     wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
     scale = cfg.crop_scale or p.classifier.crop_scale
     crops = [square_crop(rgb, dets[i].box, scale=scale) for i in wbc_idx]
@@ -259,7 +295,7 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t5 = time.perf_counter()
     timings = {"read": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3, "crop": (t3 - t2) * 1e3,
                "classify": (t4 - t3) * 1e3, "assemble": (t5 - t4) * 1e3, "total": (t5 - t0) * 1e3}
-    return SmearResult(tuple(cells), counts, differential, (w, h), p.models, timings, source)
+    return SmearResult(tuple(cells), counts, differential, (w, h), p.models, timings, source, factor)
 
 
 # ----------------------------------------------------------------------------- slides
