@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", choices=("last", "best"), default="last")
     ap.add_argument("--conf", type=float, default=0.25, help="default score threshold stored in the record")
     ap.add_argument("--iou", type=float, default=0.7, help="default NMS IoU stored in the record")
+    ap.add_argument("--class-conf", default=None,
+                    help='per-class counting thresholds as JSON, e.g. \'{"WBC": 0.4, "RBC": 0.5, "Platelets": 0.3}\' '
+                         "(choose them on training/validation data, never on test)")
     args = ap.parse_args()
     run = Path(args.run_dir)
     yolo_dir = REPO / "runs" / "bccd_yolo"
@@ -70,6 +73,9 @@ def main() -> None:
             "architecture": str(train_args["model"]),
             "default_conf": args.conf,
             "default_iou": args.iou,
+            **({"class_conf": json.loads(args.class_conf),
+                "class_conf_note": "per-class counting thresholds chosen on BCCD val (part of the training data) "
+                                   "by count exactness (WBC, platelets) and mean abs % error (RBC)"} if args.class_conf else {}),
             "rbc_diameter_px": round(rbc, 1),
             "rbc_diameter_note": "median of smearpipe.scale.estimate_rbc_diameter over the 292 training fields at their native scale",
             "training": {
@@ -97,7 +103,7 @@ def main() -> None:
     metrics = evaluate_detector(data_yaml, detector=target, split="test", out_dir=REPO / "runs" / f"eval_{args.name}", overwrite=True)
     val_metrics = {k: last_row[k] for k in last_row if k.startswith("metrics/")}
     final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, "metrics": {
-        "bccd_test": {k: metrics[k] for k in ("images", "map50", "map50_95", "per_class", "counting_conf", "counting")},
+        "bccd_test": {k: metrics[k] for k in ("images", "map50", "map50_95", "per_class", "counting_thresholds", "counting")},
         "bccd_val_last_epoch_optimistic": val_metrics,
     }}})
     final.write(tmp_record, overwrite=True)

@@ -85,11 +85,13 @@ class Detector:
     >>> [c.label for c in cells if c.score > 0.5]               # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, record: WeightsRecord, *, conf: float = 0.25, iou: float = 0.7) -> None:
+    def __init__(self, model: Any, record: WeightsRecord, *, conf: float = 0.25, iou: float = 0.7,
+                 class_conf: dict[str, float] | None = None) -> None:
         self.model = model
         self.record = record
         self.conf = float(conf)
         self.iou = float(iou)
+        self.class_conf = {str(k): float(v) for k, v in (class_conf or {}).items()}
         names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
         self._labels: dict[int, str] = {}
         unknown = []
@@ -153,6 +155,7 @@ class Detector:
             record = found
             meta = record.metadata
             conf, iou = meta.get("default_conf", 0.25), meta.get("default_iou", 0.7)
+            class_conf = meta.get("class_conf")
         else:
             names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
             imgsz = (getattr(model, "overrides", None) or {}).get("imgsz", 640)
@@ -164,8 +167,8 @@ class Detector:
                 preprocessing=preprocessing or Preprocessing(), metadata={"note": "user file without a record"},
                 folder=str(path.parent),
             )
-            conf, iou = 0.25, 0.7
-        return cls(model, record, conf=conf, iou=iou)
+            conf, iou, class_conf = 0.25, 0.7, None
+        return cls(model, record, conf=conf, iou=iou, class_conf=class_conf)
 
     def predict(self, image: ImageLike, *, conf: float | None = None, iou: float | None = None) -> list[Detection]:
         """Detect cells on one field.
@@ -175,7 +178,8 @@ class Detector:
         image : path or (H, W, 3) uint8 ndarray
             RGB field (see :mod:`smearpipe.io` for accepted inputs).
         conf : float, optional
-            Minimum score (default: the record's ``default_conf``). Use 0.001 for mAP computations.
+            Minimum score for all classes. Default: the record's per-class counting thresholds
+            (``class_conf``, chosen on training data) or its ``default_conf``. Use 0.001 for mAP.
         iou : float, optional
             NMS IoU threshold (default: the record's ``default_iou``).
 
@@ -192,7 +196,8 @@ class Detector:
         """:meth:`predict` for several fields at once."""
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
             raise TypeError("predict_batch takes a list of images; use predict() for one image")
-        conf = self.conf if conf is None else float(conf)
+        per_class = self.class_conf if conf is None else {}
+        conf = (min(per_class.values()) if per_class else self.conf) if conf is None else float(conf)
         iou = self.iou if iou is None else float(iou)
         if not (0.0 <= conf <= 1.0) or not (0.0 < iou <= 1.0):
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1], got conf={conf}, iou={iou}")
@@ -213,7 +218,8 @@ class Detector:
             cls = boxes.cls.cpu().numpy().astype(int)
             scores = boxes.conf.cpu().numpy().astype(np.float64)
             order = np.argsort(-scores, kind="stable")
-            out.append(
-                [Detection(tuple(float(v) for v in xyxy[i]), self._labels[int(cls[i])], float(scores[i])) for i in order]  # type: ignore[arg-type]
-            )
+            dets = [Detection(tuple(float(v) for v in xyxy[i]), self._labels[int(cls[i])], float(scores[i])) for i in order]  # type: ignore[arg-type]
+            if per_class:
+                dets = [d for d in dets if d.score >= per_class.get(d.label, conf)]
+            out.append(dets)
         return out

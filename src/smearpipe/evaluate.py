@@ -119,7 +119,7 @@ def evaluate_detector(
         "map50": float(box.map50),
         "map50_95": float(box.map),
         "per_class": per_class,
-        "counting_conf": det.conf if conf is None else conf,
+        "counting_thresholds": (det.class_conf or det.conf) if conf is None else conf,
         "counting": counting["summary"],
         "figures": sorted(str(p.relative_to(out_dir)) for p in (out_dir / "ultralytics_val").glob("*.png")),
     }
