@@ -65,3 +65,52 @@ def test_evaluate_detector_reproduces_the_report(detector, bccd_root, tmp_path):
     for cls in ("WBC", "RBC", "Platelets"):
         assert m["per_class"][cls]["ap50"] == pytest.approx(recorded["per_class"][cls]["ap50"], abs=5e-3)
         assert m["counting"][cls]["exact_fraction"] == pytest.approx(recorded["counting"][cls]["exact_fraction"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from smearpipe.classify import Classifier
+
+    return Classifier.load()
+
+
+def test_default_classifier_record_and_crops(classifier, pbc_root):
+    from smearpipe.io import read_image
+    from smearpipe.train import center_crop
+
+    assert classifier.classes == WBC_CLASSES and classifier.record.name == DEFAULT_CLASSIFIER
+    assert "macenko" in classifier.preprocessing.steps and classifier.preprocessing.macenko_reference is not None
+    rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "test"]
+    crops, labels = [], []
+    for cls in WBC_CLASSES:
+        for r in [r for r in rows if r["class"] == cls][:6]:
+            crops.append(center_crop(read_image(pbc_root / "PBC_dataset_normal_DIB" / r["path"]), 0.7))
+            labels.append(cls)
+    proba = classifier.predict_proba(crops)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+    correct = sum(classifier.classes[i] == y for i, y in zip(proba.argmax(1), labels, strict=True))
+    assert correct >= 26, f"{correct}/30 PBC test crops correct"  # recorded test accuracy is 95.9 %
+
+
+def test_evaluate_classifier_reproduces_the_report(classifier, pbc_root, tmp_path):
+    from smearpipe.evaluate import evaluate_classifier
+    from smearpipe.train import CropSource
+
+    src = CropSource(str(pbc_root / "PBC_dataset_normal_DIB"), split="test", splits_csv=str(pbc_root / "splits.csv"),
+                     center_fraction=0.7)
+    m = evaluate_classifier(src, classifier=classifier, out_dir=tmp_path / "ev")
+    recorded = classifier.record.metadata["metrics"]["pbc_test"]
+    assert m["n"] == recorded["n"] == 2057
+    assert m["accuracy"] == pytest.approx(recorded["accuracy"], abs=1.5e-3)  # bf16 kernels may differ across CPUs
+    assert m["macro_f1"] == pytest.approx(recorded["macro_f1"], abs=2e-3)
+
+
+def test_default_pipeline_on_bundled_fields():
+    from smearpipe import analyze_smear
+
+    expected_wbcs = {"BloodImage_00007": 1, "BloodImage_00015": 1, "BloodImage_00021": 1, "BloodImage_00031": 2}
+    for stem, n in expected_wbcs.items():
+        r = analyze_smear(SAMPLES / f"{stem}.jpg")
+        assert r.counts["WBC"] == n, stem
+        assert r.models["classifier"]["name"] == DEFAULT_CLASSIFIER
+        assert r.counts["RBC"] > 5
