@@ -17,7 +17,7 @@ import numpy as np
 
 from .datasets import DETECTION_CLASSES, normalize_detection_class
 from .errors import WeightsError
-from .io import ImageLike, load_image
+from .io import ImageLike, load_image, require_image_list
 from .preprocess import Preprocessing
 from .weights import DEFAULT_DETECTOR, WeightsRecord, resolve, sha256_file
 
@@ -194,8 +194,7 @@ class Detector:
         self, images: Sequence[ImageLike], *, conf: float | None = None, iou: float | None = None
     ) -> list[list[Detection]]:
         """:meth:`predict` for several fields at once."""
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            raise TypeError("predict_batch takes a list of images; use predict() for one image")
+        require_image_list(images, caller="predict_batch", hint="use predict() for one image")
         per_class = self.class_conf if conf is None else {}
         conf = (min(per_class.values()) if per_class else self.conf) if conf is None else float(conf)
         iou = self.iou if iou is None else float(iou)

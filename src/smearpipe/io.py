@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import ImageReadError, InvalidImageError
 
-__all__ = ["ImageLike", "read_image", "to_rgb_uint8", "load_image", "write_image"]
+__all__ = ["ImageLike", "read_image", "to_rgb_uint8", "load_image", "write_image", "require_image_list"]
 
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -138,6 +138,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         return to_rgb_uint8(decoded, name=f"image file {path}")
     except InvalidImageError as exc:
         raise ImageReadError(str(exc)) from exc
+
+
+def require_image_list(images: object, *, caller: str, hint: str) -> None:
+    """Raise TypeError when a single path or a single (H, W, 3) array is passed where a list is expected.
+
+    Iterating a path string or an image array would otherwise silently yield characters or rows.
+    """
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        raise TypeError(f"{caller} takes a list of images or paths, not a single one; {hint}")
 
 
 def load_image(image: ImageLike, *, name: str = "image") -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .datasets import DETECTION_CLASSES, square_crop
 from .errors import SmearpipeError
-from .io import ImageLike, load_image
+from .io import ImageLike, load_image, require_image_list
 
 __all__ = [
     "PipelineConfig",
@@ -124,6 +124,9 @@ def load_pipeline(
     det = detector if isinstance(detector, Detector) else Detector.load(detector)
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
     return Pipeline(det, clf, config or PipelineConfig())
+
+
+_LIST_HINT = "for a folder use sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear"
 
 
 @lru_cache(maxsize=1)
@@ -381,9 +384,7 @@ def iter_fields(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-        raise TypeError("analyze_fields/iter_fields take a list of images or paths; for a folder use "
-                        "sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear")
+    require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
     p = pipeline or _default_pipeline()
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     for i, image in enumerate(tqdm(images, total=total, disable=not progress, desc="fields", unit="field")):
@@ -403,9 +404,7 @@ def analyze_fields(
     Images are read one at a time (pass paths for constant memory over thousands of fields); a field
     that cannot be read is listed in ``errors`` and the rest are processed.
     """
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-        raise TypeError("analyze_fields takes a list of images or paths; for a folder use "
-                        "sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear")
+    require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
     p = pipeline or _default_pipeline()
     results, errors = [], []
     for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):
