@@ -1,12 +1,11 @@
 """End-to-end evaluation of analyze_smear on the BCCD test fields (72), shipped weights by default.
 
-Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME]
-       [--downscale 2.5 [--rescale]]
+Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME] [--rescale]
 
 Per field: predicted vs annotated WBC / RBC / platelet counts; for fields whose labels.csv row is a
 single WBC type (and that have exactly one annotated WBC), whether the predicted type of the field's
-WBC(s) matches. Writes metrics.json and per_field.csv. --downscale simulates a lower magnification
-(the field is shrunk before analysis); --rescale turns on the red-cell-ruler rescaling.
+WBC(s) matches. Writes metrics.json and per_field.csv (``_rescale`` suffix with --rescale, the
+red-cell-ruler rescaling). Magnification changes are tested by scripts/eval_scale.py.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import csv
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from smearpipe.datasets import read_bccd_subtype_labels, read_voc
@@ -33,7 +31,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "reports" / "end_to_end"))
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
-    ap.add_argument("--downscale", type=float, default=1.0)
     ap.add_argument("--rescale", action="store_true")
     args = ap.parse_args()
     pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(rescale=args.rescale))
@@ -42,9 +39,6 @@ def main() -> None:
     rows = []
     for stem in stems:
         img = read_image(BCCD / "JPEGImages" / f"{stem}.jpg")
-        if args.downscale != 1.0:
-            h, w = img.shape[:2]
-            img = cv2.resize(img, (round(w / args.downscale), round(h / args.downscale)), interpolation=cv2.INTER_AREA)
         (_, _), boxes = read_voc(BCCD / "Annotations" / f"{stem}.xml")
         true = {c: sum(1 for b in boxes if b.label == c and b.xmax > b.xmin) for c in ("WBC", "RBC", "Platelets")}
         r = analyze_smear(img, pipeline=pipe)
@@ -67,7 +61,7 @@ def main() -> None:
     for r in typed_rows:
         by_label.setdefault(r["label"].split(",")[0], []).append(r["type_correct"])
     metrics = {
-        "fields": n, "downscale": args.downscale, "rescale": args.rescale, "models": pipe.models,
+        "fields": n, "rescale": args.rescale, "models": pipe.models,
         "wbc_count_exact_fraction": float(wbc_exact),
         "wbc_type_accuracy": float(type_acc), "wbc_type_fields": len(typed_rows),
         "wbc_type_accuracy_per_label": {k: {"correct": int(sum(v)), "fields": len(v)} for k, v in sorted(by_label.items())},
@@ -78,7 +72,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.downscale == 1.0 else f"_down{args.downscale:g}" + ("_rescale" if args.rescale else "")
+    suffix = "_rescale" if args.rescale else ""
     (out / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / f"per_field{suffix}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -78,6 +78,8 @@ def main() -> None:
                                    "by count exactness (WBC, platelets) and mean abs % error (RBC)"} if args.class_conf else {}),
             "rbc_diameter_px": round(rbc, 1),
             "rbc_diameter_note": "median of smearpipe.scale.estimate_rbc_diameter over the 292 training fields at their native scale",
+            "train_long_side_px": 640,
+            "train_long_side_note": "BCCD fields are 640x480 and were letterboxed to input_size in training",
             "training": {
                 "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
                 "train_split": "ImageSets/Main/trainval.txt (292 fields)",

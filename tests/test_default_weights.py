@@ -114,3 +114,27 @@ def test_default_pipeline_on_bundled_fields():
         assert r.counts["WBC"] == n, stem
         assert r.models["classifier"]["name"] == DEFAULT_CLASSIFIER
         assert r.counts["RBC"] > 5
+
+
+def test_rescaling_finds_a_small_cell_in_original_pixels():
+    """A BCCD field shrunk 2.5x (a lower magnification) on a 640x480 canvas: with the red-cell ruler the WBC
+    is found, and its box is in the canvas's pixels."""
+    import cv2
+
+    from smearpipe import analyze_smear, load_pipeline
+    from smearpipe.io import read_image
+    from smearpipe.pipeline import PipelineConfig
+    from smearpipe.preprocess import estimate_background
+
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    (gt,) = [(b.xmin, b.ymin, b.xmax, b.ymax) for b in read_voc(SAMPLES / "BloodImage_00007.xml")[1] if b.label == "WBC"]
+    small = cv2.resize(img, (256, 192), interpolation=cv2.INTER_AREA)
+    canvas = np.empty_like(img)
+    canvas[:] = np.round(estimate_background(img)).astype(np.uint8)  # the slide's empty glass around it
+    canvas[100:292, 200:456] = small
+    expected = (gt[0] / 2.5 + 200, gt[1] / 2.5 + 100, gt[2] / 2.5 + 200, gt[3] / 2.5 + 100)
+    r = analyze_smear(canvas, pipeline=load_pipeline(), config=PipelineConfig(rescale=True))
+    assert r.scale_factor == pytest.approx(2.5, rel=0.2)
+    wbcs = [d for d in r.detections if d.label == "WBC"]
+    assert len(wbcs) == 1
+    assert _iou(wbcs[0].box, expected) > 0.6

@@ -205,31 +205,33 @@ def test_analyze_fields_needs_a_list(pipe):
 
 
 class SizeRecordingDetector(StubDetector):
-    """Returns one WBC box at fixed coordinates of the image it receives; remembers that image's size."""
+    """Returns one WBC box at fixed coordinates; remembers the network input size it was asked for."""
 
-    def predict(self, image, *, conf=None, iou=None):
-        self.seen = image.shape[:2]
+    def predict(self, image, *, conf=None, iou=None, imgsz=None):
+        self.imgsz = imgsz
         return [Detection((100.0, 50.0, 200.0, 150.0), "WBC", 0.9)]
 
 
-def test_rescaling_round_trip_of_boxes(pipe):
+def test_rescaling_sets_the_detector_input_size(pipe):
     import dataclasses
 
-    record = dataclasses.replace(pipe.detector.record, metadata={**pipe.detector.record.metadata, "rbc_diameter_px": 100.0})
-    det = SizeRecordingDetector([], record)
+    meta = {**pipe.detector.record.metadata, "rbc_diameter_px": 100.0, "train_long_side_px": 640}
+    det = SizeRecordingDetector([], dataclasses.replace(pipe.detector.record, input_size=512, metadata=meta))
     stub = Pipeline(det, pipe.classifier)
     img = read_image(SAMPLES / "BloodImage_00007.jpg")
-    # red cells of 40 px here vs 100 px at training: the field is enlarged 2.5x for detection
+    # red cells of 40 px here vs 100 px at training: the 640 px field is seen as if 1600 px wide -> 1280 at 0.8
     r = analyze_smear(img, pipeline=stub, config=PipelineConfig(rbc_diameter_px=40.0))
     assert r.scale_factor == pytest.approx(2.5)
-    assert det.seen == (1200, 1600)
-    np.testing.assert_allclose(r.detections[0].box, (40.0, 20.0, 80.0, 60.0), rtol=1e-6)  # back in input pixels
-    # known pixel size: 7.5 um / 0.075 um = 100 px = training scale -> no resizing
+    assert det.imgsz == 1280
+    np.testing.assert_allclose(r.detections[0].box, (100.0, 50.0, 200.0, 150.0))  # the detector's boxes, as is
+    # known pixel size: 7.5 um / 0.075 um = 100 px = training scale -> the training input size
     r2 = analyze_smear(img, pipeline=stub, config=PipelineConfig(pixel_size_um=0.075))
-    assert r2.scale_factor == 1.0 and det.seen == (480, 640)
-    np.testing.assert_allclose(r2.detections[0].box, (100.0, 50.0, 200.0, 150.0))
+    assert r2.scale_factor == 1.0 and det.imgsz == 512
+    analyze_smear(img, pipeline=stub)
+    assert det.imgsz is None  # no rescaling asked: the detector's own default
     with pytest.raises(ValueError, match="not both"):
         PipelineConfig(rbc_diameter_px=40.0, pixel_size_um=0.1)
-    with pytest.raises(ValueError, match="rbc_diameter_px"):
-        analyze_smear(img, pipeline=Pipeline(StubDetector([], pipe.detector.record), pipe.classifier),
-                      config=PipelineConfig(rescale=True))
+    bare = dataclasses.replace(pipe.detector.record, metadata={})
+    with pytest.raises(ValueError, match="rbc_diameter_px / train_long_side_px"):
+        analyze_smear(img, pipeline=Pipeline(StubDetector([], bare), pipe.classifier), config=PipelineConfig(rescale=True))
+

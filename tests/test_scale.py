@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from smearpipe.io import read_image
-from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter, rescale_factor
+from smearpipe.scale import ScaleEstimationError, detector_input_size, estimate_rbc_diameter, rescale_factor
 
 
 def synthetic_field(diameter: float, *, seed: int = 0, size=(480, 640), n: int | None = None, overlap: bool = True) -> np.ndarray:
@@ -60,3 +60,18 @@ def test_rescale_factor():
         rescale_factor(img, target_rbc_diameter=100, rbc_diameter_px=20, pixel_size_um=0.1)
     with pytest.raises(ValueError):
         rescale_factor(img, target_rbc_diameter=100, pixel_size_um=0)
+
+
+def test_detector_input_size():
+    # the training fields themselves: 640 px long side letterboxed to 512
+    assert detector_input_size((480, 640, 3), factor=1.0, input_size=512, train_long_side=640) == 512
+    # same magnification, a camera with twice the pixels: twice the input size keeps the cells' size
+    assert detector_input_size((960, 1280, 3), factor=1.0, input_size=512, train_long_side=640) == 1024
+    # red cells 2.5x smaller than at training (lower magnification): seen 2.5x larger
+    assert detector_input_size((480, 640), factor=2.5, input_size=512, train_long_side=640) == 1280
+    # rounded to the stride, clipped to [stride, max_size]
+    assert detector_input_size((480, 650), factor=1.0, input_size=512, train_long_side=640) == 512
+    assert detector_input_size((30, 40), factor=0.1, input_size=512, train_long_side=640) == 32
+    assert detector_input_size((3000, 4000), factor=4.0, input_size=512, train_long_side=640) == 4096
+    with pytest.raises(ValueError):
+        detector_input_size((480, 640), factor=0.0, input_size=512, train_long_side=640)

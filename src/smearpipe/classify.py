@@ -133,15 +133,25 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised."""
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  preprocess_resized: bool = False) -> np.ndarray:
+    """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
+
+    ``preprocess_resized``: resize to ``size`` first, then preprocess (what models trained with
+    ``train_classifier(preprocess_resized=True)`` expect; much cheaper on large crops). Otherwise
+    preprocess at the crop's own size, then resize.
+    """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
-        rgb = preprocessing(to_rgb_uint8(crop, name=f"crop {i}"))
+        rgb = to_rgb_uint8(crop, name=f"crop {i}")
+        if not preprocess_resized:
+            rgb = preprocessing(rgb)
         interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (size, size), interpolation=interp)
+        if preprocess_resized:
+            rgb = preprocessing(rgb)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
 
@@ -202,6 +212,11 @@ class Classifier:
         return self.record.preprocessing
 
     @property
+    def preprocess_resized(self) -> bool:
+        """Whether the recorded preprocessing runs after resizing to the input size (else before)."""
+        return bool(self.record.metadata.get("preprocess_resized", False))
+
+    @property
     def crop_scale(self) -> float:
         """Crop side relative to the detector box that the model was trained with."""
         return float(self.record.metadata.get("crop_scale", 2.0))
@@ -247,7 +262,8 @@ class Classifier:
         with torch.inference_mode():
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
-                                                   preprocessing=self.preprocessing, mean=self.mean, std=self.std))
+                                                   preprocessing=self.preprocessing, mean=self.mean, std=self.std,
+                                                   preprocess_resized=self.preprocess_resized))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)

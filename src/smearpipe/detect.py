@@ -170,7 +170,8 @@ class Detector:
             conf, iou, class_conf = 0.25, 0.7, None
         return cls(model, record, conf=conf, iou=iou, class_conf=class_conf)
 
-    def predict(self, image: ImageLike, *, conf: float | None = None, iou: float | None = None) -> list[Detection]:
+    def predict(self, image: ImageLike, *, conf: float | None = None, iou: float | None = None,
+                imgsz: int | None = None) -> list[Detection]:
         """Detect cells on one field.
 
         Parameters
@@ -182,16 +183,21 @@ class Detector:
             (``class_conf``, chosen on training data) or its ``default_conf``. Use 0.001 for mAP.
         iou : float, optional
             NMS IoU threshold (default: the record's ``default_iou``).
+        imgsz : int, optional
+            Network input size (long side, a multiple of 32; default: the record's ``input_size``).
+            The field is letterboxed to it, so it sets the scale the cells are seen at:
+            :func:`smearpipe.scale.detector_input_size` picks it from the red-cell size.
 
         Returns
         -------
         list of Detection
             Sorted by descending score; boxes in pixels of ``image``.
         """
-        return self.predict_batch([image], conf=conf, iou=iou)[0]
+        return self.predict_batch([image], conf=conf, iou=iou, imgsz=imgsz)[0]
 
     def predict_batch(
-        self, images: Sequence[ImageLike], *, conf: float | None = None, iou: float | None = None
+        self, images: Sequence[ImageLike], *, conf: float | None = None, iou: float | None = None,
+        imgsz: int | None = None,
     ) -> list[list[Detection]]:
         """:meth:`predict` for several fields at once."""
         require_image_list(images, caller="predict_batch", hint="use predict() for one image")
@@ -200,12 +206,16 @@ class Detector:
         iou = self.iou if iou is None else float(iou)
         if not (0.0 <= conf <= 1.0) or not (0.0 < iou <= 1.0):
             raise ValueError(f"conf must be in [0, 1] and iou in (0, 1], got conf={conf}, iou={iou}")
+        if imgsz is None:
+            imgsz = self.record.input_size
+        elif isinstance(imgsz, bool) or not isinstance(imgsz, (int, np.integer)) or not 32 <= imgsz <= 8192 or imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 in [32, 8192], got {imgsz!r}")
         rgbs = [load_image(im) for im in images]
         bgrs = [cv2.cvtColor(self.preprocessing(rgb), cv2.COLOR_RGB2BGR) for rgb in rgbs]
         if not bgrs:
             return []
         results = self.model.predict(
-            source=bgrs, imgsz=self.record.input_size, conf=conf, iou=iou, device="cpu", verbose=False, max_det=1000
+            source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=1000
         )
         out = []
         for res, rgb in zip(results, rgbs, strict=True):

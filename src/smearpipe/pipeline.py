@@ -55,9 +55,12 @@ class PipelineConfig:
     crop_scale : float, optional
         Crop side relative to the WBC box (None: the classifier record's ``crop_scale``).
     rescale : bool
-        Resize each field so that its red cells match the detector's training scale before detection
-        (red cells as a ruler, :mod:`smearpipe.scale`); boxes are still reported in the original image's
-        pixels. Needs ``rbc_diameter_px`` in the detector record.
+        Show each field to the detector at its training scale: the red-cell diameter (a ruler of
+        ~7.5 um everywhere, :mod:`smearpipe.scale`) sets the network input size, so fields of another
+        magnification or camera size are seen like the training fields. Boxes are reported in the
+        original image's pixels. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the detector
+        record. Off by default: the estimate costs ~10-20 ms per field and fields like the training
+        ones (BCCD, 640x480) do not need it.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
         implies ``rescale``; otherwise the diameter is estimated from the field.
@@ -173,7 +176,7 @@ class SmearResult:
     models: dict[str, dict[str, str]]
     timings_ms: dict[str, float]
     source: str | None = None
-    scale_factor: float = 1.0  # the field was resized by this factor for detection (1.0: not resized)
+    scale_factor: float = 1.0  # the field was seen by the detector scaled by this factor vs its default (1.0: as is)
 
     @property
     def differential_percent(self) -> dict[str, float]:
@@ -243,26 +246,21 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     rgb = load_image(image)
     source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     h, w = rgb.shape[:2]
-    factor = 1.0
+    factor, imgsz = 1.0, None
     if cfg.rescale or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None:
-        from .scale import rescale_factor
+        from .scale import detector_input_size, rescale_factor
 
-        target = p.detector.record.metadata.get("rbc_diameter_px")
-        if target is None:
-            raise ValueError(f"detector {p.detector.record.name!r} records no rbc_diameter_px: rescaling is not possible")
-        factor = rescale_factor(rgb, target_rbc_diameter=float(target), rbc_diameter_px=cfg.rbc_diameter_px,
+        meta = p.detector.record.metadata
+        missing = [k for k in ("rbc_diameter_px", "train_long_side_px") if meta.get(k) is None]
+        if missing:
+            raise ValueError(f"detector {p.detector.record.name!r} records no {' / '.join(missing)}: rescaling is not possible")
+        factor = rescale_factor(rgb, target_rbc_diameter=float(meta["rbc_diameter_px"]), rbc_diameter_px=cfg.rbc_diameter_px,
                                 pixel_size_um=cfg.pixel_size_um)
+        imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
+                                    train_long_side=float(meta["train_long_side_px"]))
     t1 = time.perf_counter()
-    if factor != 1.0:
-        import cv2
-
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))
-        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-        sx, sy = w / size[0], h / size[1]
-        dets = [type(d)((min(d.box[0] * sx, w), min(d.box[1] * sy, h), min(d.box[2] * sx, w), min(d.box[3] * sy, h)), d.label, d.score)
-                for d in p.detector.predict(resized, conf=cfg.det_conf, iou=cfg.det_iou)]
-    else:
-        dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou)
+    # the field is letterboxed to imgsz (its training scale); boxes come back in its own pixels
+    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
     t2 = time.perf_counter()
     wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
     scale = cfg.crop_scale or p.classifier.crop_scale

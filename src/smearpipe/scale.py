@@ -15,7 +15,7 @@ from scipy import ndimage
 from .errors import SmearpipeError
 from .preprocess import estimate_background
 
-__all__ = ["ScaleEstimationError", "estimate_rbc_diameter", "rescale_factor", "RBC_DIAMETER_UM"]
+__all__ = ["detector_input_size", "ScaleEstimationError", "estimate_rbc_diameter", "rescale_factor", "RBC_DIAMETER_UM"]
 
 #: Typical diameter of a normal red blood cell (micrometres).
 RBC_DIAMETER_UM = 7.5
@@ -125,3 +125,28 @@ def rescale_factor(
         raise ValueError(f"rbc_diameter_px must be > 0, got {rbc_diameter_px}")
     factor = float(target_rbc_diameter) / float(rbc_diameter_px)
     return 1.0 if abs(factor - 1.0) <= tolerance else factor
+
+
+def detector_input_size(
+    image_shape: tuple[int, ...],
+    *,
+    factor: float,
+    input_size: int,
+    train_long_side: float,
+    stride: int = 32,
+    max_size: int = 4096,
+) -> int:
+    """Network input size (``imgsz``) that shows a field at the detector's training scale.
+
+    A YOLO detector letterboxes every image to ``imgsz`` on its long side, so the image's own pixel
+    size does not decide the scale the cells are seen at: ``imgsz`` does. The detector was trained on
+    fields with a long side of ``train_long_side`` pixels letterboxed to ``input_size``; a field whose
+    red cells must be scaled by ``factor`` (:func:`rescale_factor`) to match the training fields is
+    therefore seen at training scale at ``max(h, w) * factor * input_size / train_long_side``, rounded
+    to the network stride and clipped to ``[stride, max_size]``. Boxes still come back in the field's
+    own pixels (the letterbox is undone by the detector).
+    """
+    if not factor > 0 or not input_size > 0 or not train_long_side > 0:
+        raise ValueError(f"factor, input_size and train_long_side must be > 0, got {factor}, {input_size}, {train_long_side}")
+    long_side = max(image_shape[:2]) * factor * input_size / train_long_side
+    return int(min(max(stride * round(long_side / stride), stride), max_size // stride * stride))

@@ -421,7 +421,7 @@ def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
 
 
 def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, prep: Preprocessing,
-                desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                desc: str, resized_first: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode, centre-crop, preprocess and resize every crop once: (N, size, size, 3) uint8, labels, source ids."""
     import cv2
     from tqdm.auto import tqdm
@@ -433,8 +433,11 @@ def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, 
             img = read_image(path)
         except ImageReadError as exc:
             raise DatasetError(f"cannot read crop: {exc}") from None
-        img = prep(center_crop(img, sources[si].center_fraction))
-        images[i] = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR)
+        img = center_crop(img, sources[si].center_fraction)
+        if not resized_first:
+            img = prep(img)
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR)
+        images[i] = prep(img) if resized_first else img
     labels = np.array([y for _, y, _ in items], np.int64)
     src_ids = np.array([si for _, _, si in items], np.int64)
     return images, labels, src_ids
@@ -478,6 +481,8 @@ class ClassifierTrainConfig:
     freeze_features: bool = False
     batch_norm: bool = True
     crop_scale: float = 2.0
+    preprocess_resized: bool = True
+    cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
     num_workers: int = 1
@@ -528,6 +533,12 @@ def train_classifier(
         freeze_features=True``).
     crop_scale : float
         Crop side relative to the detector box used when cutting crops (recorded for the pipeline).
+    preprocess_resized : bool
+        Resize each crop first, then preprocess (recorded; inference does the same). Macenko on a
+        small image is far cheaper than on a 360 px crop. False: preprocess at native size.
+    cache_scale : float
+        Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
+        keep some detail (validation crops at ``input_size``).
     out_dir, name, resume :
         The run folder is ``out_dir/name`` (``name-2``... if it exists, unless ``resume``, which
         continues from ``checkpoint.pt`` there).
@@ -548,7 +559,8 @@ def train_classifier(
         known = [f.name for f in dataclasses.fields(ClassifierTrainConfig)]
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
-     pretrained, freeze_features, batch_norm, crop_scale, max_minutes, bf16, num_workers, seed) = (
+     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, cache_scale, max_minutes, bf16, num_workers,
+     seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
     from sklearn.metrics import f1_score
@@ -574,7 +586,7 @@ def train_classifier(
               "weight_decay": weight_decay, "label_smoothing": label_smoothing, "preprocessing": prep.to_dict(),
               "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
-              "crop_scale": crop_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
+              "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "cache_scale": cache_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
     out_dir = Path(out_dir)
@@ -590,22 +602,24 @@ def train_classifier(
     if not resume:
         (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
 
-    cache_size = int(round(input_size * 1.15)) if aug else input_size
+    if cache_scale < 1:
+        raise ValueError(f"cache_scale must be >= 1, got {cache_scale}")
+    cache_size = int(round(input_size * cache_scale)) if aug else input_size
     # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
     import hashlib
 
     # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for s in train_sources + val_sources for p, y in s.samples(classes)]
     key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
-                      cache_size, input_size, prep.to_dict(), files], sort_keys=True)
+                      cache_size, input_size, prep.to_dict(), preprocess_resized, files], sort_keys=True)
     cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
         z = np.load(cache)
         tr_x, tr_y, tr_s, va_x, va_y, va_s = (z[k] for k in ("tr_x", "tr_y", "tr_s", "va_x", "va_y", "va_s"))
     else:
-        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, prep, "caching train crops")
-        va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops")
+        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, prep, "caching train crops", preprocess_resized)
+        va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops", preprocess_resized)
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
         os.replace(tmp, cache)  # atomic: a concurrent run never reads a half-written cache
@@ -716,6 +730,7 @@ def train_classifier(
         {
             "classes": classes, "input_size": input_size, "preprocessing": prep,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_scale": crop_scale,
+            "preprocess_resized": preprocess_resized,
             "architecture": {"name": "vgg16_bn" if batch_norm else "vgg16", "batch_norm": batch_norm, "hidden": 256,
                              "dropout": 0.3, "head": "global-avg-pool -> dropout -> 256 -> ReLU -> dropout -> N"},
             "training": {

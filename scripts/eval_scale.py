@@ -1,0 +1,165 @@
+"""Scale test: BCCD test fields at a 2.5x lower magnification, with and without the red-cell ruler.
+
+Usage:
+  python scripts/eval_scale.py [--factor 2.5] [--detector NAME] [--out reports/scale]
+
+A lower magnification on the same camera shows more cells, each smaller, in a field of the same
+pixel size. Shrinking a field alone does not simulate that: the detector letterboxes every image to
+its input size, so a shrunk 640x480 field is enlarged back and the cells are seen at the training
+scale again. Here the 72 BCCD test fields are shrunk by ``--factor`` and tiled 2x2 (four different
+fields, 18 mosaics, each field used once) on a 640x480 canvas of the slide's background colour; the
+ground truth is the union of their VOC boxes, scaled and shifted.
+
+For each mosaic, the detector runs (a) as is, at its training input size, and (b) at the input size
+chosen from the field's red-cell diameter (:func:`smearpipe.scale.rescale_factor` +
+:func:`smearpipe.scale.detector_input_size`, what ``PipelineConfig(rescale=True)`` does). Reported:
+AP@0.5 and AP@0.5:0.95 per class (ultralytics' ``ap_per_class`` on predictions at conf 0.001), the
+RBC count error against the annotations and against the detector's own count on the unshrunk fields
+(BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
+exactness, and the estimated scale factor. Writes ``metrics.json`` and ``per_mosaic.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+
+from smearpipe.datasets import DETECTION_CLASSES, normalize_detection_class, read_voc
+from smearpipe.detect import Detector
+from smearpipe.io import read_image
+from smearpipe.preprocess import estimate_background
+from smearpipe.scale import detector_input_size, estimate_rbc_diameter, rescale_factor
+
+REPO = Path(__file__).resolve().parents[1]
+BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+
+
+def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tuple[float, ...], int]], list[np.ndarray]]:
+    """Shrink four fields by ``factor``, tile them 2x2 centred on a 640x480 background canvas."""
+    fields = [read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in stems]
+    h, w = fields[0].shape[:2]
+    th, tw = round(h / factor), round(w / factor)
+    canvas = np.empty((h, w, 3), np.uint8)
+    canvas[:] = np.round(np.median([estimate_background(f) for f in fields], axis=0)).astype(np.uint8)
+    oy, ox = (h - 2 * th) // 2, (w - 2 * tw) // 2
+    boxes = []
+    for k, (stem, field) in enumerate(zip(stems, fields, strict=True)):
+        y0, x0 = oy + (k // 2) * th, ox + (k % 2) * tw
+        canvas[y0:y0 + th, x0:x0 + tw] = cv2.resize(field, (tw, th), interpolation=cv2.INTER_AREA)
+        sx, sy = tw / field.shape[1], th / field.shape[0]
+        for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
+            label = normalize_detection_class(b.label)
+            if label is not None:
+                boxes.append(((b.xmin * sx + x0, b.ymin * sy + y0, b.xmax * sx + x0, b.ymax * sy + y0),
+                              DETECTION_CLASSES.index(label)))
+    return canvas, boxes, fields
+
+
+def correct_matrix(preds: list, gts: list) -> np.ndarray:
+    """(N_pred, 10) true-positive matrix at IoU 0.5:0.95 (ultralytics' greedy matching)."""
+    import torch
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import box_iou
+
+    if not preds:
+        return np.zeros((0, 10), bool)
+    if not gts:
+        return np.zeros((len(preds), 10), bool)
+    iou = box_iou(torch.tensor([g[0] for g in gts], dtype=torch.float32), torch.tensor([p[0] for p in preds], dtype=torch.float32))
+    this = SimpleNamespace(iouv=torch.linspace(0.5, 0.95, 10))
+    return BaseValidator.match_predictions(this, torch.tensor([p[2] for p in preds]), torch.tensor([g[1] for g in gts]), iou).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--factor", type=float, default=2.5)
+    ap.add_argument("--detector", default=None, help="weights name or path (default: the shipped detector)")
+    ap.add_argument("--out", default=str(REPO / "reports" / "scale"))
+    args = ap.parse_args()
+    from ultralytics.utils.metrics import ap_per_class
+
+    det = Detector.load(args.detector)
+    meta = det.record.metadata
+    target, long_side = float(meta["rbc_diameter_px"]), float(meta["train_long_side_px"])
+    thresholds = {DETECTION_CLASSES.index(k): v for k, v in (det.class_conf or {}).items()}
+    stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
+    groups = [stems[i:i + 4] for i in range(0, len(stems) - 3, 4)]
+    modes = ("as_is", "rescaled")
+    stats: dict[str, list] = {m: [] for m in modes}
+    targets: list[int] = []
+    rows = []
+    t0 = time.time()
+    for group in groups:
+        canvas, gts, fields = mosaic(group, args.factor)
+        targets += [g[1] for g in gts]
+        native_counts = [d.label for f in fields for d in det.predict(f)]
+        est = estimate_rbc_diameter(canvas)
+        factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est)
+        sizes = {"as_is": None, "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
+                                                                train_long_side=long_side)}
+        row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "true_rbc_diameter": round(target / args.factor, 1),
+               "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
+               "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
+               "native_pred_WBC": native_counts.count("WBC"), "native_pred_RBC": native_counts.count("RBC")}
+        for m in modes:
+            dets = det.predict(canvas, conf=0.001, imgsz=sizes[m])
+            preds = [(d.box, d.score, DETECTION_CLASSES.index(d.label)) for d in dets]
+            tp = correct_matrix(preds, gts)
+            stats[m].append((tp, np.array([p[1] for p in preds]), np.array([p[2] for p in preds])))
+            counted = [p for p in preds if p[1] >= thresholds.get(p[2], det.conf)]
+            row[f"{m}_WBC"] = sum(p[2] == 0 for p in counted)
+            row[f"{m}_RBC"] = sum(p[2] == 1 for p in counted)
+        rows.append(row)
+    report: dict = {
+        "protocol": f"BCCD test fields (ImageSets/Main/test.txt, {len(stems)}) shrunk {args.factor}x, tiled 2x2 on a 640x480 "
+                    f"background canvas: {len(groups)} mosaics, each field once",
+        "detector": {"name": det.record.name, "sha256": det.record.sha256, "input_size": det.record.input_size,
+                     "rbc_diameter_px": target, "train_long_side_px": long_side},
+        "factor": args.factor, "mosaics": len(groups), "seconds": round(time.time() - t0, 1),
+        "scale_factor_estimated": {"median": float(np.median([r["scale_factor"] for r in rows])),
+                                   "min": min(r["scale_factor"] for r in rows), "max": max(r["scale_factor"] for r in rows)},
+    }
+    gt_rbc = np.array([r["gt_RBC"] for r in rows], float)
+    native_rbc = np.array([r["native_pred_RBC"] for r in rows], float)
+    for m in modes:
+        tp = np.concatenate([s[0] for s in stats[m]])
+        conf = np.concatenate([s[1] for s in stats[m]])
+        cls = np.concatenate([s[2] for s in stats[m]])
+        res = ap_per_class(tp, conf, cls, np.array(targets))
+        ap50 = {DETECTION_CLASSES[int(c)]: float(a[0]) for c, a in zip(res[6], res[5], strict=True)}
+        ap = {DETECTION_CLASSES[int(c)]: float(a.mean()) for c, a in zip(res[6], res[5], strict=True)}
+        pred_rbc = np.array([r[f"{m}_RBC"] for r in rows], float)
+        report[m] = {
+            "AP50": ap50, "AP50_95": ap, "mAP50": float(np.mean(list(ap50.values()))),
+            "WBC_count_exact": float(np.mean([r[f"{m}_WBC"] == r["gt_WBC"] for r in rows])),
+            "RBC_count_vs_annotations": {"mean_abs_pct_error": float(np.mean(np.abs(pred_rbc - gt_rbc) / gt_rbc) * 100),
+                                         "total_pct_error": float((pred_rbc.sum() - gt_rbc.sum()) / gt_rbc.sum() * 100)},
+            "RBC_count_vs_native_scale_prediction": {
+                "mean_abs_pct_error": float(np.mean(np.abs(pred_rbc - native_rbc) / native_rbc) * 100),
+                "total_pct_error": float((pred_rbc.sum() - native_rbc.sum()) / native_rbc.sum() * 100)},
+        }
+    report["native_scale_reference"] = {
+        "RBC_count_vs_annotations": {"mean_abs_pct_error": float(np.mean(np.abs(native_rbc - gt_rbc) / gt_rbc) * 100),
+                                     "total_pct_error": float((native_rbc.sum() - gt_rbc.sum()) / gt_rbc.sum() * 100)},
+        "WBC_count_exact": float(np.mean([r["native_pred_WBC"] == r["gt_WBC"] for r in rows])),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_x{args.factor:g}"
+    (out / f"metrics{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    with (out / f"per_mosaic{suffix}.csv").open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    print(json.dumps({k: v for k, v in report.items() if k in (*modes, "native_scale_reference", "scale_factor_estimated")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
