@@ -1,13 +1,15 @@
 """Register a trained classifier run as shipped weights: weights/<name>.safetensors + record + report.
 
-Usage: python scripts/ship_classifier.py RUN_DIR --name classifier-vgg16bn-v1
+Usage: python scripts/ship_classifier.py RUN_DIR --name classifier-vgg16bn-v2 [--record-stem classifier]
+       [--protocol reports/cross_lab/<protocol model>/summary.json]
 
 RUN_DIR holds ``classifier.safetensors`` + ``classifier.json`` from ``train_classifier`` (e.g.
 ``scripts/train_default_classifier.py``). The script copies them to ``weights/`` (refusing to replace an
 existing version), evaluates on the PBC **test** split (2,057 images, centre 70 % as in training) and
 on WBC crops cut from the BCCD **test** fields, stores the metrics in the record and writes
 ``reports/<name>/`` (metrics JSON, confusion matrices, ROC curves, confidence distributions,
-training curves).
+training curves). ``--protocol`` adds the leave-one-lab-out numbers of the PBC-only model trained with
+the same recipe (``scripts/cross_lab_protocol.py``) to the record and the report.
 """
 
 from __future__ import annotations
@@ -30,14 +32,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--name", required=True)
+    ap.add_argument("--record-stem", default="classifier", help="RUN_DIR/<stem>.safetensors + .json")
+    ap.add_argument("--protocol", default=None, help="summary.json of scripts/cross_lab_protocol.py")
     args = ap.parse_args()
     run = Path(args.run_dir)
-    src_rec = json.loads((run / "classifier.json").read_text())
+    src_rec = json.loads((run / f"{args.record_stem}.json").read_text())
     target = REPO / "weights" / f"{args.name}.safetensors"
     if target.exists() or target.with_suffix(".json").exists():
         raise SystemExit(f"{target} exists: every shipped version stays; pick a new name")
-    shutil.copyfile(run / "classifier.safetensors", target)
+    shutil.copyfile(run / f"{args.record_stem}.safetensors", target)
     src_rec.update(name=args.name, file=target.name, sha256=sha256_file(target))
+    init = (src_rec.get("training") or {}).get("pretrained")
+    if init and Path(init).with_suffix(".json").is_file():  # fine-tuned from another run: record that stage too
+        first = json.loads(Path(init).with_suffix(".json").read_text())
+        src_rec["training"]["pretrained"] = {
+            "name": first["name"], "sha256": first["sha256"], "file_at_training_time": init,
+            "training": {k: first["training"].get(k) for k in ("train", "val", "epochs_run", "best_epoch", "stopped", "optimizer",
+                                                               "augment", "wall_minutes")},
+            "history": first.get("metrics", {}).get("history"),
+        }
+        src_rec["training"]["wall_minutes_total"] = round(first["training"]["wall_minutes"] + src_rec["training"]["wall_minutes"], 1)
     target.with_suffix(".json").write_text(json.dumps(src_rec, indent=2) + "\n")
 
     crop_scale = float(src_rec.get("crop_scale", 1.75))
@@ -56,9 +70,23 @@ def main() -> None:
     rec = json.loads(target.with_suffix(".json").read_text())
     rec.setdefault("metrics", {}).update(results)
     rec["metrics"]["history"] = rec["metrics"].get("history", [])
+    if args.protocol:
+        proto = json.loads(Path(args.protocol).read_text())
+        results["leave_one_lab_out_protocol"] = {
+            "model": proto["classifier"]["name"], "sha256": proto["classifier"]["sha256"],
+            "protocol": proto["protocol"], "summary": str(Path(args.protocol).resolve().relative_to(REPO)),
+            **{k: {m: proto[k][m] for m in ("n", "accuracy", "macro_f1", "recall")} for k in ("bccd_all_crops", "pbc_test")}}
+        rec["metrics"]["leave_one_lab_out_protocol"] = results["leave_one_lab_out_protocol"]
     target.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
     WeightsRecord.from_dict(rec, folder=target.parent).verify()
     (report / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    first = (rec.get("training") or {}).get("pretrained")
+    if isinstance(first, dict) and first.get("history"):  # both training stages on one epoch axis
+        from smearpipe.report import plot_training_curves
+
+        n = len(first["history"])
+        both = first["history"] + [{**h, "epoch": h["epoch"] + n} for h in rec["metrics"]["history"]]
+        plot_training_curves(both, report / "training_curves_both_stages.png")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
     assert rec["classes"] == list(WBC_CLASSES) and rec["input_size"] == 32
     assert rec["preprocessing"]["steps"] == ["macenko"] and rec["preprocessing"]["macenko_reference"] is not None
     assert rec["dtype"] == "float16" and len(rec["training"]["train"]) == 1
+    assert rec["preprocess_resized"] is True  # the training default, recorded so that inference does the same
     assert len(tiny_run.history) == 1 and tiny_run.weights.suffix == ".safetensors"
     clf = Classifier.load(tiny_run.weights)
     assert clf.classes == WBC_CLASSES
@@ -133,6 +134,21 @@ def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
         clf.predict_proba([np.zeros((10, 10), np.float32) + np.nan])
     with pytest.raises(InvalidImageError, match="list of crops"):
         clf.predict_proba(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_prepare_crops_preprocessing_order(bccd_root):
+    """Macenko after resizing (what new records ask for) vs at native size: same shape, close but not equal."""
+    from smearpipe.classify import prepare_crops
+    from smearpipe.io import read_image
+    from smearpipe.preprocess import Preprocessing
+
+    crop = read_image(SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Neutrophil" / "BloodImage_00001_1.jpg")
+    prep = Preprocessing(steps=("macenko",)).resolved()
+    native = prepare_crops([crop], size=64, preprocessing=prep)
+    resized = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=True)
+    assert native.shape == resized.shape == (1, 3, 64, 64) and native.dtype == resized.dtype == np.float32
+    assert not np.array_equal(native, resized)
+    assert np.abs(native - resized).mean() < 0.25  # the same stain normalisation, estimated on fewer pixels
 
 
 def test_evaluation_figures(tiny_run, tiny_crops, tmp_path):

@@ -59,7 +59,7 @@ class PipelineConfig:
         ~7.5 um everywhere, :mod:`smearpipe.scale`) sets the network input size, so fields of another
         magnification or camera size are seen like the training fields. Boxes are reported in the
         original image's pixels. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the detector
-        record. Off by default: the estimate costs ~10-20 ms per field and fields like the training
+        record. Off by default: the estimate costs ~50-100 ms per 640x480 field here, and fields like the training
         ones (BCCD, 640x480) do not need it.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
@@ -260,7 +260,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
                                     train_long_side=float(meta["train_long_side_px"]))
     t1 = time.perf_counter()
     # the field is letterboxed to imgsz (its training scale); boxes come back in its own pixels
-    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
+    size_arg = {} if imgsz is None else {"imgsz": imgsz}
+    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, **size_arg)
     t2 = time.perf_counter()
     wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
     scale = cfg.crop_scale or p.classifier.crop_scale
