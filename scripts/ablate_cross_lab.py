@@ -60,11 +60,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     ap.add_argument("--report", default=str(REPO / "reports" / "cross_lab" / "ablation.json"))
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = list(csv.DictReader(open(PBC / "splits.csv", newline="")))
+    with open(PBC / "splits.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     subset = out / f"splits_every{args.every}.csv"
     train_rows = [r for r in rows if r["split"] == "train"][:: args.every]
     with subset.open("w", newline="") as f:
@@ -78,15 +79,15 @@ def main() -> None:
     pbc_test = CropSource(root, split="test", splits_csv=str(PBC / "splits.csv"), center_fraction=0.7, name="pbc-test")
     report_path = Path(args.report)
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["protocol"] = (f"pilot: every {args.every}th PBC train image ({len(train_rows)}), {args.epochs} epochs, 64 px, "
-                          "then all 351 BCCD crops and PBC test")
+    protocol = (f"pilot: every {args.every}th PBC train image ({len(train_rows)}), {args.epochs} epochs, 64 px, "
+                "then all 351 BCCD crops and PBC test")
     for name in args.variants:
         opts = {"augment": RECIPE, **VARIANTS[name]}
         res = train_classifier(train, val, input_size=64, epochs=args.epochs, out_dir=out, name=name, crop_scale=1.75,
                                cache_scale=1.5, num_workers=1, patience=args.epochs, **opts)
         clf = Classifier.load(res.weights)
         report.setdefault("variants", {})[name] = {
-            "bccd_all_crops": accuracy(clf, bccd), "pbc_test": accuracy(clf, pbc_test),
+            "protocol": protocol, "bccd_all_crops": accuracy(clf, bccd), "pbc_test": accuracy(clf, pbc_test),
             "best_val_macro_f1": res.best_val_macro_f1, "minutes": res.history[-1]["minutes"]}
         print(name, json.dumps({k: report["variants"][name][k]["accuracy"] for k in ("bccd_all_crops", "pbc_test")}), flush=True)
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,8 +84,9 @@ def main() -> None:
     clf = Classifier.load(args.weights)
     training = clf.record.metadata.get("training", {})
     seen = [s.get("root", "") for s in training.get("train", []) + training.get("val", [])]
-    if any("bccd" in s.lower() for s in seen):
-        raise SystemExit(f"{clf.name} was trained or validated on BCCD crops ({seen}): not a leave-one-lab-out model")
+    if any("bccd" in s.lower() for s in seen) or training.get("pretrained"):
+        raise SystemExit(f"{clf.name} was trained or validated on {seen} (initialised from {training.get('pretrained')}): "
+                         "not a leave-one-lab-out model (train from scratch on PBC only)")
     out = Path(args.out)
     bccd = CropSource(str(BCCD_CROPS), name="bccd-wbc-subtypes-all")
     pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="test", splits_csv=str(SHARED / "pbc" / "splits.csv"),
@@ -93,7 +94,9 @@ def main() -> None:
     summary = {"classifier": {"name": clf.name, "sha256": clf.record.sha256, "input_size": clf.input_size,
                               "preprocessing": clf.preprocessing.to_dict(), "training": {k: training.get(k) for k in (
                                   "train", "val", "epochs_run", "best_epoch", "augment", "wall_minutes")}},
-               "protocol": "train: PBC train (val: PBC val); test: all 351 crops of bccd_wbc_subtypes (another lab) and PBC test"}
+               "protocol": f"train: {[s.get('name') for s in training.get('train', [])]} (val: "
+                           f"{[s.get('name') for s in training.get('val', [])]}); test: all crops of bccd_wbc_subtypes "
+                           "(another lab) and PBC test"}
     summary["bccd_all_crops"] = summarize(evaluate_classifier(bccd, classifier=clf, out_dir=out / "bccd_all_crops", overwrite=True))
     summary["pbc_test"] = summarize(evaluate_classifier(pbc, classifier=clf, out_dir=out / "pbc_test", overwrite=True))
     if args.adabn:

@@ -56,14 +56,15 @@ def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tupl
         sx, sy = tw / field.shape[1], th / field.shape[0]
         for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
             label = normalize_detection_class(b.label)
-            if label is not None:
+            if label is not None and b.xmax > b.xmin and b.ymax > b.ymin:  # BCCD has a few empty boxes
                 boxes.append(((b.xmin * sx + x0, b.ymin * sy + y0, b.xmax * sx + x0, b.ymax * sy + y0),
                               DETECTION_CLASSES.index(label)))
     return canvas, boxes, fields
 
 
 def correct_matrix(preds: list, gts: list) -> np.ndarray:
-    """(N_pred, 10) true-positive matrix at IoU 0.5:0.95 (ultralytics' greedy matching)."""
+    """(N_pred, 10) true-positive matrix at IoU 0.5:0.95 (the greedy matching of ultralytics' validator,
+    ultralytics 8.4; called unbound with just the IoU thresholds it reads from ``self``)."""
     import torch
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import box_iou
@@ -83,12 +84,13 @@ def main() -> None:
     ap.add_argument("--detector", default=None, help="weights name or path (default: the shipped detector)")
     ap.add_argument("--out", default=str(REPO / "reports" / "scale"))
     args = ap.parse_args()
+    if args.factor < 2:
+        ap.error("--factor must be >= 2 (four shrunk fields must fit on one field-sized canvas)")
     from ultralytics.utils.metrics import ap_per_class
 
     det = Detector.load(args.detector)
     meta = det.record.metadata
     target, long_side = float(meta["rbc_diameter_px"]), float(meta["train_long_side_px"])
-    thresholds = {DETECTION_CLASSES.index(k): v for k, v in (det.class_conf or {}).items()}
     stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
     groups = [stems[i:i + 4] for i in range(0, len(stems) - 3, 4)]
     modes = ("as_is", "rescaled")
@@ -101,10 +103,10 @@ def main() -> None:
         targets += [g[1] for g in gts]
         native_counts = [d.label for f in fields for d in det.predict(f)]
         est = estimate_rbc_diameter(canvas)
-        factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est)
+        factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est, tolerance=0.0)  # as the pipeline
         sizes = {"as_is": None, "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
                                                                 train_long_side=long_side)}
-        row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "true_rbc_diameter": round(target / args.factor, 1),
+        row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "expected_rbc_diameter": round(target / args.factor, 1),
                "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
                "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
                "native_pred_WBC": native_counts.count("WBC"), "native_pred_RBC": native_counts.count("RBC")}
@@ -113,9 +115,9 @@ def main() -> None:
             preds = [(d.box, d.score, DETECTION_CLASSES.index(d.label)) for d in dets]
             tp = correct_matrix(preds, gts)
             stats[m].append((tp, np.array([p[1] for p in preds]), np.array([p[2] for p in preds])))
-            counted = [p for p in preds if p[1] >= thresholds.get(p[2], det.conf)]
-            row[f"{m}_WBC"] = sum(p[2] == 0 for p in counted)
-            row[f"{m}_RBC"] = sum(p[2] == 1 for p in counted)
+            counted = [d.label for d in det.predict(canvas, imgsz=sizes[m])]  # the counting thresholds, as in the pipeline
+            row[f"{m}_WBC"] = counted.count("WBC")
+            row[f"{m}_RBC"] = counted.count("RBC")
         rows.append(row)
     report: dict = {
         "protocol": f"BCCD test fields (ImageSets/Main/test.txt, {len(stems)}) shrunk {args.factor}x, tiled 2x2 on a 640x480 "

@@ -43,10 +43,13 @@ def main() -> None:
     shutil.copyfile(run / f"{args.record_stem}.safetensors", target)
     src_rec.update(name=args.name, file=target.name, sha256=sha256_file(target))
     init = (src_rec.get("training") or {}).get("pretrained")
-    if init and Path(init).with_suffix(".json").is_file():  # fine-tuned from another run: record that stage too
+    first = None
+    if init and init != "imagenet":  # fine-tuned from another run: record that stage too
+        if not Path(init).with_suffix(".json").is_file():
+            raise SystemExit(f"the run started from {init}, whose record is not there: its training cannot be recorded")
         first = json.loads(Path(init).with_suffix(".json").read_text())
         src_rec["training"]["pretrained"] = {
-            "name": first["name"], "sha256": first["sha256"], "file_at_training_time": init,
+            "name": first["name"], "sha256": first["sha256"],
             "training": {k: first["training"].get(k) for k in ("train", "val", "epochs_run", "best_epoch", "stopped", "optimizer",
                                                                "augment", "wall_minutes")},
             "history": first.get("metrics", {}).get("history"),
@@ -72,6 +75,8 @@ def main() -> None:
     rec["metrics"]["history"] = rec["metrics"].get("history", [])
     if args.protocol:
         proto = json.loads(Path(args.protocol).read_text())
+        if first is None or proto["classifier"]["sha256"] != first["sha256"]:
+            raise SystemExit(f"{args.protocol} evaluates {proto['classifier']['name']}, not this run's first stage")
         results["leave_one_lab_out_protocol"] = {
             "model": proto["classifier"]["name"], "sha256": proto["classifier"]["sha256"],
             "protocol": proto["protocol"], "summary": str(Path(args.protocol).resolve().relative_to(REPO)),

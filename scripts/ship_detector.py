@@ -62,7 +62,9 @@ def main() -> None:
     from smearpipe.scale import estimate_rbc_diameter
 
     trainval = (BCCD / "ImageSets" / "Main" / "trainval.txt").read_text().split()
-    rbc = float(np.median([estimate_rbc_diameter(read_image(BCCD / "JPEGImages" / f"{s}.jpg")) for s in trainval]))
+    fields = [read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in trainval]
+    rbc = float(np.median([estimate_rbc_diameter(f) for f in fields]))
+    long_side = float(np.median([max(f.shape[:2]) for f in fields]))
     rows = list(csv.DictReader((run / "results.csv").open()))
     last_row = {k.strip(): float(v) for k, v in rows[-1].items() if k.strip()}
 
@@ -78,8 +80,9 @@ def main() -> None:
                                    "by count exactness (WBC, platelets) and mean abs % error (RBC)"} if args.class_conf else {}),
             "rbc_diameter_px": round(rbc, 1),
             "rbc_diameter_note": "median of smearpipe.scale.estimate_rbc_diameter over the 292 training fields at their native scale",
-            "train_long_side_px": 640,
-            "train_long_side_note": "BCCD fields are 640x480 and were letterboxed to input_size in training",
+            "train_long_side_px": round(long_side),
+            "train_long_side_note": f"median long side of the training fields ({round(long_side)} px), letterboxed to "
+                                    f"input_size ({int(train_args['imgsz'])}) in training",
             "training": {
                 "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
                 "train_split": "ImageSets/Main/trainval.txt (292 fields)",

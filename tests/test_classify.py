@@ -144,7 +144,7 @@ def test_prepare_crops_preprocessing_order(bccd_root):
 
     crop = read_image(SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Neutrophil" / "BloodImage_00001_1.jpg")
     prep = Preprocessing(steps=("macenko",)).resolved()
-    native = prepare_crops([crop], size=64, preprocessing=prep)
+    native = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=False)
     resized = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=True)
     assert native.shape == resized.shape == (1, 3, 64, 64) and native.dtype == resized.dtype == np.float32
     assert not np.array_equal(native, resized)

@@ -222,15 +222,20 @@ def test_rescaling_sets_the_detector_input_size(pipe):
     # red cells of 40 px here vs 100 px at training: the 640 px field is seen as if 1600 px wide -> 1280 at 0.8
     r = analyze_smear(img, pipeline=stub, config=PipelineConfig(rbc_diameter_px=40.0))
     assert r.scale_factor == pytest.approx(2.5)
-    assert det.imgsz == 1280
+    assert det.imgsz == r.detector_imgsz == 1280
     np.testing.assert_allclose(r.detections[0].box, (100.0, 50.0, 200.0, 150.0))  # the detector's boxes, as is
     # known pixel size: 7.5 um / 0.075 um = 100 px = training scale -> the training input size
     r2 = analyze_smear(img, pipeline=stub, config=PipelineConfig(pixel_size_um=0.075))
-    assert r2.scale_factor == 1.0 and det.imgsz == 512
-    analyze_smear(img, pipeline=stub)
-    assert det.imgsz is None  # no rescaling asked: the detector's own default
+    assert r2.scale_factor == 1.0 and det.imgsz == r2.detector_imgsz == 512
+    r3 = analyze_smear(img, pipeline=stub)
+    assert det.imgsz is None and r3.detector_imgsz is None  # no rescaling asked: the detector's own default
+    assert SmearResult.from_json(r.to_json()).detector_imgsz == 1280
     with pytest.raises(ValueError, match="not both"):
         PipelineConfig(rbc_diameter_px=40.0, pixel_size_um=0.1)
+    from smearpipe.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="train_long_side_px"):  # at load time, not per field
+        load_pipeline(detector=pipe.detector, classifier=pipe.classifier, config=PipelineConfig(rescale=True))
     bare = dataclasses.replace(pipe.detector.record, metadata={})
     with pytest.raises(ValueError, match="rbc_diameter_px / train_long_side_px"):
         analyze_smear(img, pipeline=Pipeline(StubDetector([], bare), pipe.classifier), config=PipelineConfig(rescale=True))

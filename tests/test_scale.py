@@ -65,13 +65,17 @@ def test_rescale_factor():
 def test_detector_input_size():
     # the training fields themselves: 640 px long side letterboxed to 512
     assert detector_input_size((480, 640, 3), factor=1.0, input_size=512, train_long_side=640) == 512
-    # same magnification, a camera with twice the pixels: twice the input size keeps the cells' size
+    # same magnification and pixel size, a field of view twice as wide: twice the input size keeps the cells' size
     assert detector_input_size((960, 1280, 3), factor=1.0, input_size=512, train_long_side=640) == 1024
+    # same field of view on a camera with twice the pixel density: red cells twice as large (factor 0.5)
+    assert detector_input_size((960, 1280, 3), factor=0.5, input_size=512, train_long_side=640) == 512
     # red cells 2.5x smaller than at training (lower magnification): seen 2.5x larger
     assert detector_input_size((480, 640), factor=2.5, input_size=512, train_long_side=640) == 1280
     # rounded to the stride, clipped to [stride, max_size]
     assert detector_input_size((480, 650), factor=1.0, input_size=512, train_long_side=640) == 512
     assert detector_input_size((30, 40), factor=0.1, input_size=512, train_long_side=640) == 32
-    assert detector_input_size((3000, 4000), factor=4.0, input_size=512, train_long_side=640) == 4096
-    with pytest.raises(ValueError):
-        detector_input_size((480, 640), factor=0.0, input_size=512, train_long_side=640)
+    with pytest.warns(UserWarning, match="tiles"):
+        assert detector_input_size((3000, 4000), factor=4.0, input_size=512, train_long_side=640) == 4096
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            detector_input_size((480, 640), factor=bad, input_size=512, train_long_side=640)

@@ -133,13 +133,14 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                  preprocess_resized: bool = False) -> np.ndarray:
+                  preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
-    ``preprocess_resized``: resize to ``size`` first, then preprocess (what models trained with
-    ``train_classifier(preprocess_resized=True)`` expect; much cheaper on large crops). Otherwise
-    preprocess at the crop's own size, then resize.
+    ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
+    ``Classifier.preprocess_resized``): resize to ``size`` first, then preprocess (models trained with
+    ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
+    at the crop's own size, then resize. :meth:`Classifier.predict_proba` does this for you.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import DETECTION_CLASSES, square_crop
-from .errors import SmearpipeError
+from .errors import SmearpipeError, WeightsError
 from .io import ImageLike, load_image, require_image_list
 
 __all__ = [
@@ -126,7 +126,24 @@ def load_pipeline(
         raise ValueError(f"only device='cpu' is supported for inference, got {device!r}")
     det = detector if isinstance(detector, Detector) else Detector.load(detector)
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
-    return Pipeline(det, clf, config or PipelineConfig())
+    config = config or PipelineConfig()
+    if _rescaling(config):
+        _scale_metadata(det)  # fail at load time, not on every field
+    return Pipeline(det, clf, config)
+
+
+def _rescaling(cfg: PipelineConfig) -> bool:
+    return cfg.rescale or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None
+
+
+def _scale_metadata(detector: Any) -> dict[str, float]:
+    """The detector's training red-cell diameter and field size, which rescaling needs."""
+    meta = detector.record.metadata
+    missing = [k for k in ("rbc_diameter_px", "train_long_side_px") if meta.get(k) is None]
+    if missing:
+        raise WeightsError(f"detector {detector.record.name!r} records no {' / '.join(missing)} (its training red-cell "
+                           "diameter and field size in pixels): rescaling is not possible with it")
+    return {k: float(meta[k]) for k in ("rbc_diameter_px", "train_long_side_px")}
 
 
 _LIST_HINT = "for a folder use sorted(Path(folder).glob('*.jpg')), for one image use analyze_smear"
@@ -176,7 +193,8 @@ class SmearResult:
     models: dict[str, dict[str, str]]
     timings_ms: dict[str, float]
     source: str | None = None
-    scale_factor: float = 1.0  # the field was seen by the detector scaled by this factor vs its default (1.0: as is)
+    scale_factor: float = 1.0  # red-cell ratio training / this field (1.0 when rescaling is off)
+    detector_imgsz: int | None = None  # network input size the red-cell ruler chose (None: the detector's default)
 
     @property
     def differential_percent(self) -> dict[str, float]:
@@ -197,6 +215,7 @@ class SmearResult:
             "differential": dict(self.differential), "differential_percent": self.differential_percent,
             "detections": [d.to_dict() for d in self.detections], "models": self.models,
             "timings_ms": dict(self.timings_ms), "scale_factor": self.scale_factor,
+            "detector_imgsz": self.detector_imgsz,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -207,7 +226,7 @@ class SmearResult:
         return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
                    differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
                    models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
-                   scale_factor=float(d.get("scale_factor", 1.0)))
+                   scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
 
     @classmethod
     def from_json(cls, text: str) -> SmearResult:
@@ -233,7 +252,10 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     Raises
     ------
     SmearpipeError
-        Unreadable or invalid image (``ImageReadError`` / ``InvalidImageError``), missing weights.
+        Unreadable or invalid image (``ImageReadError`` / ``InvalidImageError``), missing weights
+        (``WeightsError``, also for rescaling with a detector whose record lacks the training scale),
+        and, with rescaling from the field itself, a field without measurable red cells
+        (``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
 
     Examples
     --------
@@ -247,19 +269,18 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     h, w = rgb.shape[:2]
     factor, imgsz = 1.0, None
-    if cfg.rescale or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None:
+    if _rescaling(cfg):
         from .scale import detector_input_size, rescale_factor
 
-        meta = p.detector.record.metadata
-        missing = [k for k in ("rbc_diameter_px", "train_long_side_px") if meta.get(k) is None]
-        if missing:
-            raise ValueError(f"detector {p.detector.record.name!r} records no {' / '.join(missing)}: rescaling is not possible")
-        factor = rescale_factor(rgb, target_rbc_diameter=float(meta["rbc_diameter_px"]), rbc_diameter_px=cfg.rbc_diameter_px,
-                                pixel_size_um=cfg.pixel_size_um)
+        meta = _scale_metadata(p.detector)
+        # no snapping to 1.0: changing the input size costs nothing, unlike resampling the field
+        factor = rescale_factor(rgb, target_rbc_diameter=meta["rbc_diameter_px"], rbc_diameter_px=cfg.rbc_diameter_px,
+                                pixel_size_um=cfg.pixel_size_um, tolerance=0.0)
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
-                                    train_long_side=float(meta["train_long_side_px"]))
+                                    train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()
-    # the field is letterboxed to imgsz (its training scale); boxes come back in its own pixels
+    # the field is letterboxed to imgsz (its training scale); boxes come back in its own pixels.
+    # imgsz is passed only when set, so detectors without that argument still work without rescaling.
     size_arg = {} if imgsz is None else {"imgsz": imgsz}
     dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, **size_arg)
     t2 = time.perf_counter()
@@ -295,9 +316,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         if c.wbc_type is not None:
             differential[c.wbc_type] += 1
     t5 = time.perf_counter()
-    timings = {"read": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3, "crop": (t3 - t2) * 1e3,
+    timings = {"read_and_scale": (t1 - t0) * 1e3, "detect": (t2 - t1) * 1e3, "crop": (t3 - t2) * 1e3,
                "classify": (t4 - t3) * 1e3, "assemble": (t5 - t4) * 1e3, "total": (t5 - t0) * 1e3}
-    return SmearResult(tuple(cells), counts, differential, (w, h), p.models, timings, source, factor)
+    return SmearResult(tuple(cells), counts, differential, (w, h), p.models, timings, source, factor, imgsz)
 
 
 # ----------------------------------------------------------------------------- slides

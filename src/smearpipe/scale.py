@@ -2,8 +2,9 @@
 
 Normal red cells are ~7.5 um wide in every lab, so their median diameter in pixels tells a field's
 magnification. :func:`estimate_rbc_diameter` measures it without a detector (so it also works at
-magnifications the detector never saw), and :func:`rescale_factor` says how much to resize a field so
-that its red cells match the detector's training scale.
+magnifications the detector never saw), :func:`rescale_factor` says by how much a field's scale differs
+from the detector's training scale, and :func:`detector_input_size` turns that into the detector input
+size at which the field is seen at training scale (the pipeline's ``rescale`` option).
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def rescale_factor(
     pixel_size_um: float | None = None,
     tolerance: float = 0.15,
 ) -> float:
-    """Factor to resize ``image`` by so that its red cells measure ``target_rbc_diameter`` pixels.
+    """Factor by which ``image`` must be scaled so that its red cells measure ``target_rbc_diameter`` pixels.
 
     The field's red-cell diameter comes from ``rbc_diameter_px`` if given, else from ``pixel_size_um``
     (7.5 um / pixel size), else from :func:`estimate_rbc_diameter`. Returns 1.0 when the scales agree
-    within ``tolerance`` (no resampling for small differences).
+    within ``tolerance`` (for callers that resample the image and want to skip small changes; the
+    pipeline passes 0 because it only changes the detector's input size).
     """
     if rbc_diameter_px is not None and pixel_size_um is not None:
         raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
@@ -143,10 +145,44 @@ def detector_input_size(
     fields with a long side of ``train_long_side`` pixels letterboxed to ``input_size``; a field whose
     red cells must be scaled by ``factor`` (:func:`rescale_factor`) to match the training fields is
     therefore seen at training scale at ``max(h, w) * factor * input_size / train_long_side``, rounded
-    to the network stride and clipped to ``[stride, max_size]``. Boxes still come back in the field's
-    own pixels (the letterbox is undone by the detector).
+    to the network stride. Boxes still come back in the field's own pixels (the detector undoes the
+    letterbox).
+
+    Parameters
+    ----------
+    image_shape : tuple
+        ``(H, W, ...)`` of the field.
+    factor : float
+        Red-cell diameter at training / in this field.
+    input_size, train_long_side : float
+        The detector's training input size and its training fields' long side (record keys
+        ``input_size``, ``train_long_side_px``).
+    stride, max_size : int
+        Result rounded to ``stride`` and at most ``max_size`` (memory): a larger need is clipped with
+        a warning; split such a field into tiles.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> detector_input_size((480, 640), factor=2.5, input_size=512, train_long_side=640)
+    1280
     """
-    if not factor > 0 or not input_size > 0 or not train_long_side > 0:
-        raise ValueError(f"factor, input_size and train_long_side must be > 0, got {factor}, {input_size}, {train_long_side}")
+    import warnings
+
+    values = (factor, input_size, train_long_side)
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"factor, input_size and train_long_side must be finite and > 0, got {values}")
+    if stride < 1 or max_size < stride:
+        raise ValueError(f"need 1 <= stride <= max_size, got stride={stride}, max_size={max_size}")
     long_side = max(image_shape[:2]) * factor * input_size / train_long_side
-    return int(min(max(stride * round(long_side / stride), stride), max_size // stride * stride))
+    size = max(stride * round(long_side / stride), stride)
+    limit = max_size // stride * stride
+    if size > limit:
+        warnings.warn(f"the field would need a detector input of {size} px to be seen at training scale; clipped to "
+                      f"{limit} px, so its cells are seen {limit / size:.2f}x smaller (split the field into tiles)",
+                      stacklevel=2)
+        size = limit
+    return int(size)

@@ -534,8 +534,10 @@ def train_classifier(
     crop_scale : float
         Crop side relative to the detector box used when cutting crops (recorded for the pipeline).
     preprocess_resized : bool
-        Resize each crop first, then preprocess (recorded; inference does the same). Macenko on a
-        small image is far cheaper than on a 360 px crop. False: preprocess at native size.
+        Resize each crop first, then preprocess (recorded; inference resizes to ``input_size`` and
+        then preprocesses, training crops are preprocessed at the cache size before random resized
+        crops). Macenko on a small image is far cheaper than on a 360 px crop; pixel-sized steps
+        (median kernel, CLAHE tiles) then act on the small image. False: preprocess at native size.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -576,6 +578,8 @@ def train_classifier(
         raise ValueError(f"rebalance must be 'sampler', 'loss' or 'none', got {rebalance!r}")
     if input_size < 32 or epochs < 1 or batch_size < 1:
         raise ValueError(f"input_size >= 32, epochs >= 1, batch_size >= 1 required, got {input_size}, {epochs}, {batch_size}")
+    if not (isinstance(cache_scale, (int, float)) and cache_scale >= 1):
+        raise ValueError(f"cache_scale must be a number >= 1, got {cache_scale!r}")
     train_sources, val_sources = [_as_source(s) for s in train], [_as_source(s) for s in val]
     if not train_sources or not val_sources:
         raise ValueError("train and val need at least one source each")
@@ -595,15 +599,15 @@ def train_classifier(
         if not (run_dir / "checkpoint.pt").is_file():
             raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
         saved = json.loads((run_dir / "run_config.json").read_text())
-        differs = sorted(k for k in config if k != "epochs" and saved.get(k) != json.loads(json.dumps(config[k])))
+        # runs started before an option existed ran with its old behaviour
+        before = {"preprocess_resized": False, "cache_scale": 1.15}
+        differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
         if differs:
             raise ValueError(f"resume with other settings than the run was started with: {differs}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
 
-    if cache_scale < 1:
-        raise ValueError(f"cache_scale must be >= 1, got {cache_scale}")
     cache_size = int(round(input_size * cache_scale)) if aug else input_size
     # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
     import hashlib
