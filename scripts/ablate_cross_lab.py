@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "ablation"))
     ap.add_argument("--report", default=str(REPO / "reports" / "cross_lab" / "ablation.json"))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0, help="training seed (results are stored as <variant>-seed<N> if N != 0)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,10 +82,11 @@ def main() -> None:
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     protocol = (f"pilot: every {args.every}th PBC train image ({len(train_rows)}), {args.epochs} epochs, 64 px, "
                 "then all 351 BCCD crops and PBC test")
-    for name in args.variants:
-        opts = {"augment": RECIPE, **VARIANTS[name]}
+    for variant in args.variants:
+        name = variant if args.seed == 0 else f"{variant}-seed{args.seed}"
+        opts = {"augment": RECIPE, **VARIANTS[variant]}
         res = train_classifier(train, val, input_size=64, epochs=args.epochs, out_dir=out, name=name, crop_scale=1.75,
-                               cache_scale=1.5, num_workers=1, patience=args.epochs, **opts)
+                               cache_scale=1.5, num_workers=1, patience=args.epochs, seed=args.seed, **opts)
         clf = Classifier.load(res.weights)
         report.setdefault("variants", {})[name] = {
             "protocol": protocol, "bccd_all_crops": accuracy(clf, bccd), "pbc_test": accuracy(clf, pbc_test),
