@@ -19,6 +19,7 @@ from pathlib import Path
 
 from smearpipe.augment import AugmentConfig
 from smearpipe.datasets import extract_wbc_crops
+from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pbc-only", action="store_true", help="train on PBC only (leave-one-lab-out protocol)")
     ap.add_argument("--record-name", default="classifier")
+    ap.add_argument("--no-macenko", action="store_true", help="no per-crop Macenko normalisation (see scripts/ablate_cross_lab.py)")
+    ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     args = ap.parse_args()
     out = Path(args.out)
     pbc_root = str(SHARED / "pbc" / "PBC_dataset_normal_DIB")
@@ -65,7 +68,8 @@ def main() -> None:
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, augment=AUGMENT,
-                              cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1)
+                              cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
+                              resume=args.resume, **({"preprocessing": Preprocessing()} if args.no_macenko else {}))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
 
 
