@@ -22,13 +22,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-
 from smearpipe.augment import AugmentConfig
 from smearpipe.classify import Classifier
-from smearpipe.io import read_image
+from smearpipe.evaluate import evaluate_classifier
 from smearpipe.preprocess import Preprocessing
-from smearpipe.train import CropSource, center_crop, train_classifier
+from smearpipe.train import CropSource, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -43,15 +41,10 @@ VARIANTS = {
 }
 
 
-def accuracy(clf: Classifier, source: CropSource) -> dict:
-    from sklearn.metrics import f1_score
-
-    items = source.samples(clf.classes)
-    proba = np.concatenate([clf.predict_proba([center_crop(read_image(p), source.center_fraction) for p, _ in items[i:i + 128]])
-                            for i in range(0, len(items), 128)])
-    y, pred = np.array([c for _, c in items]), proba.argmax(1)
-    return {"n": len(y), "accuracy": float((pred == y).mean()), "macro_f1": float(f1_score(y, pred, average="macro")),
-            "recall": {c: float((pred[y == k] == k).mean()) for k, c in enumerate(clf.classes) if (y == k).any()}}
+def evaluate(clf: Classifier, source: CropSource, out_dir: Path) -> dict:
+    m = evaluate_classifier(source, classifier=clf, out_dir=out_dir, overwrite=True)
+    return {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "recall": {c: v["recall"] for c, v in m["per_class"].items() if v["support"] > 0}}
 
 
 def main() -> None:
@@ -89,7 +82,8 @@ def main() -> None:
                                cache_scale=1.5, num_workers=1, patience=args.epochs, seed=args.seed, **opts)
         clf = Classifier.load(res.weights)
         report.setdefault("variants", {})[name] = {
-            "protocol": protocol, "bccd_all_crops": accuracy(clf, bccd), "pbc_test": accuracy(clf, pbc_test),
+            "protocol": protocol, "bccd_all_crops": evaluate(clf, bccd, res.run_dir / "eval_bccd_all_crops"),
+            "pbc_test": evaluate(clf, pbc_test, res.run_dir / "eval_pbc_test"),
             "best_val_macro_f1": res.best_val_macro_f1, "minutes": res.history[-1]["minutes"]}
         print(name, json.dumps({k: report["variants"][name][k]["accuracy"] for k in ("bccd_all_crops", "pbc_test")}), flush=True)
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ class StubDetector:
         self.detections = detections
         self.record = record
 
-    def predict(self, image, *, conf=None, iou=None):
+    def predict(self, image, *, conf=None, iou=None, imgsz=None):
         return list(self.detections)
 
 

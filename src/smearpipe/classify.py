@@ -27,7 +27,8 @@ from .io import to_rgb_uint8
 from .preprocess import Preprocessing
 from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
 
-__all__ = ["build_vgg16", "Classifier", "load_imagenet_features", "IMAGENET_MEAN", "IMAGENET_STD", "prepare_crops"]
+__all__ = ["build_vgg16", "Classifier", "load_imagenet_features", "IMAGENET_MEAN", "IMAGENET_STD", "prepare_crops",
+           "resize_preprocessed"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,15 +147,22 @@ def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Prep
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
-        rgb = to_rgb_uint8(crop, name=f"crop {i}")
-        if not preprocess_resized:
-            rgb = preprocessing(rgb)
-        interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (size, size), interpolation=interp)
-        if preprocess_resized:
-            rgb = preprocessing(rgb)
+        rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {i}"), size=size, preprocessing=preprocessing,
+                                  preprocess_resized=preprocess_resized)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
+
+
+def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool) -> np.ndarray:
+    """One RGB uint8 crop -> ``(size, size, 3)`` uint8, preprocessed before or after resizing.
+
+    The single place that fixes the order, used both for training crops and at inference.
+    """
+    if not preprocess_resized:
+        rgb = preprocessing(rgb)
+    interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
+    rgb = cv2.resize(rgb, (size, size), interpolation=interp)
+    return preprocessing(rgb) if preprocess_resized else rgb
 
 
 def _bf16_supported() -> bool:

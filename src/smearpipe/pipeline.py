@@ -279,10 +279,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
                                     train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()
-    # the field is letterboxed to imgsz (its training scale); boxes come back in its own pixels.
-    # imgsz is passed only when set, so detectors without that argument still work without rescaling.
-    size_arg = {} if imgsz is None else {"imgsz": imgsz}
-    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, **size_arg)
+    # the field is letterboxed to imgsz (its training scale; None: the detector's own); boxes come back in its pixels
+    dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
     t2 = time.perf_counter()
     wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
     scale = cfg.crop_scale or p.classifier.crop_scale

@@ -423,8 +423,9 @@ def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
 def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, prep: Preprocessing,
                 desc: str, resized_first: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode, centre-crop, preprocess and resize every crop once: (N, size, size, 3) uint8, labels, source ids."""
-    import cv2
     from tqdm.auto import tqdm
+
+    from .classify import resize_preprocessed
 
     items = [(p, y, si) for si, src in enumerate(sources) for p, y in src.samples(classes)]
     images = np.empty((len(items), size, size, 3), np.uint8)
@@ -433,11 +434,8 @@ def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, 
             img = read_image(path)
         except ImageReadError as exc:
             raise DatasetError(f"cannot read crop: {exc}") from None
-        img = center_crop(img, sources[si].center_fraction)
-        if not resized_first:
-            img = prep(img)
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR)
-        images[i] = prep(img) if resized_first else img
+        images[i] = resize_preprocessed(center_crop(img, sources[si].center_fraction), size=size, preprocessing=prep,
+                                        preprocess_resized=resized_first)
     labels = np.array([y for _, y, _ in items], np.int64)
     src_ids = np.array([si for _, _, si in items], np.int64)
     return images, labels, src_ids
