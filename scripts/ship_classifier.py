@@ -28,6 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 
 
+def run_minutes(history: list[dict], recorded: float) -> float:
+    """Wall minutes of a run from its epoch history.
+
+    Runs resumed before ``train_classifier`` carried the clock over restarted ``minutes`` at the
+    resume; each segment's last value is then added.
+    """
+    total, last = 0.0, 0.0
+    for h in history:
+        if h["minutes"] < last:  # a resume restarted the clock
+            total += last
+        last = h["minutes"]
+    return total + last if history else recorded
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -54,7 +68,9 @@ def main() -> None:
                                                                "augment", "wall_minutes")},
             "history": first.get("metrics", {}).get("history"),
         }
-        src_rec["training"]["wall_minutes_total"] = round(first["training"]["wall_minutes"] + src_rec["training"]["wall_minutes"], 1)
+        stage1 = run_minutes(first.get("metrics", {}).get("history") or [], first["training"]["wall_minutes"])
+        src_rec["training"]["pretrained"]["training"]["wall_minutes"] = round(stage1, 1)
+        src_rec["training"]["wall_minutes_total"] = round(stage1 + src_rec["training"]["wall_minutes"], 1)
     target.with_suffix(".json").write_text(json.dumps(src_rec, indent=2) + "\n")
 
     crop_scale = float(src_rec.get("crop_scale", 1.75))

@@ -22,13 +22,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import InvalidImageError, WeightsError
+from .errors import DatasetError, InvalidImageError, WeightsError
+from .framing import frame_cell
 from .io import to_rgb_uint8
 from .preprocess import Preprocessing
 from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
 
 __all__ = ["build_vgg16", "Classifier", "load_imagenet_features", "IMAGENET_MEAN", "IMAGENET_STD", "prepare_crops",
-           "resize_preprocessed"]
+           "resize_preprocessed", "adapt_batchnorm", "MIN_ADAPT_CROPS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,29 +136,34 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
                   preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+                  std: Sequence[float] = IMAGENET_STD, frame_margin: float | None = None) -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
     ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
     ``Classifier.preprocess_resized``): resize to ``size`` first, then preprocess (models trained with
     ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
-    at the crop's own size, then resize. :meth:`Classifier.predict_proba` does this for you.
+    at the crop's own size, then resize. ``frame_margin``: first re-cut each crop around its nucleus
+    (:func:`~smearpipe.framing.frame_cell`; pass ``Classifier.frame_margin``). :meth:`Classifier.predict_proba`
+    does all this for you.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
         rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {i}"), size=size, preprocessing=preprocessing,
-                                  preprocess_resized=preprocess_resized)
+                                  preprocess_resized=preprocess_resized, frame_margin=frame_margin)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
 
 
-def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool) -> np.ndarray:
-    """One RGB uint8 crop -> ``(size, size, 3)`` uint8, preprocessed before or after resizing.
+def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool,
+                        frame_margin: float | None = None) -> np.ndarray:
+    """One RGB uint8 crop -> ``(size, size, 3)`` uint8: framed (optional), preprocessed before or after resizing.
 
     The single place that fixes the order, used both for training crops and at inference.
     """
+    if frame_margin is not None:
+        rgb = frame_cell(rgb, frame_margin)
     if not preprocess_resized:
         rgb = preprocessing(rgb)
     interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
@@ -226,6 +232,12 @@ class Classifier:
         return bool(self.record.metadata.get("preprocess_resized", False))
 
     @property
+    def frame_margin(self) -> float | None:
+        """Crops are re-cut around the nucleus with this margin before resizing (None: used as cut)."""
+        m = self.record.metadata.get("frame_margin")
+        return None if m is None else float(m)
+
+    @property
     def crop_scale(self) -> float:
         """Crop side relative to the detector box that the model was trained with."""
         return float(self.record.metadata.get("crop_scale", 2.0))
@@ -272,7 +284,8 @@ class Classifier:
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
                                                    preprocessing=self.preprocessing, mean=self.mean, std=self.std,
-                                                   preprocess_resized=self.preprocess_resized))
+                                                   preprocess_resized=self.preprocess_resized,
+                                                   frame_margin=self.frame_margin))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)
@@ -329,3 +342,77 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
     )
     rec.write(path.with_suffix(".json"), overwrite=overwrite)
     return rec
+
+
+MIN_ADAPT_CROPS = 32
+
+
+def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Sequence[np.ndarray], *,
+                    out_dir: str | os.PathLike, name: str, batch_size: int = 64) -> Classifier:
+    """Calibrate a classifier to another lab without labels: re-estimate its batch-norm statistics.
+
+    A network trained in one lab normalises every layer with that lab's feature statistics; under another
+    stain and camera they are off, and whole classes collapse into one. AdaBN [3]_ replaces each
+    batch-norm layer's running mean and variance by those of the new lab's crops (no labels, no
+    gradient step); the learned weights stay. Give it the WBC crops of a few slides of the new lab
+    (cut as :func:`~smearpipe.pipeline.analyze_smear` cuts them, or any crops around one WBC), a
+    few hundred covering the usual mix of types; then use the written weights for that lab only.
+
+    Parameters
+    ----------
+    classifier : Classifier, name or path, or None for the shipped default
+    crops : list of (H, W, 3) uint8 ndarray
+        Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS`.
+    out_dir, name :
+        Writes ``out_dir/name.safetensors`` and its record (never overwrites). The record keeps
+        the source's record and says what it was adapted on.
+
+    Returns
+    -------
+    Classifier
+        The adapted classifier, loaded from the written file.
+
+    Raises
+    ------
+    DatasetError
+        Fewer than :data:`MIN_ADAPT_CROPS` crops.
+    InvalidImageError
+        A crop that is not an image.
+
+    References
+    ----------
+    .. [3] Y. Li et al., "Revisiting batch normalization for practical domain adaptation", ICLR
+       workshop 2017 (arXiv:1603.04779).
+    """
+    import copy
+
+    import torch
+
+    clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
+    crops = list(crops)
+    if len(crops) < MIN_ADAPT_CROPS:
+        raise DatasetError(f"adapt_batchnorm needs at least {MIN_ADAPT_CROPS} crops of the new lab, got {len(crops)}")
+    model = copy.deepcopy(clf.model).float().to(memory_format=torch.contiguous_format)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise WeightsError(f"{clf.name} has no batch-norm layers to adapt")
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches: the order of crops does not matter
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(crops), batch_size):
+            x = torch.from_numpy(prepare_crops(crops[i:i + batch_size], size=clf.input_size, preprocessing=clf.preprocessing,
+                                               mean=clf.mean, std=clf.std, preprocess_resized=clf.preprocess_resized,
+                                               frame_margin=clf.frame_margin))
+            model.features(x)  # the head has no batch norm
+    model.eval()
+    meta = dict(clf.record.metadata)
+    for key in ("dtype",):
+        meta.pop(key, None)
+    meta["adapted"] = {"method": "AdaBN: batch-norm running statistics re-estimated on unlabelled crops",
+                       "from": clf.name, "from_sha256": clf.record.sha256, "n_crops": len(crops)}
+    meta.pop("metrics", None)  # the source's test metrics do not describe the adapted model
+    save_classifier(model, {"classes": clf.classes, "input_size": clf.input_size, "preprocessing": clf.preprocessing, **meta},
+                    out_dir, name)
+    return Classifier.load(Path(out_dir) / f"{name}.safetensors")

@@ -59,6 +59,43 @@ def _cmd_convert_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[Path]:
+    """Files as given; folders expanded to their images (sorted; with ``recursive``, sub-folders too)."""
+    suffixes = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+    paths: list[Path] = []
+    for raw in raw_paths:
+        p = Path(raw)
+        if p.is_dir():
+            paths += sorted(f for f in (p.rglob("*") if recursive else p.iterdir()) if f.suffix.lower() in suffixes)
+        else:
+            paths.append(p)
+    return paths
+
+
+def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
+    from .classify import adapt_batchnorm
+    from .io import read_image
+
+    paths = _image_paths(args.paths, recursive=True)
+    if args.fields:
+        from .datasets import square_crop
+        from .pipeline import analyze_smear, load_pipeline
+
+        pipeline = load_pipeline(detector=args.detector, classifier=args.classifier)
+        scale = pipeline.classifier.crop_scale
+        crops = []
+        for path in paths:  # the WBCs analyze_smear reports, cut as it cuts them
+            rgb = read_image(path)
+            crops += [square_crop(rgb, c.box, scale=scale) for c in analyze_smear(rgb, pipeline=pipeline).wbcs]
+        classifier = pipeline.classifier
+    else:
+        crops, classifier = [read_image(p) for p in paths], args.classifier
+    clf = adapt_batchnorm(classifier, crops, out_dir=args.out, name=args.name)
+    print(f"adapted {clf.record.metadata['adapted']['from']} on {len(crops)} WBC crops from {len(paths)} images -> "
+          f"{clf.record.path}")
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import csv
 
@@ -71,13 +108,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if existing:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
-    paths = []
-    for raw in args.paths:
-        p = Path(raw)
-        if p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
-        else:
-            paths.append(p)
+    paths = _image_paths(args.paths)
     config = PipelineConfig(det_conf=args.conf)
     pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
     results, errors = [], []
@@ -157,7 +188,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
-                           pretrained=args.pretrained, freeze_features=args.freeze_features)
+                           pretrained=args.pretrained, freeze_features=args.freeze_features,
+                           frame_margin=args.frame_margin)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -238,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
+    p.add_argument("--frame-margin", type=float, default=None,
+                   help="re-cut every crop around its nucleus, this many times its extent (e.g. 1.6), in training "
+                        "and at inference: independent of magnification and crop framing")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")
@@ -246,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval_classifier")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_evaluate_classifier)
+
+    p = sub.add_parser("adapt-classifier", help="calibrate the classifier to your lab on unlabelled WBC crops (AdaBN)")
+    p.add_argument("paths", nargs="+", help="WBC crop images or folders of them (searched recursively)")
+    p.add_argument("--fields", action="store_true", help="the images are smear fields: cut WBC crops with the detector")
+    p.add_argument("--out", required=True, help="folder for NAME.safetensors and its record (never overwritten)")
+    p.add_argument("--name", required=True, help="name of the adapted weights, e.g. classifier-mylab")
+    p.add_argument("--classifier", default=None, help="weights to adapt: name or .safetensors path (default: shipped)")
+    p.add_argument("--detector", default=None, help="with --fields: detector name or .pt path (default: shipped)")
+    p.set_defaults(func=_cmd_adapt_classifier)
     return parser
 
 
