@@ -135,7 +135,7 @@ def main() -> None:
     pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="test", splits_csv=str(SHARED / "pbc" / "splits.csv"),
                      center_fraction=0.7, name="pbc-test")
     summary = {"classifier": {"name": clf.name, "sha256": clf.record.sha256, "input_size": clf.input_size,
-                              "preprocessing": clf.preprocessing.to_dict(), "frame_margin": clf.frame_margin, "training": {k: training.get(k) for k in (
+                              "preprocessing": clf.preprocessing.to_dict(), "training": {k: training.get(k) for k in (
                                   "train", "val", "epochs_run", "best_epoch", "augment", "wall_minutes")}},
                "protocol": f"train: {[s.get('name') for s in training.get('train', [])]} (val: "
                            f"{[s.get('name') for s in training.get('val', [])]}); test: all crops of bccd_wbc_subtypes "

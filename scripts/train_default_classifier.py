@@ -53,8 +53,6 @@ def main() -> None:
     ap.add_argument("--record-name", default="classifier")
     ap.add_argument("--no-macenko", action="store_true", help="no per-crop Macenko normalisation (see scripts/ablate_cross_lab.py)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
-    ap.add_argument("--frame-margin", type=float, default=None,
-                    help="re-cut crops around the nucleus (smearpipe.framing.frame_cell), e.g. 1.6")
     args = ap.parse_args()
     out = Path(args.out)
     pbc_root = str(SHARED / "pbc" / "PBC_dataset_normal_DIB")
@@ -71,7 +69,7 @@ def main() -> None:
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, augment=AUGMENT,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
-                              resume=args.resume, frame_margin=args.frame_margin, **({"preprocessing": Preprocessing()} if args.no_macenko else {}))
+                              resume=args.resume, **({"preprocessing": Preprocessing()} if args.no_macenko else {}))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
 
 

@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 
 from .errors import DatasetError, InvalidImageError, WeightsError
-from .framing import frame_cell
 from .io import to_rgb_uint8
 from .preprocess import Preprocessing
 from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
@@ -136,34 +135,29 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
                   preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD, frame_margin: float | None = None) -> np.ndarray:
+                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
     ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
     ``Classifier.preprocess_resized``): resize to ``size`` first, then preprocess (models trained with
     ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
-    at the crop's own size, then resize. ``frame_margin``: first re-cut each crop around its nucleus
-    (:func:`~smearpipe.framing.frame_cell`; pass ``Classifier.frame_margin``). :meth:`Classifier.predict_proba`
-    does all this for you.
+    at the crop's own size, then resize. :meth:`Classifier.predict_proba` does this for you.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
         rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {i}"), size=size, preprocessing=preprocessing,
-                                  preprocess_resized=preprocess_resized, frame_margin=frame_margin)
+                                  preprocess_resized=preprocess_resized)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
 
 
-def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool,
-                        frame_margin: float | None = None) -> np.ndarray:
-    """One RGB uint8 crop -> ``(size, size, 3)`` uint8: framed (optional), preprocessed before or after resizing.
+def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool) -> np.ndarray:
+    """One RGB uint8 crop -> ``(size, size, 3)`` uint8, preprocessed before or after resizing.
 
     The single place that fixes the order, used both for training crops and at inference.
     """
-    if frame_margin is not None:
-        rgb = frame_cell(rgb, frame_margin)
     if not preprocess_resized:
         rgb = preprocessing(rgb)
     interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
@@ -232,12 +226,6 @@ class Classifier:
         return bool(self.record.metadata.get("preprocess_resized", False))
 
     @property
-    def frame_margin(self) -> float | None:
-        """Crops are re-cut around the nucleus with this margin before resizing (None: used as cut)."""
-        m = self.record.metadata.get("frame_margin")
-        return None if m is None else float(m)
-
-    @property
     def crop_scale(self) -> float:
         """Crop side relative to the detector box that the model was trained with."""
         return float(self.record.metadata.get("crop_scale", 2.0))
@@ -284,8 +272,7 @@ class Classifier:
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
                                                    preprocessing=self.preprocessing, mean=self.mean, std=self.std,
-                                                   preprocess_resized=self.preprocess_resized,
-                                                   frame_margin=self.frame_margin))
+                                                   preprocess_resized=self.preprocess_resized))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)
@@ -403,8 +390,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
             x = torch.from_numpy(prepare_crops(crops[i:i + batch_size], size=clf.input_size, preprocessing=clf.preprocessing,
-                                               mean=clf.mean, std=clf.std, preprocess_resized=clf.preprocess_resized,
-                                               frame_margin=clf.frame_margin))
+                                               mean=clf.mean, std=clf.std, preprocess_resized=clf.preprocess_resized))
             model.features(x)  # the head has no batch norm
     model.eval()
     meta = dict(clf.record.metadata)

@@ -188,8 +188,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
-                           pretrained=args.pretrained, freeze_features=args.freeze_features,
-                           frame_margin=args.frame_margin)
+                           pretrained=args.pretrained, freeze_features=args.freeze_features)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -270,9 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
-    p.add_argument("--frame-margin", type=float, default=None,
-                   help="re-cut every crop around its nucleus, this many times its extent (e.g. 1.6), in training "
-                        "and at inference: independent of magnification and crop framing")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")
