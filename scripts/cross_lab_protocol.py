@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def summarize(m: dict) -> dict:
             "confusion_matrix": m["confusion_matrix"]}
 
 
-def by_bccd_split(predictions_csv: Path) -> dict:
+def by_bccd_split(predictions_csv: Path, classes: tuple[str, ...]) -> dict:
     """Accuracy and macro-F1 of the BCCD crops grouped by the official split of the field they come from.
 
     Choices between recipes are made on the crops of BCCD train/val fields ("dev"); the crops of BCCD
@@ -69,18 +70,21 @@ def by_bccd_split(predictions_csv: Path) -> dict:
         if pairs:
             y, p = zip(*pairs, strict=True)
             out[split] = {"n": len(y), "accuracy": float(np.mean(np.array(y) == np.array(p))),
-                          "macro_f1": float(f1_score(y, p, average="macro")),
+                          "macro_f1": float(f1_score(y, p, labels=list(classes), average="macro", zero_division=0)),
                           "support": {c: y.count(c) for c in sorted(set(y))}}
     return out
 
 
+@lru_cache(maxsize=1)
+def _bccd_split_of() -> dict[str, str]:
+    main = SHARED / "bccd" / "BCCD" / "ImageSets" / "Main"
+    return {line.strip(): split for split in ("train", "val", "test")
+            for line in (main / f"{split}.txt").read_text().splitlines() if line.strip()}
+
+
 def field_split(path: Path) -> str:
     """Official BCCD split of the field a ``bccd_wbc_subtypes`` crop was cut from."""
-    main = SHARED / "bccd" / "BCCD" / "ImageSets" / "Main"
-    if not hasattr(field_split, "cache"):
-        field_split.cache = {line.strip(): split for split in ("train", "val", "test")  # type: ignore[attr-defined]
-                             for line in (main / f"{split}.txt").read_text().splitlines() if line.strip()}
-    return field_split.cache.get(Path(path).stem.rsplit("_", 1)[0], "not_in_bccd")  # type: ignore[attr-defined]
+    return _bccd_split_of().get(Path(path).stem.rsplit("_", 1)[0], "not_in_bccd")
 
 
 def adabn(clf: Classifier, source: CropSource) -> dict:
@@ -106,7 +110,8 @@ def adabn(clf: Classifier, source: CropSource) -> dict:
     def scores(model: Classifier, keep: np.ndarray) -> dict:
         pred = model.predict_proba([c for c, k in zip(crops, keep, strict=True) if k]).argmax(1)
         yk = y[keep]
-        return {"n": int(keep.sum()), "accuracy": float((pred == yk).mean()), "macro_f1": float(f1_score(yk, pred, average="macro")),
+        return {"n": int(keep.sum()), "accuracy": float((pred == yk).mean()), "macro_f1": float(f1_score(yk, pred, labels=list(range(len(clf.classes))), average="macro",
+                                                                          zero_division=0)),
                 "recall": {c: {"recall": float((pred[yk == k] == k).mean()) if (yk == k).any() else None,
                                "support": int((yk == k).sum())} for k, c in enumerate(clf.classes)}}
 
@@ -141,7 +146,7 @@ def main() -> None:
                            f"{[s.get('name') for s in training.get('val', [])]}); test: all crops of bccd_wbc_subtypes "
                            "(another lab) and PBC test"}
     summary["bccd_all_crops"] = summarize(evaluate_classifier(bccd, classifier=clf, out_dir=out / "bccd_all_crops", overwrite=True))
-    summary["bccd_by_field_split"] = by_bccd_split(out / "bccd_all_crops" / "predictions.csv")
+    summary["bccd_by_field_split"] = by_bccd_split(out / "bccd_all_crops" / "predictions.csv", clf.classes)
     summary["pbc_test"] = summarize(evaluate_classifier(pbc, classifier=clf, out_dir=out / "pbc_test", overwrite=True))
     if args.adabn:
         summary["bccd_adabn"] = adabn(clf, bccd)

@@ -29,17 +29,17 @@ SHARED = REPO.parent / "shared" / "datasets"
 
 
 def run_minutes(history: list[dict], recorded: float) -> float:
-    """Wall minutes of a run from its epoch history.
+    """Wall minutes of a run from its epoch history, or ``recorded`` if that is larger.
 
-    Runs resumed before ``train_classifier`` carried the clock over restarted ``minutes`` at the
-    resume; each segment's last value is then added.
+    Before ``train_classifier`` carried its clock over a resume, a resumed run's ``minutes`` started
+    again from zero: the last value of each such segment is added.
     """
     total, last = 0.0, 0.0
     for h in history:
         if h["minutes"] < last:  # a resume restarted the clock
             total += last
         last = h["minutes"]
-    return total + last if history else recorded
+    return max(total + last, recorded)
 
 
 def main() -> None:

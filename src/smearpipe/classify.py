@@ -334,6 +334,10 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
 MIN_ADAPT_CROPS = 32
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the batch-norm layer being measured has seen its input."""
+
+
 def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Sequence[np.ndarray], *,
                     out_dir: str | os.PathLike, name: str, batch_size: int = 64) -> Classifier:
     """Calibrate a classifier to another lab without labels: re-estimate its batch-norm statistics.
@@ -345,14 +349,20 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     (cut as :func:`~smearpipe.pipeline.analyze_smear` cuts them, or any crops around one WBC), a
     few hundred covering the usual mix of types; then use the written weights for that lab only.
 
+    The statistics are exact, layer by layer: each layer's input is measured over all crops with the
+    layers before it already adapted, so the result does not depend on ``batch_size`` or crop order.
+
     Parameters
     ----------
     classifier : Classifier, name or path, or None for the shipped default
     crops : list of (H, W, 3) uint8 ndarray
         Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS`.
     out_dir, name :
-        Writes ``out_dir/name.safetensors`` and its record (never overwrites). The record keeps
-        the source's record and says what it was adapted on.
+        Writes ``out_dir/name.safetensors`` and its record ``name.json``. The record keeps the
+        source's record (less its test metrics, which do not describe the adapted model) and says
+        what it was adapted on.
+    batch_size : int
+        Crops per forward pass (memory only).
 
     Returns
     -------
@@ -361,44 +371,77 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
 
     Raises
     ------
+    FileExistsError
+        ``out_dir/name`` weights or record exist (checked before any work).
     DatasetError
         Fewer than :data:`MIN_ADAPT_CROPS` crops.
     InvalidImageError
-        A crop that is not an image.
+        A crop that is not an image (its index is in the message).
+    WeightsError
+        Unknown or broken weights, or a network without batch norm.
+
+    Examples
+    --------
+    >>> crops = [read_image(p) for p in Path("mylab_crops").glob("*.png")]    # doctest: +SKIP
+    >>> clf = adapt_batchnorm(None, crops, out_dir="weights_mylab", name="classifier-mylab")  # doctest: +SKIP
+    >>> pipeline = load_pipeline(classifier="weights_mylab/classifier-mylab.safetensors")  # doctest: +SKIP
 
     References
     ----------
-    .. [3] Y. Li et al., "Revisiting batch normalization for practical domain adaptation", ICLR
-       workshop 2017 (arXiv:1603.04779).
+    .. [3] Y. Li, N. Wang, J. Shi, J. Liu and X. Hou, "Revisiting batch normalization for practical
+       domain adaptation", arXiv:1603.04779, 2016.
     """
     import copy
 
     import torch
 
-    clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    target = Path(out_dir) / f"{name}.safetensors"
+    if target.exists() or target.with_suffix(".json").exists():
+        raise FileExistsError(f"refusing to overwrite {target} / its record: pick another name")
+    if isinstance(crops, np.ndarray) and crops.ndim == 3:
+        raise InvalidImageError("adapt_batchnorm takes a list of crops, not one image")
     crops = list(crops)
     if len(crops) < MIN_ADAPT_CROPS:
-        raise DatasetError(f"adapt_batchnorm needs at least {MIN_ADAPT_CROPS} crops of the new lab, got {len(crops)}")
-    model = copy.deepcopy(clf.model).float().to(memory_format=torch.contiguous_format)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        raise DatasetError(f"adapt_batchnorm needs at least {MIN_ADAPT_CROPS} WBC crops of the new lab, got {len(crops)}")
+    clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
+    x_all = torch.from_numpy(prepare_crops(crops, size=clf.input_size, preprocessing=clf.preprocessing, mean=clf.mean,
+                                           std=clf.std, preprocess_resized=clf.preprocess_resized))
+    model = copy.deepcopy(clf.model).float().to(memory_format=torch.contiguous_format).eval()
+    bns = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         raise WeightsError(f"{clf.name} has no batch-norm layers to adapt")
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all batches: the order of crops does not matter
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(crops), batch_size):
-            x = torch.from_numpy(prepare_crops(crops[i:i + batch_size], size=clf.input_size, preprocessing=clf.preprocessing,
-                                               mean=clf.mean, std=clf.std, preprocess_resized=clf.preprocess_resized))
-            model.features(x)  # the head has no batch norm
-    model.eval()
-    meta = dict(clf.record.metadata)
-    for key in ("dtype",):
-        meta.pop(key, None)
+    with torch.inference_mode():
+        for bn in bns:  # in network order: each layer sees the output of the already adapted ones
+            total = torch.zeros(bn.num_features, dtype=torch.float64)
+            squares = torch.zeros_like(total)
+            count = 0
+
+            def measure(_module: Any, inputs: tuple[Any, ...]) -> None:
+                nonlocal total, squares, count
+                v = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+                total += v.sum(1)
+                squares += (v * v).sum(1)
+                count += v.shape[1]
+                raise _Stop
+
+            hook = bn.register_forward_pre_hook(measure)
+            try:
+                for i in range(0, len(x_all), batch_size):
+                    try:
+                        model.features(x_all[i:i + batch_size])
+                    except _Stop:
+                        pass
+            finally:
+                hook.remove()
+            mean = total / count
+            var = (squares / count - mean * mean).clamp_min(0) * count / max(count - 1, 1)  # unbiased, as BN keeps it
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(var.to(bn.running_var.dtype))
+    meta = {k: v for k, v in clf.record.metadata.items() if k not in ("dtype", "metrics")}
     meta["adapted"] = {"method": "AdaBN: batch-norm running statistics re-estimated on unlabelled crops",
                        "from": clf.name, "from_sha256": clf.record.sha256, "n_crops": len(crops)}
-    meta.pop("metrics", None)  # the source's test metrics do not describe the adapted model
     save_classifier(model, {"classes": clf.classes, "input_size": clf.input_size, "preprocessing": clf.preprocessing, **meta},
                     out_dir, name)
-    return Classifier.load(Path(out_dir) / f"{name}.safetensors")
+    return Classifier.load(target)

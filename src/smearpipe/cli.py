@@ -66,7 +66,9 @@ def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[P
     for raw in raw_paths:
         p = Path(raw)
         if p.is_dir():
-            paths += sorted(f for f in (p.rglob("*") if recursive else p.iterdir()) if f.suffix.lower() in suffixes)
+            found = p.rglob("*") if recursive else p.iterdir()
+            paths += sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             paths.append(p)
     return paths
@@ -74,9 +76,12 @@ def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[P
 
 def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
     from .classify import adapt_batchnorm
+    from .errors import DatasetError
     from .io import read_image
 
     paths = _image_paths(args.paths, recursive=True)
+    if not paths:
+        raise DatasetError(f"no images found in {args.paths}")
     if args.fields:
         from .datasets import square_crop
         from .pipeline import analyze_smear, load_pipeline
@@ -87,6 +92,8 @@ def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
         for path in paths:  # the WBCs analyze_smear reports, cut as it cuts them
             rgb = read_image(path)
             crops += [square_crop(rgb, c.box, scale=scale) for c in analyze_smear(rgb, pipeline=pipeline).wbcs]
+        if not crops:
+            raise DatasetError(f"no WBC detected in {len(paths)} field image(s): nothing to adapt on")
         classifier = pipeline.classifier
     else:
         crops, classifier = [read_image(p) for p in paths], args.classifier

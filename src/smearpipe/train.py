@@ -543,7 +543,8 @@ def train_classifier(
         The run folder is ``out_dir/name`` (``name-2``... if it exists, unless ``resume``, which
         continues from ``checkpoint.pt`` there).
     max_minutes : float, optional
-        Stop after the first epoch that ends past this wall time (checkpoint kept, resumable).
+        Stop after the first epoch that ends past this wall time, counted over the whole run (a resumed
+        run continues the clock of its history; checkpoint kept, resumable).
     bf16 : bool, optional
         bfloat16 autocast on CPU (default: when supported).
 
