@@ -228,3 +228,16 @@ def test_training_leaves_caller_rng_alone(tiny_crops, tmp_path):
     train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
                      out_dir=tmp_path, num_workers=0, augment=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, capsys):
+    from smearpipe.cli import main as cli_main
+
+    code = cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
+                     "--epochs", "1", "--input-size", "32", "--batch", "5", "--out", str(tmp_path), "--preprocess", ""])
+    assert code == 0
+    rec = json.loads((tmp_path / "train" / "classifier.json").read_text())
+    assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
+    assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
+                     "--preprocess", "sharpen", "--out", str(tmp_path)]) == 2
+    assert "sharpen" in capsys.readouterr().err

@@ -190,12 +190,16 @@ def _crop_source(spec: str):  # noqa: ANN202
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .preprocess import Preprocessing
     from .train import train_classifier
+
+    steps = tuple(x for x in args.preprocess.split(",") if x)
+    prep = Preprocessing(steps=steps, macenko_on_failure="passthrough") if "macenko" in steps else Preprocessing(steps=steps)
 
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
-                           pretrained=args.pretrained, freeze_features=args.freeze_features)
+                           pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -276,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
+    p.add_argument("--preprocess", default="macenko",
+                   help="comma-separated preprocessing steps of every crop, recorded and repeated at inference; '' for "
+                        "none, as the shipped v3 (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")
