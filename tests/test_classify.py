@@ -241,3 +241,13 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "sharpen", "--out", str(tmp_path)]) == 2
     assert "sharpen" in capsys.readouterr().err
+
+
+def test_resume_finishes_the_run_and_keeps_its_clock(tiny_crops, tmp_path):
+    opts = dict(epochs=2, batch_size=5, input_size=32, out_dir=tmp_path, name="r", num_workers=0, augment=False)
+    first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
+    assert len(first.history) == 1 and "time limit" in json.loads(first.record.read_text())["training"]["stopped"]
+    assert sorted(p.name for p in first.run_dir.glob("*.tmp")) == []  # checkpoints are renamed into place
+    done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
+    assert done.run_dir == first.run_dir and [h["epoch"] for h in done.history] == [1, 2]
+    assert done.history[1]["minutes"] >= done.history[0]["minutes"]  # the resumed run continues the clock

@@ -441,6 +441,13 @@ def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, 
     return images, labels, src_ids
 
 
+def _save_atomic(torch: Any, obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a run killed while saving keeps its last checkpoint."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class ClassifierTrainResult:
     """What :func:`train_classifier` produced."""
@@ -716,10 +723,10 @@ def train_classifier(
         print(json.dumps(row), flush=True)
         if val_f1 > best_f1:
             best_f1, best_epoch = val_f1, epoch + 1
-            torch.save(model.state_dict(), run_dir / "best_state.pt")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
-                    "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch, "rng": torch.get_rng_state()},
-                   run_dir / "checkpoint.pt")
+            _save_atomic(torch, model.state_dict(), run_dir / "best_state.pt")
+        _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                             "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
+                             "rng": torch.get_rng_state()}, run_dir / "checkpoint.pt")
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         if epoch + 1 - best_epoch >= patience:
             stopped = f"early stop: no better val macro-F1 for {patience} epochs"
