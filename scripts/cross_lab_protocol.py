@@ -47,32 +47,31 @@ def summarize(m: dict) -> dict:
             "confusion_matrix": m["confusion_matrix"]}
 
 
+def score(y: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """n, accuracy, macro-F1 over all ``classes`` (absent ones count 0, as in evaluate_classifier), recall with support."""
+    from sklearn.metrics import f1_score
+
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, labels=list(range(len(classes))), average="macro", zero_division=0)),
+            "recall": {c: {"recall": float((pred[y == k] == k).mean()) if (y == k).any() else None,
+                           "support": int((y == k).sum())} for k, c in enumerate(classes)}}
+
+
 def by_bccd_split(predictions_csv: Path, classes: tuple[str, ...]) -> dict:
-    """Accuracy and macro-F1 of the BCCD crops grouped by the official split of the field they come from.
+    """Scores of the BCCD crops grouped by the official split of the field they come from.
 
     Choices between recipes are made on the crops of BCCD train/val fields ("dev"); the crops of BCCD
     test fields stay a held-out check, and are the same fields the end-to-end evaluation uses.
     """
     import csv
 
-    from sklearn.metrics import f1_score
-
-    groups: dict[str, list[tuple[str, str]]] = {}
+    index = {c: k for k, c in enumerate(classes)}
     with open(predictions_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            split = field_split(Path(row["path"]))
-            groups.setdefault(split, []).append((row["true"], row["pred"]))
-            if split in ("train", "val"):
-                groups.setdefault("dev", []).append((row["true"], row["pred"]))
-    out = {}
-    for split in ("dev", "train", "val", "test", "not_in_bccd"):
-        pairs = groups.get(split, [])
-        if pairs:
-            y, p = zip(*pairs, strict=True)
-            out[split] = {"n": len(y), "accuracy": float(np.mean(np.array(y) == np.array(p))),
-                          "macro_f1": float(f1_score(y, p, labels=list(classes), average="macro", zero_division=0)),
-                          "support": {c: y.count(c) for c in sorted(set(y))}}
-    return out
+        rows = [(field_split(Path(r["path"])), index[r["true"]], index[r["pred"]]) for r in csv.DictReader(f)]
+    split = np.array([r[0] for r in rows])
+    y, pred = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
+    groups = {"dev": np.isin(split, ("train", "val")), **{s: split == s for s in ("train", "val", "test", "not_in_bccd")}}
+    return {name: score(y[keep], pred[keep], classes) for name, keep in groups.items() if keep.any()}
 
 
 @lru_cache(maxsize=1)
@@ -96,8 +95,6 @@ def adabn(clf: Classifier, source: CropSource) -> dict:
     """
     import tempfile
 
-    from sklearn.metrics import f1_score
-
     from smearpipe.classify import adapt_batchnorm
     from smearpipe.io import read_image
 
@@ -109,11 +106,7 @@ def adabn(clf: Classifier, source: CropSource) -> dict:
 
     def scores(model: Classifier, keep: np.ndarray) -> dict:
         pred = model.predict_proba([c for c, k in zip(crops, keep, strict=True) if k]).argmax(1)
-        yk = y[keep]
-        return {"n": int(keep.sum()), "accuracy": float((pred == yk).mean()), "macro_f1": float(f1_score(yk, pred, labels=list(range(len(clf.classes))), average="macro",
-                                                                          zero_division=0)),
-                "recall": {c: {"recall": float((pred[yk == k] == k).mean()) if (yk == k).any() else None,
-                               "support": int((yk == k).sum())} for k, c in enumerate(clf.classes)}}
+        return score(y[keep], pred, clf.classes)
 
     with tempfile.TemporaryDirectory() as tmp:
         every = adapt_batchnorm(clf, crops, out_dir=tmp, name="adabn-all")

@@ -165,6 +165,13 @@ def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocess
     return preprocessing(rgb) if preprocess_resized else rgb
 
 
+def _crop_list(crops: Sequence[np.ndarray], *, caller: str) -> list[np.ndarray]:
+    """``crops`` as a list; one (H, W, 3) array is refused (iterating it would give H rows, not crops)."""
+    if isinstance(crops, np.ndarray) and crops.ndim == 3:
+        raise InvalidImageError(f"{caller} takes a list of crops; wrap a single crop as [crop]")
+    return list(crops)
+
+
 def _bf16_supported() -> bool:
     import torch
 
@@ -262,9 +269,7 @@ class Classifier:
         """
         import torch
 
-        if isinstance(crops, np.ndarray) and crops.ndim == 3:
-            raise InvalidImageError("predict_proba takes a list of crops; wrap a single crop as [crop]")
-        crops = list(crops)
+        crops = _crop_list(crops, caller="predict_proba")
         if not crops:
             return np.zeros((0, len(self.classes)))
         outs = []
@@ -400,9 +405,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     target = Path(out_dir) / f"{name}.safetensors"
     if target.exists() or target.with_suffix(".json").exists():
         raise FileExistsError(f"refusing to overwrite {target} / its record: pick another name")
-    if isinstance(crops, np.ndarray) and crops.ndim == 3:
-        raise InvalidImageError("adapt_batchnorm takes a list of crops, not one image")
-    crops = list(crops)
+    crops = _crop_list(crops, caller="adapt_batchnorm")
     if len(crops) < MIN_ADAPT_CROPS:
         raise DatasetError(f"adapt_batchnorm needs at least {MIN_ADAPT_CROPS} WBC crops of the new lab, got {len(crops)}")
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)

@@ -61,13 +61,14 @@ def _cmd_convert_voc(args: argparse.Namespace) -> int:
 
 def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[Path]:
     """Files as given; folders expanded to their images (sorted; with ``recursive``, sub-folders too)."""
-    suffixes = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+    from .io import IMAGE_SUFFIXES
+
     paths: list[Path] = []
     for raw in raw_paths:
         p = Path(raw)
         if p.is_dir():
             found = p.rglob("*") if recursive else p.iterdir()
-            paths += sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file()
+            paths += sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             paths.append(p)
@@ -193,8 +194,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from .preprocess import Preprocessing
     from .train import train_classifier
 
-    steps = tuple(x for x in args.preprocess.split(",") if x)
-    prep = Preprocessing(steps=steps, macenko_on_failure="passthrough") if "macenko" in steps else Preprocessing(steps=steps)
+    prep = Preprocessing(steps=tuple(x for x in args.preprocess.split(",") if x), macenko_on_failure="passthrough")
 
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,

@@ -26,9 +26,10 @@ import numpy as np
 
 from .errors import ImageReadError, InvalidImageError
 
-__all__ = ["ImageLike", "read_image", "to_rgb_uint8", "load_image", "write_image", "require_image_list"]
+__all__ = ["ImageLike", "IMAGE_SUFFIXES", "read_image", "to_rgb_uint8", "load_image", "write_image", "require_image_list"]
 
 ImageLike = str | os.PathLike | np.ndarray
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})  # read and written by OpenCV
 
 
 def _describe(array: np.ndarray) -> str:
@@ -170,7 +171,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     rgb = to_rgb_uint8(image)
     if path.exists() and not overwrite:
         raise FileExistsError(f"refusing to overwrite existing file {path} (pass overwrite=True)")
-    if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"unsupported image file extension {path.suffix!r} for {path} (use .png, .jpg, .tif, .bmp or .webp)")
     try:
         ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

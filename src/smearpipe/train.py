@@ -16,7 +16,7 @@ import yaml
 
 from .datasets import DETECTION_CLASSES, normalize_detection_class, read_yolo_labels
 from .errors import DatasetError, ImageReadError, WeightsError
-from .io import read_image, write_image
+from .io import IMAGE_SUFFIXES, read_image, write_image
 from .preprocess import Preprocessing
 from .weights import WeightsRecord, sha256_file
 
@@ -31,8 +31,6 @@ __all__ = [
     "train_classifier",
     "center_crop",
 ]
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def unique_run_dir(out_dir: str | os.PathLike, name: str) -> Path:
