@@ -21,11 +21,16 @@ statistics (Li et al. 2016, "AdaBN"; :func:`smearpipe.classify.adapt_batchnorm`,
 ``smearpipe adapt-classifier``): the BN running means/variances are re-estimated on unlabelled BCCD
 crops. Reported twice: transductively on all crops, and adapted on the crops of BCCD train/val fields
 and scored on those of test fields (``dev_to_test``), the way a lab would calibrate on earlier slides.
+
+``--inference-preprocess STEPS`` is a control: the model's recorded preprocessing is replaced at inference
+only (e.g. ``reinhard`` on a model trained without it), to separate a preprocessing step's effect from that
+of retraining.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +39,7 @@ import numpy as np
 
 from smearpipe.classify import Classifier
 from smearpipe.evaluate import evaluate_classifier
+from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,23 +122,51 @@ def adabn(clf: Classifier, source: CropSource) -> dict:
                 "test_without_adaptation": scores(clf, test)}
 
 
+def pbc_only_lineage(clf: Classifier) -> list[str]:
+    """Names of the model and of the models it was initialised from, each checked to be trained on PBC only.
+
+    A model fine-tuned from another (``--init``) is a leave-one-lab-out model only if every model in
+    its chain saw no BCCD image; ImageNet or an unknown start is refused.
+    """
+    chain, current = [], clf
+    while True:
+        training = current.record.metadata.get("training", {})
+        seen = [s.get("root", "") for s in training.get("train", []) + training.get("val", [])]
+        if not seen or any("bccd" in s.lower() for s in seen):
+            raise SystemExit(f"{current.name} was trained or validated on {seen}: not a leave-one-lab-out model "
+                             "(train on PBC only)")
+        chain.append(current.name)
+        start = training.get("pretrained")
+        if not start:
+            return chain
+        if not str(start).endswith(".safetensors") or not Path(start).is_file():
+            raise SystemExit(f"{current.name} was initialised from {start}, which is not a smearpipe classifier file here: "
+                             "cannot check that it saw no BCCD image")
+        current = Classifier.load(start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights", help="classifier .safetensors with its record beside it (or a registered name)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--adabn", action="store_true")
+    ap.add_argument("--inference-preprocess", default=None, metavar="STEPS",
+                    help="control experiment: replace the model's recorded preprocessing by these comma-separated steps "
+                         "at inference only (e.g. 'reinhard' on a model trained without it)")
     args = ap.parse_args()
     clf = Classifier.load(args.weights)
     training = clf.record.metadata.get("training", {})
-    seen = [s.get("root", "") for s in training.get("train", []) + training.get("val", [])]
-    if any("bccd" in s.lower() for s in seen) or training.get("pretrained"):
-        raise SystemExit(f"{clf.name} was trained or validated on {seen} (initialised from {training.get('pretrained')}): "
-                         "not a leave-one-lab-out model (train from scratch on PBC only)")
+    lineage = pbc_only_lineage(clf)
+    if args.inference_preprocess is not None:
+        steps = tuple(x for x in args.inference_preprocess.split(",") if x)
+        clf = Classifier(clf.model, dataclasses.replace(clf.record, preprocessing=Preprocessing(steps=steps).resolved()))
     out = Path(args.out)
     bccd = CropSource(str(BCCD_CROPS), name="bccd-wbc-subtypes-all")
     pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="test", splits_csv=str(SHARED / "pbc" / "splits.csv"),
                      center_fraction=0.7, name="pbc-test")
     summary = {"classifier": {"name": clf.name, "sha256": clf.record.sha256, "input_size": clf.input_size,
+                              "initialised_from": lineage[1:],
+                              "inference_preprocess_replaced": args.inference_preprocess is not None,
                               "preprocessing": clf.preprocessing.to_dict(), "training": {k: training.get(k) for k in (
                                   "train", "val", "epochs_run", "best_epoch", "augment", "wall_minutes")}},
                "protocol": f"train: {[s.get('name') for s in training.get('train', [])]} (val: "

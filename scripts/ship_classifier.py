@@ -42,6 +42,37 @@ def run_minutes(history: list[dict], recorded: float) -> float:
     return max(total + last, recorded)
 
 
+def earlier_stage(init: str) -> dict:
+    """What the run was initialised from, as a record entry: name, sha256, training, history, and its own start."""
+    if not Path(init).with_suffix(".json").is_file():
+        raise SystemExit(f"the run started from {init}, whose record is not there: its training cannot be recorded")
+    rec = json.loads(Path(init).with_suffix(".json").read_text())
+    training = rec["training"]
+    history = rec.get("metrics", {}).get("history")
+    stage = {"name": rec["name"], "sha256": rec["sha256"],
+             "training": {k: training.get(k) for k in ("train", "val", "epochs_run", "best_epoch", "stopped", "optimizer",
+                                                       "augment", "wall_minutes")},
+             "preprocessing": rec.get("preprocessing"), "history": history}
+    stage["training"]["wall_minutes"] = round(run_minutes(history or [], training["wall_minutes"]), 1)
+    start = training.get("pretrained")
+    if isinstance(start, dict):  # a shipped record: its chain is already resolved
+        stage["pretrained"] = start
+    elif start and start != "imagenet":
+        stage["pretrained"] = earlier_stage(start)
+    else:
+        stage["pretrained"] = start
+    return stage
+
+
+def stages(stage: dict | None) -> list[dict]:
+    """The chain of earlier stages, nearest first."""
+    out = []
+    while isinstance(stage, dict):
+        out.append(stage)
+        stage = stage.get("pretrained")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -58,19 +89,12 @@ def main() -> None:
     src_rec.update(name=args.name, file=target.name, sha256=sha256_file(target))
     init = (src_rec.get("training") or {}).get("pretrained")
     first = None
-    if init and init != "imagenet":  # fine-tuned from another run: record that stage too
-        if not Path(init).with_suffix(".json").is_file():
-            raise SystemExit(f"the run started from {init}, whose record is not there: its training cannot be recorded")
-        first = json.loads(Path(init).with_suffix(".json").read_text())
-        src_rec["training"]["pretrained"] = {
-            "name": first["name"], "sha256": first["sha256"],
-            "training": {k: first["training"].get(k) for k in ("train", "val", "epochs_run", "best_epoch", "stopped", "optimizer",
-                                                               "augment", "wall_minutes")},
-            "history": first.get("metrics", {}).get("history"),
-        }
-        stage1 = run_minutes(first.get("metrics", {}).get("history") or [], first["training"]["wall_minutes"])
-        src_rec["training"]["pretrained"]["training"]["wall_minutes"] = round(stage1, 1)
-        src_rec["training"]["wall_minutes_total"] = round(stage1 + src_rec["training"]["wall_minutes"], 1)
+    if init and init != "imagenet":  # fine-tuned from another run: record that stage (and the ones before it) too
+        first = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() else None
+        src_rec["training"]["pretrained"] = earlier_stage(init)
+        src_rec["training"]["wall_minutes_total"] = round(
+            sum(st["training"]["wall_minutes"] for st in stages(src_rec["training"]["pretrained"]))
+            + src_rec["training"]["wall_minutes"], 1)
     target.with_suffix(".json").write_text(json.dumps(src_rec, indent=2) + "\n")
 
     crop_scale = float(src_rec.get("crop_scale", 1.75))
@@ -101,13 +125,14 @@ def main() -> None:
     target.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
     WeightsRecord.from_dict(rec, folder=target.parent).verify()
     (report / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    first = (rec.get("training") or {}).get("pretrained")
-    if isinstance(first, dict) and first.get("history"):  # both training stages on one epoch axis
+    earlier = (rec.get("training") or {}).get("pretrained")
+    if isinstance(earlier, dict):  # all training stages on one epoch axis
         from smearpipe.report import plot_training_curves
 
-        n = len(first["history"])
-        both = first["history"] + [{**h, "epoch": h["epoch"] + n} for h in rec["metrics"]["history"]]
-        plot_training_curves(both, report / "training_curves_both_stages.png")
+        every: list[dict] = []
+        for history in [st.get("history") or [] for st in reversed(stages(earlier))] + [rec["metrics"]["history"]]:
+            every += [{**h, "epoch": h["epoch"] + len(every)} for h in history]
+        plot_training_curves(every, report / "training_curves_all_stages.png")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ Data (never a test split):
   * BCCD WBC crops cut from BCCD *train* fields (VOC boxes + ``labels.csv`` subtypes) with
     ``extract_wbc_crops(scale=CROP_SCALE)``, oversampled x3;
   * validation (early stopping on macro-F1): PBC val + BCCD crops from BCCD *val* fields.
+
+The shipped ``classifier-vgg16bn-v4`` took three runs (30 epochs): the v3 stage 1 without preprocessing,
+6 epochs on Reinhard-normalised crops (still PBC only: the leave-one-lab-out model), then BCCD added::
+
+  python scripts/train_default_classifier.py --pbc-only --preprocess '' --out runs/cls --name s1 \
+      --record-name classifier-vgg16bn-pbconly-nomacenko
+  python scripts/train_default_classifier.py --pbc-only --epochs 6 --lr 5e-4 --out runs/cls --name s2 \
+      --init runs/cls/s1/classifier-vgg16bn-pbconly-nomacenko.safetensors --record-name classifier-vgg16bn-pbconly-reinhard
+  python scripts/train_default_classifier.py --epochs 6 --lr 5e-4 --out runs/cls --name s3 \
+      --init runs/cls/s2/classifier-vgg16bn-pbconly-reinhard.safetensors --record-name classifier-vgg16bn-v4
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ def bccd_crops(out: Path, split: str) -> Path:
     return dest
 
 
+def preprocessing(args: argparse.Namespace) -> dict:
+    """``train_classifier``'s preprocessing argument."""
+    steps = () if args.no_macenko else tuple(x for x in args.preprocess.split(",") if x)
+    return {"preprocessing": Preprocessing(steps=steps, macenko_on_failure="passthrough").resolved()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "classifier"))
@@ -47,11 +63,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=18)
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--input-size", type=int, default=64)
-    ap.add_argument("--init", default=None, help="start from this classifier's conv weights (.safetensors), new head")
+    ap.add_argument("--init", default=None, help="start from this classifier (.safetensors): its conv weights, and its head if the classes match")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pbc-only", action="store_true", help="train on PBC only (leave-one-lab-out protocol)")
     ap.add_argument("--record-name", default="classifier")
-    ap.add_argument("--no-macenko", action="store_true", help="no per-crop Macenko normalisation (see scripts/ablate_cross_lab.py)")
+    ap.add_argument("--preprocess", default="reinhard",
+                    help="comma-separated preprocessing steps of every crop: 'reinhard' (v4, default), 'macenko' (v2), "
+                         "'' (none, v3)")
+    ap.add_argument("--no-macenko", action="store_true", help="same as --preprocess '' (the v3 commands used it)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     args = ap.parse_args()
     out = Path(args.out)
@@ -69,7 +88,7 @@ def main() -> None:
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, augment=AUGMENT,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
-                              resume=args.resume, **({"preprocessing": Preprocessing()} if args.no_macenko else {}))
+                              resume=args.resume, **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
 
 

@@ -61,6 +61,19 @@ def test_local_state_dict_is_loaded(tmp_path):
     assert torch.equal(model.features[0].weight, ref.features[0].weight)
 
 
+def test_own_classifier_as_start_keeps_a_matching_head(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    ref = build_vgg16(5)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "mine.safetensors"))
+    same = build_vgg16(5, pretrained=tmp_path / "mine.safetensors")
+    assert torch.equal(same.features[0].weight, ref.features[0].weight)
+    assert torch.equal(same.head[4].weight, ref.head[4].weight)  # same classes: fine-tuning keeps the head
+    other = build_vgg16(3, pretrained=tmp_path / "mine.safetensors")
+    assert torch.equal(other.features[0].weight, ref.features[0].weight) and other.head[4].weight.shape == (3, 256)
+
+
 def test_square_crop_centre_and_padding():
     img = np.zeros((100, 200, 3), np.uint8)
     img[:, :] = (250, 240, 230)
@@ -117,7 +130,7 @@ def test_geometric_transform_output():
 def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
     rec = json.loads(tiny_run.record.read_text())
     assert rec["classes"] == list(WBC_CLASSES) and rec["input_size"] == 32
-    assert rec["preprocessing"]["steps"] == ["macenko"] and rec["preprocessing"]["macenko_reference"] is not None
+    assert rec["preprocessing"]["steps"] == ["reinhard"] and rec["preprocessing"]["reinhard_reference"] is not None
     assert rec["dtype"] == "float16" and len(rec["training"]["train"]) == 1
     assert rec["preprocess_resized"] is True  # the training default, recorded so that inference does the same
     assert len(tiny_run.history) == 1 and tiny_run.weights.suffix == ".safetensors"

@@ -17,9 +17,13 @@ from smearpipe.preprocess import (
     MacenkoNormalizer,
     MacenkoReference,
     Preprocessing,
+    ReinhardReference,
     clahe,
+    default_reinhard_reference,
     estimate_background,
+    lab_statistics,
     median_filter,
+    reinhard_normalize,
 )
 
 FUNCS = {
@@ -27,6 +31,7 @@ FUNCS = {
     "median5": lambda im: median_filter(im, ksize=5),
     "clahe": lambda im: clahe(im),
     "macenko": lambda im: MacenkoNormalizer.default().transform(im),
+    "reinhard": lambda im: reinhard_normalize(im),
 }
 
 
@@ -219,7 +224,7 @@ def test_random_images_raise_only_our_errors(image, name):
     try:
         out = FUNCS[name](image)
     except SmearpipeError:
-        assert name == "macenko"  # median and CLAHE accept every valid uint8 image
+        assert name == "macenko"  # median, CLAHE and Reinhard accept every valid uint8 image
         return
     assert out.shape == image.shape and out.dtype == np.uint8
 
@@ -227,7 +232,7 @@ def test_random_images_raise_only_our_errors(image, name):
 @settings(max_examples=40, deadline=None)
 @given(
     image=arrays(np.uint8, st.tuples(st.integers(8, 48), st.integers(8, 48), st.just(3)), elements=st.integers(0, 255)),
-    steps=st.permutations(["median", "clahe", "macenko"]).map(tuple),
+    steps=st.permutations(["median", "clahe", "macenko", "reinhard"]).map(tuple),
 )
 def test_random_images_through_preprocessing(image, steps):
     p = Preprocessing(steps=steps, macenko_on_failure="passthrough")
@@ -288,3 +293,57 @@ def test_fit_rejects_bad_layouts_with_our_error():
 def test_preprocessing_rejects_non_integer_ksize(bad):
     with pytest.raises(ValueError):
         Preprocessing(median_ksize=bad)
+
+
+# ----------------------------------------------------------------------------- Reinhard
+
+
+def test_reinhard_gives_the_reference_statistics(bccd_field, pbc_crops):
+    ref = default_reinhard_reference()
+    assert "PBC" in ref.source and "train" in ref.source
+    for img in (bccd_field, pbc_crops["eosinophil"]):
+        mean, std = lab_statistics(reinhard_normalize(img))
+        np.testing.assert_allclose(mean, ref.mean, atol=2.0)  # uint8 rounding and clipping of the few extreme pixels
+        np.testing.assert_allclose(std, ref.std, rtol=0.1)
+
+
+def test_reinhard_removes_a_lab_wide_brightness_contrast_and_cast_but_keeps_structure(pbc_crops):
+    crop = pbc_crops["neutrophil"]
+    # another lab: dimmer lamp, lower contrast, a blue cast
+    other = np.clip(crop.astype(np.float64) * [0.75, 0.8, 0.95] + 20, 0, 255).astype(np.uint8)
+    assert np.abs(other.astype(int) - crop).mean() > 15
+    a, b = reinhard_normalize(crop), reinhard_normalize(other)
+    assert np.abs(a.astype(int) - b).mean() < 5
+    # the nucleus stays the darkest part: structure is kept, only the statistics move
+    dark = _lum(crop) < np.percentile(_lum(crop), 10)
+    assert _lum(a)[dark].mean() < np.percentile(_lum(a), 30)
+
+
+def test_reinhard_flat_and_tiny_images():
+    for img in (np.full((20, 30, 3), 200, np.uint8), np.zeros((1, 1, 3), np.uint8)):
+        out = reinhard_normalize(img)
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert len(np.unique(out.reshape(-1, 3), axis=0)) == 1  # a blank image stays blank: no noise is amplified
+    with pytest.raises(InvalidImageError):
+        reinhard_normalize(np.zeros((3, 20, 20), np.uint8))
+
+
+def test_reinhard_reference_in_preprocessing_roundtrip(bccd_field):
+    p = Preprocessing(steps=("reinhard",))
+    r = p.resolved()
+    assert p.reinhard_reference is None and r.reinhard_reference == default_reinhard_reference()
+    assert Preprocessing(steps=("median",)).resolved() == Preprocessing(steps=("median",))
+    mine = ReinhardReference(mean=(70.0, 10.0, 0.0), std=(15.0, 8.0, 12.0), source="my lab")
+    q = Preprocessing(steps=("median", "reinhard"), reinhard_reference=mine)
+    for x in (r, q):
+        assert Preprocessing.from_json(x.to_json()) == x
+    np.testing.assert_array_equal(r(bccd_field), reinhard_normalize(bccd_field))
+    np.testing.assert_array_equal(q(bccd_field), reinhard_normalize(median_filter(bccd_field), reference=mine))
+
+
+@pytest.mark.parametrize("bad", [{"mean": [1, 2], "std": [1, 1, 1]}, {"mean": [1, 2, 3], "std": [1, 0, 1]},
+                                 {"mean": [1, 2, float("nan")], "std": [1, 1, 1]}, {"mean": [1, 2, 3]},
+                                 {"mean": [1, 2, 3], "std": [1, 1, 1], "gamma": 1}, {"mean": "abc", "std": [1, 1, 1]}])
+def test_reinhard_reference_validates(bad):
+    with pytest.raises(ValueError):
+        ReinhardReference.from_dict(bad)

@@ -53,7 +53,8 @@ def build_vgg16(
     pretrained : {"imagenet"} or path, optional
         ``"imagenet"`` loads torchvision's ImageNet weights for the conv layers (needs internet the
         first time; offline it raises with instructions); a path loads a local torchvision VGG16
-        state dict (ImageNet or your own). None: random initialisation.
+        state dict (ImageNet or your own) or a smearpipe classifier (``.safetensors``), whose head is
+        kept too when it has the same shape (fine-tuning on the same classes). None: random initialisation.
     hidden, dropout : int, float
         Head size and dropout.
     freeze_features : bool
@@ -87,6 +88,11 @@ def build_vgg16(
     model.add_module("flatten", nn.Flatten())
     model.add_module("head", nn.Sequential(nn.Dropout(dropout), nn.Linear(512, hidden), nn.ReLU(inplace=True),
                                            nn.Dropout(dropout), nn.Linear(hidden, num_classes)))
+    if pretrained is not None:
+        head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        own = model.head.state_dict()
+        if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+            model.head.load_state_dict(head)
     if freeze_features:
         for p in model.features.parameters():
             p.requires_grad_(False)

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("preprocess", help="apply median / CLAHE / Macenko preprocessing to images")
+    p = sub.add_parser("preprocess", help="apply median / CLAHE / Macenko / Reinhard preprocessing to images")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--steps", default="median,clahe,macenko", help="comma-separated steps in order (default: %(default)s)")
     p.add_argument("--out", default="smearpipe-out", help="output folder (default: %(default)s)")
@@ -280,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
-    p.add_argument("--preprocess", default="macenko",
-                   help="comma-separated preprocessing steps of every crop, recorded and repeated at inference; '' for "
-                        "none, as the shipped v3 (default: %(default)s)")
+    p.add_argument("--preprocess", default="reinhard",
+                   help="comma-separated preprocessing steps of every crop, recorded and repeated at inference, as the "
+                        "shipped v4; '' for none (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")

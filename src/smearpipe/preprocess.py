@@ -1,4 +1,4 @@
-"""Preprocessing of smear images: median filtering, CLAHE and Macenko stain normalisation.
+"""Preprocessing of smear images: median filtering, CLAHE, Macenko and Reinhard colour normalisation.
 
 All functions take and return RGB uint8 ``(H, W, 3)`` arrays (see :mod:`smearpipe.io`).
 :class:`Preprocessing` is a frozen, serialisable record of which steps run in which order
@@ -11,6 +11,8 @@ References
    analysis", IEEE ISBI 2009, pp. 1107-1110. doi:10.1109/ISBI.2009.5193250
 .. [2] K. Zuiderveld, "Contrast limited adaptive histogram equalization",
    Graphics Gems IV, 1994.
+.. [3] E. Reinhard, M. Ashikhmin, B. Gooch and P. Shirley, "Color transfer between images",
+   IEEE Computer Graphics and Applications 21(5), 2001, pp. 34-41. doi:10.1109/38.946629
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ __all__ = [
     "estimate_background",
     "MacenkoReference",
     "MacenkoNormalizer",
+    "ReinhardReference",
+    "reinhard_normalize",
     "Preprocessing",
     "STEPS",
 ]
 
-STEPS = ("median", "clahe", "macenko")
+STEPS = ("median", "clahe", "macenko", "reinhard")
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -461,6 +465,108 @@ def default_reference() -> MacenkoReference:
     return MacenkoReference.from_dict(json.loads(text)["reference"])
 
 
+# ----------------------------------------------------------------------------- Reinhard
+
+@dataclass(frozen=True)
+class ReinhardReference:
+    """Target colour statistics of :func:`reinhard_normalize`: per-channel mean and standard deviation in CIE L*a*b*.
+
+    ``mean`` and ``std`` are in L* (0-100), a*, b* units: the average over reference images of each
+    image's own statistics. ``source`` says how they were obtained.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            mean = tuple(float(v) for v in self.mean)
+            std = tuple(float(v) for v in self.std)
+        except (TypeError, ValueError):
+            raise ValueError(f"malformed Reinhard reference: mean={self.mean!r}, std={self.std!r}") from None
+        if len(mean) != 3 or len(std) != 3 or not all(np.isfinite(mean + std)) or min(std) <= 0:
+            raise ValueError(f"Reinhard reference needs 3 finite means and 3 positive stds, got mean={mean}, std={std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReinhardReference:
+        unknown = set(data) - {"mean", "std", "source"}
+        if unknown or not {"mean", "std"} <= set(data):
+            raise ValueError(f"a Reinhard reference has keys mean, std (and source), got {sorted(data)}")
+        return cls(mean=data["mean"], std=data["std"], source=str(data.get("source", "")))
+
+
+_REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
+
+# An image whose channel barely varies (a blank crop) is shifted, not stretched: noise is not amplified.
+_REINHARD_MIN_STD = 1.0
+
+
+def default_reinhard_reference() -> ReinhardReference:
+    """The shipped PBC reference of :func:`reinhard_normalize` (fitted by ``scripts/fit_reinhard_reference.py``)."""
+    text = resources.files("smearpipe").joinpath("data", _REINHARD_REFERENCE_FILE).read_text()
+    return ReinhardReference.from_dict(json.loads(text)["reference"])
+
+
+def lab_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of an RGB uint8 image in CIE L*a*b* (L* 0-100)."""
+    lab = _to_lab(_check_image(image)).reshape(-1, 3)
+    return lab.mean(axis=0, dtype=np.float64), lab.std(axis=0, dtype=np.float64)
+
+
+def _to_lab(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+
+
+def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None = None) -> np.ndarray:
+    """Map an image's colour statistics onto a reference's (Reinhard et al. 2001 [3]_).
+
+    Each L*a*b* channel is shifted and scaled so that the image's mean and standard deviation become
+    the reference's. Unlike Macenko, nothing is estimated that can fail: it removes global differences
+    of brightness, contrast and colour cast between labs and cameras, which is what makes a classifier
+    trained in one lab call every cell of another lab the same type (see ``reports/cross_lab``).
+    Applied to each WBC crop (the ``"reinhard"`` step of :class:`Preprocessing`), the result does not
+    depend on the crop's lab-wide brightness or contrast.
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB.
+    reference : ReinhardReference, optional
+        Target statistics; the shipped PBC reference by default.
+
+    Returns
+    -------
+    (H, W, 3) uint8 ndarray
+        RGB, same shape.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> img = rng.integers(60, 200, (32, 32, 3), dtype=np.uint8)
+    >>> darker = (img * 0.7).astype(np.uint8)
+    >>> a, b = reinhard_normalize(img), reinhard_normalize(darker)
+    >>> bool(np.abs(a.astype(int) - b.astype(int)).mean() < 3)
+    True
+    """
+    image = _check_image(image)
+    ref = reference if reference is not None else default_reinhard_reference()
+    lab = _to_lab(image)
+    flat = lab.reshape(-1, 3)
+    mean = flat.mean(axis=0, dtype=np.float64)
+    std = flat.std(axis=0, dtype=np.float64)
+    scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
+    out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
+    out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
+    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
@@ -471,7 +577,7 @@ class Preprocessing:
 
     Parameters
     ----------
-    steps : tuple of {"median", "clahe", "macenko"}
+    steps : tuple of {"median", "clahe", "macenko", "reinhard"}
         Steps in the order they are applied; each at most once. Empty: identity.
     median_ksize : int
         Window of :func:`median_filter`.
@@ -482,6 +588,9 @@ class Preprocessing:
         (resolved and stored explicitly by :meth:`resolved`, which weights records use).
     macenko_on_failure : {"raise", "passthrough"}
         Passed to :meth:`MacenkoNormalizer.transform`.
+    reinhard_reference : ReinhardReference or None
+        Target statistics of the ``"reinhard"`` step (:func:`reinhard_normalize`); None means the
+        shipped PBC default (stored explicitly by :meth:`resolved`).
 
     Examples
     --------
@@ -496,6 +605,7 @@ class Preprocessing:
     clahe_tile_grid: tuple[int, int] = (8, 8)
     macenko_reference: MacenkoReference | None = None
     macenko_on_failure: str = "raise"
+    reinhard_reference: ReinhardReference | None = None
 
     def __post_init__(self) -> None:
         steps = tuple(self.steps) if not isinstance(self.steps, str) else (self.steps,)
@@ -519,17 +629,26 @@ class Preprocessing:
             raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
         if isinstance(self.macenko_reference, Mapping):
             object.__setattr__(self, "macenko_reference", MacenkoReference.from_dict(self.macenko_reference))
+        if isinstance(self.reinhard_reference, Mapping):
+            object.__setattr__(self, "reinhard_reference", ReinhardReference.from_dict(self.reinhard_reference))
 
     def resolved(self) -> Preprocessing:
-        """A copy whose Macenko reference is explicit (the default is looked up and stored)."""
+        """A copy whose Macenko and Reinhard references are explicit (the defaults are looked up and stored)."""
+        fields = self._fields()
         if "macenko" in self.steps and self.macenko_reference is None:
-            return Preprocessing(**{**self._fields(), "macenko_reference": default_reference()})
-        return self
+            fields["macenko_reference"] = default_reference()
+        if "reinhard" in self.steps and self.reinhard_reference is None:
+            fields["reinhard_reference"] = default_reinhard_reference()
+        return self if fields == self._fields() else Preprocessing(**fields)
 
     @cached_property
     def _normalizer(self) -> MacenkoNormalizer:
         ref = self.macenko_reference if self.macenko_reference is not None else default_reference()
         return MacenkoNormalizer.from_reference(ref)
+
+    @cached_property
+    def _reinhard_reference(self) -> ReinhardReference:
+        return self.reinhard_reference if self.reinhard_reference is not None else default_reinhard_reference()
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Apply the steps in order to an RGB uint8 image."""
@@ -539,6 +658,8 @@ class Preprocessing:
                 out = median_filter(out, ksize=self.median_ksize)
             elif step == "clahe":
                 out = clahe(out, clip_limit=self.clahe_clip_limit, tile_grid=self.clahe_tile_grid)
+            elif step == "reinhard":
+                out = reinhard_normalize(out, reference=self._reinhard_reference)
             else:
                 out = self._normalizer.transform(out, on_failure=self.macenko_on_failure)  # type: ignore[arg-type]
         return out
@@ -551,6 +672,7 @@ class Preprocessing:
             "clahe_tile_grid": self.clahe_tile_grid,
             "macenko_reference": self.macenko_reference,
             "macenko_on_failure": self.macenko_on_failure,
+            "reinhard_reference": self.reinhard_reference,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -559,11 +681,13 @@ class Preprocessing:
         d["steps"] = list(self.steps)
         d["clahe_tile_grid"] = list(self.clahe_tile_grid)
         d["macenko_reference"] = None if self.macenko_reference is None else self.macenko_reference.to_dict()
+        d["reinhard_reference"] = None if self.reinhard_reference is None else self.reinhard_reference.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
-        known = {"steps", "median_ksize", "clahe_clip_limit", "clahe_tile_grid", "macenko_reference", "macenko_on_failure"}
+        known = {"steps", "median_ksize", "clahe_clip_limit", "clahe_tile_grid", "macenko_reference", "macenko_on_failure",
+                 "reinhard_reference"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown Preprocessing field(s) {sorted(unknown)}")
