@@ -38,6 +38,7 @@ __all__ = [
     "MacenkoNormalizer",
     "ReinhardReference",
     "reinhard_normalize",
+    "lab_statistics",
     "Preprocessing",
     "STEPS",
 ]
