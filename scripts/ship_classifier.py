@@ -90,8 +90,7 @@ def main() -> None:
     init = (src_rec.get("training") or {}).get("pretrained")
     first = None
     if init and init != "imagenet":  # fine-tuned from another run: record that stage (and the ones before it) too
-        first = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() else None
-        src_rec["training"]["pretrained"] = earlier_stage(init)
+        first = src_rec["training"]["pretrained"] = earlier_stage(init)
         src_rec["training"]["wall_minutes_total"] = round(
             sum(st["training"]["wall_minutes"] for st in stages(src_rec["training"]["pretrained"]))
             + src_rec["training"]["wall_minutes"], 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 from typing import Any, Literal
 
@@ -508,6 +508,7 @@ _REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
 _REINHARD_MIN_STD = 1.0
 
 
+@lru_cache(maxsize=1)
 def default_reinhard_reference() -> ReinhardReference:
     """The shipped PBC reference of :func:`reinhard_normalize` (fitted by ``scripts/fit_reinhard_reference.py``)."""
     text = resources.files("smearpipe").joinpath("data", _REINHARD_REFERENCE_FILE).read_text()
@@ -516,12 +517,15 @@ def default_reinhard_reference() -> ReinhardReference:
 
 def lab_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of an RGB uint8 image in CIE L*a*b* (L* 0-100)."""
-    lab = _to_lab(_check_image(image)).reshape(-1, 3)
-    return lab.mean(axis=0, dtype=np.float64), lab.std(axis=0, dtype=np.float64)
+    _, mean, std = _lab_with_statistics(_check_image(image))
+    return mean, std
 
 
-def _to_lab(image: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+def _lab_with_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation."""
+    lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    flat = lab.reshape(-1, 3)
+    return lab, flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64)
 
 
 def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None = None) -> np.ndarray:
@@ -557,10 +561,7 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
     """
     image = _check_image(image)
     ref = reference if reference is not None else default_reinhard_reference()
-    lab = _to_lab(image)
-    flat = lab.reshape(-1, 3)
-    mean = flat.mean(axis=0, dtype=np.float64)
-    std = flat.std(axis=0, dtype=np.float64)
+    lab, mean, std = _lab_with_statistics(image)
     scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
     out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
     out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
