@@ -42,6 +42,8 @@ PBC_CENTER = 0.7
 # Random resized crops down to 25 % of the area: a cell then fills the whole crop, as in tightly cut crops
 # from other labs or at higher magnification (PBC frames show the cell at ~50 % of the width).
 AUGMENT = AugmentConfig(crop_scale_min=0.25)
+# With cell framing every crop already shows the cell at one size: random crops keep at least half the area.
+AUGMENT_FRAMED = AugmentConfig(crop_scale_min=0.5)
 
 
 def bccd_crops(out: Path, split: str) -> Path:
@@ -74,6 +76,8 @@ def main() -> None:
                     help="comma-separated preprocessing steps of every crop: 'reinhard' (v4, default), 'macenko' (v2), "
                          "'' (none, v3)")
     ap.add_argument("--no-macenko", action="store_true", help="same as --preprocess '' (the v3 commands used it)")
+    ap.add_argument("--framing", default="cell", choices=("cell", "as_given"),
+                    help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     args = ap.parse_args()
     out = Path(args.out)
@@ -89,7 +93,8 @@ def main() -> None:
         train.append(CropSource(str(bccd_crops(out, "train")), weight=3.0, name="bccd-train-fields"))
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
-                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, augment=AUGMENT,
+                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
+                              augment=AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
                               resume=args.resume, **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))

@@ -133,9 +133,10 @@ def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
     assert rec["preprocessing"]["steps"] == ["reinhard"] and rec["preprocessing"]["reinhard_reference"] is not None
     assert rec["dtype"] == "float16" and len(rec["training"]["train"]) == 1
     assert rec["preprocess_resized"] is True  # the training default, recorded so that inference does the same
+    assert rec["framing"] == "cell"  # crops recut around the nucleus, in training and at inference
     assert len(tiny_run.history) == 1 and tiny_run.weights.suffix == ".safetensors"
     clf = Classifier.load(tiny_run.weights)
-    assert clf.classes == WBC_CLASSES
+    assert clf.classes == WBC_CLASSES and clf.framing == "cell"
     crops = [np.full((50, 70, 3), 200, np.uint8), np.random.default_rng(1).integers(0, 255, (300, 310, 3), dtype=np.uint8)]
     p = clf.predict_proba(crops)
     assert p.shape == (2, 5)
@@ -230,6 +231,15 @@ def test_resume_refuses_other_settings(tiny_run):
     with pytest.raises(ValueError, match="input_size"):
         train_classifier([tiny_run.run_dir.parent / "x"], [tiny_run.run_dir.parent / "y"], input_size=48, epochs=1,
                          out_dir=tiny_run.run_dir.parent, name=tiny_run.run_dir.name, resume=True)
+    with pytest.raises(ValueError, match="framing"):
+        train_classifier([tiny_run.run_dir.parent / "x"], [tiny_run.run_dir.parent / "y"], input_size=32, epochs=1,
+                         out_dir=tiny_run.run_dir.parent, name=tiny_run.run_dir.name, resume=True, framing="as_given")
+
+
+def test_unknown_framing_is_refused(tiny_crops, tmp_path):
+    with pytest.raises(ValueError, match="framing"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         framing="tight")
 
 
 def test_training_leaves_caller_rng_alone(tiny_crops, tmp_path):
@@ -247,9 +257,11 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     from smearpipe.cli import main as cli_main
 
     code = cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
-                     "--epochs", "1", "--input-size", "32", "--batch", "5", "--out", str(tmp_path), "--preprocess", ""])
+                     "--epochs", "1", "--input-size", "32", "--batch", "5", "--out", str(tmp_path), "--preprocess", "",
+                     "--framing", "as_given"])
     assert code == 0
     rec = json.loads((tmp_path / "train" / "classifier.json").read_text())
+    assert rec["framing"] == "as_given"
     assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "sharpen", "--out", str(tmp_path)]) == 2

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from .errors import DatasetError, InvalidImageError, WeightsError
+from .framing import apply_framing
 from .io import to_rgb_uint8
 from .preprocess import Preprocessing
 from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
@@ -141,29 +142,32 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
                   preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+                  std: Sequence[float] = IMAGENET_STD, framing: str = "as_given") -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
     ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
     ``Classifier.preprocess_resized``): resize to ``size`` first, then preprocess (models trained with
     ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
-    at the crop's own size, then resize. :meth:`Classifier.predict_proba` does this for you.
+    at the crop's own size, then resize. ``framing`` (:data:`~smearpipe.framing.FRAMINGS`) is applied
+    first: pass ``Classifier.framing``. :meth:`Classifier.predict_proba` does this for you.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
         rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {i}"), size=size, preprocessing=preprocessing,
-                                  preprocess_resized=preprocess_resized)
+                                  preprocess_resized=preprocess_resized, framing=framing)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
 
 
-def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool) -> np.ndarray:
-    """One RGB uint8 crop -> ``(size, size, 3)`` uint8, preprocessed before or after resizing.
+def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool,
+                        framing: str = "as_given") -> np.ndarray:
+    """One RGB uint8 crop -> ``(size, size, 3)`` uint8: reframed, then preprocessed before or after resizing.
 
     The single place that fixes the order, used both for training crops and at inference.
     """
+    rgb = apply_framing(rgb, framing)
     if not preprocess_resized:
         rgb = preprocessing(rgb)
     interp = cv2.INTER_AREA if min(rgb.shape[:2]) >= size else cv2.INTER_LINEAR
@@ -239,6 +243,11 @@ class Classifier:
         return bool(self.record.metadata.get("preprocess_resized", False))
 
     @property
+    def framing(self) -> str:
+        """How crops are reframed before resizing (:data:`~smearpipe.framing.FRAMINGS`; older records: as given)."""
+        return str(self.record.metadata.get("framing", "as_given"))
+
+    @property
     def crop_scale(self) -> float:
         """Crop side relative to the detector box that the model was trained with."""
         return float(self.record.metadata.get("crop_scale", 2.0))
@@ -283,7 +292,7 @@ class Classifier:
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
                                                    preprocessing=self.preprocessing, mean=self.mean, std=self.std,
-                                                   preprocess_resized=self.preprocess_resized))
+                                                   preprocess_resized=self.preprocess_resized, framing=self.framing))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)
@@ -416,7 +425,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
         raise DatasetError(f"adapt_batchnorm needs at least {MIN_ADAPT_CROPS} WBC crops of the new lab, got {len(crops)}")
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
     x_all = torch.from_numpy(prepare_crops(crops, size=clf.input_size, preprocessing=clf.preprocessing, mean=clf.mean,
-                                           std=clf.std, preprocess_resized=clf.preprocess_resized))
+                                           std=clf.std, preprocess_resized=clf.preprocess_resized, framing=clf.framing))
     model = copy.deepcopy(clf.model).float().to(memory_format=torch.contiguous_format).eval()
     bns = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:

@@ -199,7 +199,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
-                           pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep)
+                           pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
+                           framing=args.framing)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", default="reinhard",
                    help="comma-separated preprocessing steps of every crop, recorded and repeated at inference, as the "
                         "shipped v4; '' for none (default: %(default)s)")
+    p.add_argument("--framing", default="cell", choices=("cell", "as_given"),
+                   help="recut every crop around its WBC nucleus before resizing (recorded, repeated at inference), "
+                        "or use crops as given (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from smearpipe.framing import MAX_GROWTH, apply_framing, frame_cell, nucleus_box
+
+from .conftest import SHARED
+
+BACKGROUND = (235, 215, 205)  # pinkish-cream, as between cells
+RBC = (215, 150, 160)  # blue close to green, as red cells
+NUCLEUS = (95, 60, 160)  # violet: blue far above green
+
+
+def cell_image(size: int, center: tuple[int, int], radius: int, *, rbcs: bool = True) -> np.ndarray:
+    img = np.full((size, size, 3), BACKGROUND, np.uint8)
+    if rbcs:
+        step = max(8, size // 5)
+        for y in range(step // 2, size, step):
+            for x in range(step // 2, size, step):
+                cv2.circle(img, (x, y), step // 3, RBC, -1)
+    cv2.circle(img, center, int(radius * 1.5), (200, 170, 210), -1)  # cytoplasm
+    cv2.circle(img, center, radius, NUCLEUS, -1)
+    return img
+
+
+def test_nucleus_box_finds_the_central_nucleus():
+    img = cell_image(300, (160, 140), 30)
+    cv2.circle(img, (20, 20), 4, NUCLEUS, -1)  # a platelet in the corner is not the nucleus
+    x0, y0, x1, y1 = nucleus_box(img)
+    assert abs((x0 + x1) / 2 - 160) < 6 and abs((y0 + y1) / 2 - 140) < 6
+    assert abs((x1 - x0) - 60) < 10 and abs((y1 - y0) - 60) < 10
+
+
+def test_lobes_of_one_nucleus_are_merged():
+    img = np.full((200, 200, 3), BACKGROUND, np.uint8)
+    for cx in (80, 100, 120):  # three lobes 4 px apart, as a segmented neutrophil's
+        cv2.circle(img, (cx, 100), 8, NUCLEUS, -1)
+    x0, _, x1, _ = nucleus_box(img)
+    assert x1 - x0 > 50  # the whole nucleus, not one lobe
+
+
+def test_frame_cell_centres_and_scales_the_cell():
+    img = cell_image(360, (150, 200), 25)
+    out = frame_cell(img, context=2.0)
+    assert out.shape[0] == out.shape[1] and out.dtype == np.uint8
+    assert abs(out.shape[0] - 100) <= 8  # 2 x the nucleus diameter
+    box = nucleus_box(out)
+    assert abs((box[0] + box[2]) / 2 - out.shape[1] / 2) < 4 and abs((box[1] + box[3]) / 2 - out.shape[0] / 2) < 4
+
+
+def test_same_cell_framed_wide_or_tight_looks_the_same():
+    """The point of framing: a wide field view and a tight crop of one cell give nearly the same input."""
+    wide = cell_image(360, (180, 180), 30)
+    tight = wide[125:235, 125:235]  # the cell fills the crop (as BCCD's crops)
+    a, b = (cv2.resize(frame_cell(x), (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32) for x in (wide, tight))
+    raw_a, raw_b = (cv2.resize(x, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32) for x in (wide, tight))
+    assert np.abs(a - b).mean() < 0.3 * np.abs(raw_a - raw_b).mean()
+
+
+def test_crop_cut_through_the_nucleus_grows_at_most_max_growth():
+    img = cell_image(200, (100, 100), 90, rbcs=False)[40:160, 40:160]  # only nucleus visible
+    out = frame_cell(img)
+    assert out.shape[0] <= round(MAX_GROWTH * 120) + 1
+    # padding takes the background colour of the brightest pixels, not a colour from outside the image
+    assert out.reshape(-1, 3).min(0).tolist() >= img.reshape(-1, 3).min(0).tolist()
+
+
+def test_no_nucleus_returns_the_crop_unchanged():
+    flat = np.full((80, 90, 3), 200, np.uint8)
+    assert frame_cell(flat) is flat
+    red_cells_only = cell_image(120, (60, 60), 0, rbcs=True)
+    assert nucleus_box(red_cells_only) is None and frame_cell(red_cells_only) is red_cells_only
+
+
+def test_apply_framing():
+    img = cell_image(200, (100, 100), 20)
+    assert apply_framing(img, "as_given") is img
+    assert apply_framing(img, "cell").shape[0] < 200
+    with pytest.raises(ValueError, match="unknown framing"):
+        apply_framing(img, "tight")
+    with pytest.raises(ValueError, match="context"):
+        frame_cell(img, context=0)
+
+
+def test_real_crops_from_two_labs_come_out_at_similar_scale(pbc_root):
+    """A PBC lymphocyte (small in a wide frame) and a BCCD one (cut tightly): nucleus share after framing."""
+    from smearpipe.io import read_image
+
+    pbc = read_image(next(iter(sorted((pbc_root / "PBC_dataset_normal_DIB" / "lymphocyte").glob("*.jpg")))))
+    bccd = read_image(next(iter(sorted((SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Lymphocyte").glob("*")))))
+    shares = []
+    for img in (pbc, bccd):
+        out = frame_cell(img)
+        x0, y0, x1, y1 = nucleus_box(out)
+        shares.append(max(x1 - x0, y1 - y0) / out.shape[0])
+    raw = [max(b[2] - b[0], b[3] - b[1]) / img.shape[0] for img, b in ((pbc, nucleus_box(pbc)), (bccd, nucleus_box(bccd)))]
+    assert abs(raw[0] - raw[1]) > 0.2  # as given, the nucleus fills very different shares of the crop
+    assert abs(shares[0] - shares[1]) < 0.12
