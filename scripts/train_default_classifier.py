@@ -27,6 +27,7 @@ A first s3 at lr 5e-4 with a new head early-stopped at its first epoch (val macr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--no-macenko", action="store_true", help="same as --preprocess '' (the v3 commands used it)")
     ap.add_argument("--framing", default="cell", choices=("cell", "as_given"),
                     help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
+    ap.add_argument("--lowres", type=float, default=0.0,
+                    help="share of training crops seen through a coarser camera (AugmentConfig.lowres_p)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     args = ap.parse_args()
     out = Path(args.out)
@@ -94,7 +97,8 @@ def main() -> None:
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
-                              augment=AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
+                              augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
+                                                          lowres_p=args.lowres),
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
                               resume=args.resume, **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))

@@ -119,6 +119,20 @@ def test_stain_jitter_keeps_structure_changes_stain():
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
+def test_lowres_augmentation_removes_fine_detail_only():
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (4, 3, 32, 32)).astype(np.float32))
+    off = dict(stain_alpha=0, stain_beta=0, brightness=0, contrast=0, saturation=0, gamma=0, white_balance=0, blur_p=0,
+               noise_std_max=0)
+    assert torch.equal(color_augment_batch(x, AugmentConfig(**off)), x)  # everything off: identity
+    out = color_augment_batch(x, AugmentConfig(**off, lowres_p=1.0, lowres_max=3.0))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    detail = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert detail(out) < 0.6 * detail(x)  # pixel-scale detail is lost, as through a coarser camera
+    assert abs(float(out.mean() - x.mean())) < 0.02  # the image itself is kept
+
+
 def test_geometric_transform_output():
     import torch
 

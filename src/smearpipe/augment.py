@@ -41,6 +41,8 @@ class AugmentConfig:
     blur_p: float = 0.3
     blur_sigma_max: float = 1.6
     noise_std_max: float = 0.03
+    lowres_p: float = 0.0  # share of crops seen through a coarser camera: downsampled, then upsampled back
+    lowres_max: float = 3.0  # largest downsampling factor (drawn from [1.5, lowres_max])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +135,15 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     x = x.clamp(0.0, 1.0)
     if cfg.gamma:
         x = x ** torch.exp(u(-cfg.gamma, cfg.gamma, b))[:, None, None, None]
+    if cfg.lowres_p:
+        pick = torch.rand(b, generator=generator) < cfg.lowres_p
+        if pick.any():
+            h, w = x.shape[-2:]
+            s = float(u(1.5, max(1.5, cfg.lowres_max), 1))
+            small = F.interpolate(x[pick], size=(max(4, round(h / s)), max(4, round(w / s))), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            x = x.clone()
+            x[pick] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     if cfg.blur_p:
         pick = torch.rand(b, generator=generator) < cfg.blur_p
         if pick.any():
