@@ -10,17 +10,28 @@ Data (never a test split):
     ``extract_wbc_crops(scale=CROP_SCALE)``, oversampled x3;
   * validation (early stopping on macro-F1): PBC val + BCCD crops from BCCD *val* fields.
 
-The shipped ``classifier-vgg16bn-v4`` took three runs (30 epochs): the v3 stage 1 without preprocessing,
-6 epochs on Reinhard-normalised crops (still PBC only: the leave-one-lab-out model), then BCCD added::
+The shipped ``classifier-vgg16bn-v5`` took two runs (20 epochs), with cell framing (every crop recut around its
+nucleus, ``smearpipe.framing``) and Reinhard normalisation: 14 epochs from scratch on PBC only (the leave-one-lab-out
+model), then 6 epochs with BCCD crops added, keeping the head::
 
-  python scripts/train_default_classifier.py --pbc-only --preprocess '' --out runs/cls --name s1 \
+  python scripts/train_default_classifier.py --pbc-only --epochs 14 --out runs/cls --name s1 \
+      --record-name classifier-vgg16bn-pbconly-cell
+  python scripts/train_default_classifier.py --epochs 6 --lr 2e-4 --out runs/cls --name s2 \
+      --init runs/cls/s1/classifier-vgg16bn-pbconly-cell.safetensors --record-name classifier-vgg16bn-v5
+
+The earlier ``classifier-vgg16bn-v4`` used the crops as given and took three runs (30 epochs): the v3 stage 1
+without preprocessing, 6 epochs on Reinhard-normalised crops (still PBC only: the leave-one-lab-out model), then
+BCCD added::
+
+  python scripts/train_default_classifier.py --framing as_given --pbc-only --preprocess '' --out runs/cls --name s1 \
       --record-name classifier-vgg16bn-pbconly-nomacenko
-  python scripts/train_default_classifier.py --pbc-only --epochs 6 --lr 5e-4 --out runs/cls --name s2 \
-      --init runs/cls/s1/classifier-vgg16bn-pbconly-nomacenko.safetensors --record-name classifier-vgg16bn-pbconly-reinhard
-  python scripts/train_default_classifier.py --epochs 6 --lr 2e-4 --out runs/cls --name s3 \
+  python scripts/train_default_classifier.py --framing as_given --pbc-only --epochs 6 --lr 5e-4 --out runs/cls \
+      --name s2 --init runs/cls/s1/classifier-vgg16bn-pbconly-nomacenko.safetensors \
+      --record-name classifier-vgg16bn-pbconly-reinhard
+  python scripts/train_default_classifier.py --framing as_given --epochs 6 --lr 2e-4 --out runs/cls --name s3 \
       --init runs/cls/s2/classifier-vgg16bn-pbconly-reinhard.safetensors --record-name classifier-vgg16bn-v4
 
-The shipped s2 started with a new random head (``--init`` kept only the conv weights then); s3 kept s2's head.
+v4's s2 started with a new random head (``--init`` kept only the conv weights then); s3 kept s2's head.
 A first s3 at lr 5e-4 with a new head early-stopped at its first epoch (val macro-F1 0.971) and was not shipped.
 """
 

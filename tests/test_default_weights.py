@@ -79,7 +79,8 @@ def test_default_classifier_record_and_crops(classifier, pbc_root):
     from smearpipe.train import center_crop
 
     assert classifier.classes == WBC_CLASSES and classifier.record.name == DEFAULT_CLASSIFIER
-    assert classifier.preprocessing.steps == ("reinhard",)  # v4: Reinhard-normalised crops (README, other labs)
+    assert classifier.preprocessing.steps == ("reinhard",)  # v4, v5: Reinhard-normalised crops (README, other labs)
+    assert classifier.framing == "cell"  # v5: crops recut around the nucleus
     rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "test"]
     crops, labels = [], []
     for cls in WBC_CLASSES:
@@ -89,7 +90,7 @@ def test_default_classifier_record_and_crops(classifier, pbc_root):
     proba = classifier.predict_proba(crops)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
     correct = sum(classifier.classes[i] == y for i, y in zip(proba.argmax(1), labels, strict=True))
-    assert correct >= 28, f"{correct}/30 PBC test crops correct"  # recorded test accuracy is 99.2 %
+    assert correct >= 28, f"{correct}/30 PBC test crops correct"  # recorded test accuracy is 99.2 % (v5)
 
 
 def test_evaluate_classifier_reproduces_the_report(classifier, pbc_root, tmp_path):

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_DETECTOR = "detector-bccd-yolov8n-v1"
-DEFAULT_CLASSIFIER = "classifier-vgg16bn-v4"
+DEFAULT_CLASSIFIER = "classifier-vgg16bn-v5"
 
 _KINDS = ("detector", "classifier")
 
