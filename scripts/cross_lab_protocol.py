@@ -167,7 +167,7 @@ def main() -> None:
     summary = {"classifier": {"name": clf.name, "sha256": clf.record.sha256, "input_size": clf.input_size,
                               "initialised_from": lineage[1:],
                               "inference_preprocess_replaced": args.inference_preprocess is not None,
-                              "preprocessing": clf.preprocessing.to_dict(), "framing": clf.framing, "training": {k: training.get(k) for k in (
+                              "preprocessing": clf.preprocessing.to_dict(), "framing": clf.framing.to_dict(), "training": {k: training.get(k) for k in (
                                   "train", "val", "epochs_run", "best_epoch", "augment", "wall_minutes")}},
                "protocol": f"train: {[s.get('name') for s in training.get('train', [])]} (val: "
                            f"{[s.get('name') for s in training.get('val', [])]}); test: all crops of bccd_wbc_subtypes "

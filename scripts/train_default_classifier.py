@@ -44,6 +44,7 @@ from pathlib import Path
 
 from smearpipe.augment import AugmentConfig
 from smearpipe.datasets import extract_wbc_crops
+from smearpipe.framing import FRAMINGS
 from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource, train_classifier
 
@@ -88,7 +89,7 @@ def main() -> None:
                     help="comma-separated preprocessing steps of every crop: 'reinhard' (v4, default), 'macenko' (v2), "
                          "'' (none, v3)")
     ap.add_argument("--no-macenko", action="store_true", help="same as --preprocess '' (the v3 commands used it)")
-    ap.add_argument("--framing", default="cell", choices=("cell", "as_given"),
+    ap.add_argument("--framing", default="cell", choices=FRAMINGS,
                     help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
     ap.add_argument("--lowres", type=float, default=0.0,
                     help="share of training crops seen through a coarser camera (AugmentConfig.lowres_p)")

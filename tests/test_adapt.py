@@ -43,7 +43,8 @@ def test_adapt_batchnorm_writes_a_new_calibrated_classifier(tiny_run, lab_crops,
     assert not torch.allclose(bn_means(adapted), bn_means(source), atol=1e-3)  # statistics re-estimated
     # the first layer's statistics are those of its input over all the new crops
     x = torch.from_numpy(prepare_crops(lab_crops, size=source.input_size, preprocessing=source.preprocessing,
-                                       mean=source.mean, std=source.std, preprocess_resized=source.preprocess_resized))
+                                       mean=source.mean, std=source.std, preprocess_resized=source.preprocess_resized,
+                                       framing=source.framing))
     with torch.inference_mode():
         conv_out = adapted.model.features[0].float()(x)
     bn0 = adapted.model.features[1]

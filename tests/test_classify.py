@@ -17,6 +17,7 @@ from smearpipe.datasets import (
 )
 from smearpipe.errors import DatasetError, InvalidImageError, WeightsError
 from smearpipe.evaluate import evaluate_classifier
+from smearpipe.framing import Framing
 from smearpipe.train import CropSource, train_classifier
 
 from .conftest import SHARED
@@ -147,10 +148,10 @@ def test_smoke_training_and_roundtrip(tiny_run, tiny_crops):
     assert rec["preprocessing"]["steps"] == ["reinhard"] and rec["preprocessing"]["reinhard_reference"] is not None
     assert rec["dtype"] == "float16" and len(rec["training"]["train"]) == 1
     assert rec["preprocess_resized"] is True  # the training default, recorded so that inference does the same
-    assert rec["framing"] == "cell"  # crops recut around the nucleus, in training and at inference
+    assert rec["framing"]["name"] == "cell" and rec["framing"]["max_growth"] == 1.0  # recorded with its parameters
     assert len(tiny_run.history) == 1 and tiny_run.weights.suffix == ".safetensors"
     clf = Classifier.load(tiny_run.weights)
-    assert clf.classes == WBC_CLASSES and clf.framing == "cell"
+    assert clf.classes == WBC_CLASSES and clf.framing == Framing("cell")
     crops = [np.full((50, 70, 3), 200, np.uint8), np.random.default_rng(1).integers(0, 255, (300, 310, 3), dtype=np.uint8)]
     p = clf.predict_proba(crops)
     assert p.shape == (2, 5)
@@ -172,8 +173,8 @@ def test_prepare_crops_preprocessing_order(bccd_root):
 
     crop = read_image(SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Neutrophil" / "BloodImage_00001_1.jpg")
     prep = Preprocessing(steps=("macenko",)).resolved()
-    native = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=False)
-    resized = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=True)
+    native = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=False, framing="as_given")
+    resized = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=True, framing="as_given")
     assert native.shape == resized.shape == (1, 3, 64, 64) and native.dtype == resized.dtype == np.float32
     assert not np.array_equal(native, resized)
     assert np.abs(native - resized).mean() < 0.25  # the same stain normalisation, estimated on fewer pixels
@@ -250,6 +251,17 @@ def test_resume_refuses_other_settings(tiny_run):
                          out_dir=tiny_run.run_dir.parent, name=tiny_run.run_dir.name, resume=True, framing="as_given")
 
 
+def test_record_with_unknown_framing_is_refused_at_load(tiny_run, tmp_path):
+    for ext in (".safetensors", ".json"):
+        shutil.copy(tiny_run.weights.with_suffix(ext), tmp_path / f"{tiny_run.weights.stem}{ext}")
+    edited = tmp_path / f"{tiny_run.weights.stem}.json"
+    rec = json.loads(edited.read_text())
+    rec["framing"] = {**rec["framing"], "name": "tight"}
+    edited.write_text(json.dumps(rec))
+    with pytest.raises(WeightsError, match="framing"):
+        Classifier.load(tmp_path / f"{tiny_run.weights.stem}.safetensors")
+
+
 def test_unknown_framing_is_refused(tiny_crops, tmp_path):
     with pytest.raises(ValueError, match="framing"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
@@ -275,7 +287,7 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
                      "--framing", "as_given"])
     assert code == 0
     rec = json.loads((tmp_path / "train" / "classifier.json").read_text())
-    assert rec["framing"] == "as_given"
+    assert rec["framing"]["name"] == "as_given"
     assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "sharpen", "--out", str(tmp_path)]) == 2

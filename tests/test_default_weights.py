@@ -80,7 +80,7 @@ def test_default_classifier_record_and_crops(classifier, pbc_root):
 
     assert classifier.classes == WBC_CLASSES and classifier.record.name == DEFAULT_CLASSIFIER
     assert classifier.preprocessing.steps == ("reinhard",)  # v4, v5: Reinhard-normalised crops (README, other labs)
-    assert classifier.framing == "cell"  # v5: crops recut around the nucleus
+    assert classifier.framing.name == "cell"  # v5: crops recut around the nucleus
     rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "test"]
     crops, labels = [], []
     for cls in WBC_CLASSES:

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from smearpipe.framing import MAX_GROWTH, apply_framing, frame_cell, nucleus_box
+from smearpipe.errors import InvalidImageError
+from smearpipe.framing import Framing, apply_framing, frame_cell, nucleus_box
 
 from .conftest import SHARED
 
@@ -59,15 +60,20 @@ def test_same_cell_framed_wide_or_tight_looks_the_same():
     assert np.abs(a - b).mean() < 0.3 * np.abs(raw_a - raw_b).mean()
 
 
-def test_crop_cut_through_the_nucleus_is_not_padded_out():
-    img = cell_image(200, (100, 100), 90, rbcs=False)[40:160, 40:160]  # only nucleus visible
+def test_tight_crop_is_recentred_not_padded_out():
+    img = cell_image(200, (100, 100), 45, rbcs=False)[45:155, 45:155]  # 110 px crop, nucleus 90 px: context needs 162
+    assert nucleus_box(img) is not None
     out = frame_cell(img)
-    assert out.shape[0] <= round(MAX_GROWTH * 120) + 1
-    off_centre = cell_image(200, (100, 100), 60, rbcs=False)[20:180, 40:200]  # nucleus box touches the left edge
-    out = frame_cell(off_centre)
-    assert out.shape[0] <= 160 and out.shape[0] == out.shape[1]
-    # padding takes the background colour of the brightest pixels, not a colour from outside the image
-    assert out.reshape(-1, 3).min(0).tolist() >= img.reshape(-1, 3).min(0).tolist()
+    assert out.shape == (110, 110, 3)  # max_growth 1.0: at most the crop's own size
+    assert frame_cell(img, max_growth=1.3).shape == (143, 143, 3)  # allowed to grow: padded out to 1.3x
+
+
+def test_padding_takes_the_background_colour():
+    img = cell_image(200, (100, 100), 40, rbcs=False)[20:180, 45:200]  # nucleus box near the left edge
+    out = frame_cell(img, context=2.5)  # wants 200 px, capped at the crop's 160; centred on x = 55: padded on the left
+    assert out.shape == (160, 160, 3)
+    corner = out[:4, :4].reshape(-1, 3).astype(int)
+    assert np.abs(corner - BACKGROUND).max() <= 2  # the pale background between cells, not black or the cell's colour
 
 
 def test_no_nucleus_returns_the_crop_unchanged():
@@ -77,22 +83,58 @@ def test_no_nucleus_returns_the_crop_unchanged():
     assert nucleus_box(red_cells_only) is None and frame_cell(red_cells_only) is red_cells_only
 
 
-def test_apply_framing():
+def test_apply_framing_and_the_framing_record():
     img = cell_image(200, (100, 100), 20)
     assert apply_framing(img, "as_given") is img
     assert apply_framing(img, "cell").shape[0] < 200
+    assert np.array_equal(apply_framing(img, Framing().to_dict()), frame_cell(img))  # a record's dict works too
+    assert Framing.from_value(None) == Framing("as_given")  # records before v5
+    assert Framing.from_value(Framing(context=2.0).to_dict()) == Framing(context=2.0)
     with pytest.raises(ValueError, match="unknown framing"):
         apply_framing(img, "tight")
-    with pytest.raises(ValueError, match="context"):
-        frame_cell(img, context=0)
+    with pytest.raises(ValueError, match="nucleus-detection settings"):
+        Framing.from_value({**Framing().to_dict(), "min_blue": 30})  # recorded by another version: refused
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="context"):
+            frame_cell(img, context=bad)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 10, 3), np.uint8), np.zeros((10, 10, 5), np.uint8),
+                                 np.full((10, 10, 3), np.nan, np.float32), "not an array"])
+def test_bad_crops_raise_our_error(bad):
+    with pytest.raises(InvalidImageError):
+        frame_cell(bad)
+
+
+def test_other_layouts_are_converted_like_everywhere_else():
+    img = cell_image(200, (100, 100), 20)
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    assert np.array_equal(frame_cell(rgba), frame_cell(img))
+    assert np.array_equal(frame_cell(img.astype(np.float32) / 255), frame_cell(img))
+    assert frame_cell(img[..., 0]).ndim == 3  # grey: no violet, returned as RGB, unframed
+
+
+def test_classifier_input_is_framed_as_in_training():
+    """Inference (prepare_crops with the model's framing) = framing first, then the unframed path."""
+    from smearpipe.classify import prepare_crops
+    from smearpipe.preprocess import Preprocessing
+
+    crop = cell_image(300, (140, 170), 35)
+    prep = Preprocessing(steps=("reinhard",)).resolved()
+    a = prepare_crops([crop], size=64, preprocessing=prep, preprocess_resized=True, framing="cell")
+    b = prepare_crops([frame_cell(crop)], size=64, preprocessing=prep, preprocess_resized=True, framing="as_given")
+    np.testing.assert_array_equal(a, b)
 
 
 def test_real_crops_from_two_labs_come_out_at_similar_scale(pbc_root):
     """A PBC lymphocyte (small in a wide frame) and a BCCD one (cut tightly): nucleus share after framing."""
     from smearpipe.io import read_image
 
-    pbc = read_image(next(iter(sorted((pbc_root / "PBC_dataset_normal_DIB" / "lymphocyte").glob("*.jpg")))))
-    bccd = read_image(next(iter(sorted((SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Lymphocyte").glob("*")))))
+    pbc_files = sorted((pbc_root / "PBC_dataset_normal_DIB" / "lymphocyte").glob("*.jpg"))
+    bccd_files = sorted((SHARED / "bccd_wbc_subtypes" / "BCCD_cropped" / "Lymphocyte").glob("*"))
+    if not (pbc_files and bccd_files):
+        pytest.skip("PBC / bccd_wbc_subtypes lymphocyte crops not found")
+    pbc, bccd = read_image(pbc_files[0]), read_image(bccd_files[0])
     shares = []
     for img in (pbc, bccd):
         out = frame_cell(img)

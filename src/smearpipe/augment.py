@@ -111,7 +111,11 @@ def stain_jitter(x: Any, alpha: Any, beta: Any) -> Any:
 
 
 def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> Any:
-    """Random colour/stain/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1]."""
+    """Random colour/stain/resolution/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1].
+
+    Low resolution (``cfg.lowres_p`` of the crops, one factor per batch drawn from
+    ``[1.5, max(1.5, cfg.lowres_max)]``): downsampled with antialiasing, then upsampled back.
+    """
     import torch
     import torch.nn.functional as F
 

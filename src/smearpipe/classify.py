@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from .errors import DatasetError, InvalidImageError, WeightsError
-from .framing import apply_framing
+from .framing import Framing, apply_framing
 from .io import to_rgb_uint8
 from .preprocess import Preprocessing
 from .weights import DEFAULT_CLASSIFIER, WeightsRecord, resolve
@@ -142,14 +142,15 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
                   preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD, framing: str = "as_given") -> np.ndarray:
+                  std: Sequence[float] = IMAGENET_STD, framing: Framing | str) -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
     ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
     ``Classifier.preprocess_resized``): resize to ``size`` first, then preprocess (models trained with
     ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
-    at the crop's own size, then resize. ``framing`` (:data:`~smearpipe.framing.FRAMINGS`) is applied
-    first: pass ``Classifier.framing``. :meth:`Classifier.predict_proba` does this for you.
+    at the crop's own size, then resize. ``framing`` (required too: pass ``Classifier.framing``;
+    ``"as_given"`` for models recorded without one) is applied first. :meth:`Classifier.predict_proba`
+    does all this for you.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
@@ -162,7 +163,7 @@ def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Prep
 
 
 def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocessing, preprocess_resized: bool,
-                        framing: str = "as_given") -> np.ndarray:
+                        framing: Framing | str) -> np.ndarray:
     """One RGB uint8 crop -> ``(size, size, 3)`` uint8: reframed, then preprocessed before or after resizing.
 
     The single place that fixes the order, used both for training crops and at inference.
@@ -217,6 +218,10 @@ class Classifier:
         meta = record.metadata
         self.mean = tuple(meta.get("mean", IMAGENET_MEAN))
         self.std = tuple(meta.get("std", IMAGENET_STD))
+        try:
+            self._framing = Framing.from_value(meta.get("framing"))
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{record.name}: unusable framing in its record: {exc}") from None
 
     def __repr__(self) -> str:
         return f"Classifier({self.record.name!r}, classes={self.classes}, input_size={self.input_size})"
@@ -243,9 +248,9 @@ class Classifier:
         return bool(self.record.metadata.get("preprocess_resized", False))
 
     @property
-    def framing(self) -> str:
-        """How crops are reframed before resizing (:data:`~smearpipe.framing.FRAMINGS`; older records: as given)."""
-        return str(self.record.metadata.get("framing", "as_given"))
+    def framing(self) -> Framing:
+        """How crops are reframed before resizing (records before v5 have none: crops as given)."""
+        return self._framing
 
     @property
     def crop_scale(self) -> float:

@@ -214,6 +214,8 @@ def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .framing import FRAMINGS
+
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", default="reinhard",
                    help="comma-separated preprocessing steps of every crop, recorded and repeated at inference, as the "
                         "shipped v4 and v5; '' for none (default: %(default)s)")
-    p.add_argument("--framing", default="cell", choices=("cell", "as_given"),
+    p.add_argument("--framing", default="cell", choices=FRAMINGS,
                    help="recut every crop around its WBC nucleus before resizing (recorded, repeated at inference), "
                         "or use crops as given (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)

@@ -3,30 +3,92 @@
 Labs frame their WBC images differently: PBC's CellaVision images show the cell at about a third
 of the image width among many red cells; BCCD's crops are cut tightly around the cell. A
 classifier trained on one framing reads the other as a change of cell size (a tightly cropped
-lymphocyte looks as large as a monocyte). :func:`frame_cell` removes the difference: it finds the
-WBC's nucleus (the largest blue-violet region near the centre; lobes of one nucleus are merged) and
-cuts a square around it whose side is ``context`` times the nucleus's larger extent, but at most
-the crop's own longer side (``MAX_GROWTH``): a crop cut tighter than that is only re-centred, not
-padded out to the full context. Where the square leaves the image it is padded with the background
-colour (of the brightest pixels).
+lymphocyte looks as large as a monocyte). :func:`frame_cell` removes most of the difference: it
+finds the WBC's nucleus (the largest blue-violet region near the centre; lobes of one nucleus are
+merged) and cuts a square around it whose side is ``context`` times the nucleus's larger extent, but
+at most ``max_growth`` times the crop's own longer side: a crop cut tighter than that is only
+re-centred, not padded out to the full context. Where the square leaves the image it is padded with
+the background colour (of the brightest pixels).
 
 Padding tight crops out to the full context cost accuracy on another lab: on the crops of BCCD
 train/val fields (a PBC-only model, ``scripts/cross_lab_protocol.py``) 70.0 % with the square allowed
 to grow to 1.3x the crop, 76.1 % with 1.0x; PBC crops are framed wider and never reach the limit.
+
+A classifier records its :class:`Framing` (``framing`` in its weights record) and applies it to every
+crop, in training and at inference.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import cv2
 import numpy as np
 
-__all__ = ["FRAMINGS", "frame_cell", "nucleus_box", "apply_framing"]
+from .io import to_rgb_uint8
+
+__all__ = ["FRAMINGS", "Framing", "frame_cell", "nucleus_box", "apply_framing"]
 
 FRAMINGS = ("as_given", "cell")
 _WORK_SIZE = 96  # the nucleus is found on a copy of this size (long side): cheap, and enough for a box
 _MIN_AREA = 0.005  # smaller blue regions (platelets, noise) are not taken for a nucleus
 _MIN_BLUE = 15  # Otsu threshold on blue - green below this: no violet nucleus in the crop
-MAX_GROWTH = 1.0
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How crops are reframed before resizing; recorded with a classifier's weights.
+
+    Attributes
+    ----------
+    name : {"cell", "as_given"}
+        ``"cell"``: :func:`frame_cell` with the parameters below; ``"as_given"``: crops unchanged.
+    context : float
+        Side of the square relative to the nucleus's larger extent (1.8 keeps the cytoplasm of
+        monocytes and eosinophils, whose nucleus spans about two thirds of the cell).
+    max_growth : float
+        Largest side of the square relative to the crop's longer side.
+    """
+
+    name: str = "cell"
+    context: float = 1.8
+    max_growth: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in FRAMINGS:
+            raise ValueError(f"unknown framing {self.name!r}; known: {list(FRAMINGS)}")
+        for key in ("context", "max_growth"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"framing {key} must be a finite number > 0, got {v!r}")
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        if self.name == "as_given":
+            return rgb
+        return frame_cell(rgb, context=self.context, max_growth=self.max_growth)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "work_size": _WORK_SIZE, "min_blue": _MIN_BLUE, "min_area": _MIN_AREA}
+
+    @classmethod
+    def from_value(cls, value: Framing | str | dict | None) -> Framing:
+        """A :class:`Framing` from itself, a name, or a record's dict (None: crops as given, as records before v5)."""
+        if isinstance(value, Framing):
+            return value
+        if value is None:
+            return cls("as_given")
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict):
+            fixed = {"work_size": _WORK_SIZE, "min_blue": _MIN_BLUE, "min_area": _MIN_AREA}
+            differs = {k: value[k] for k in fixed if k in value and value[k] != fixed[k]}
+            if differs:
+                raise ValueError(f"framing recorded with nucleus-detection settings {differs} that this version of "
+                                 f"smearpipe does not use ({fixed})")
+            return cls(**{k: value[k] for k in ("name", "context", "max_growth") if k in value})
+        raise ValueError(f"framing must be a Framing, one of {list(FRAMINGS)} or a dict, got {value!r}")
 
 
 def nucleus_box(rgb: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -34,10 +96,17 @@ def nucleus_box(rgb: np.ndarray) -> tuple[float, float, float, float] | None:
 
     The nucleus is where blue exceeds green most (haematoxylin/azure stains the nucleus violet;
     red cells and background have blue close to green); an Otsu threshold separates it, and a
-    threshold under 15 (of 255) means the crop has no violet region at all. Lobes
-    closer than 4 % of the crop size are merged; of the regions left, the largest one near the
-    centre wins (area divided by ``(1 + 4 d)^2``, ``d`` the distance from the centre in crop sizes).
+    threshold under 15 (of 255) means the crop has no violet region at all. Regions less than about
+    8 % of the crop size apart (a closing with a disk of radius 4 on a 96 px copy) are merged, so
+    the lobes of one nucleus count as one; of the regions left, the largest one near the centre wins
+    (area divided by ``(1 + 4 d)^2``, ``d`` the distance from the centre in crop sizes).
+
+    Raises
+    ------
+    InvalidImageError
+        ``rgb`` is not an image (see :func:`~smearpipe.io.to_rgb_uint8` for what converts).
     """
+    rgb = to_rgb_uint8(rgb, name="crop")
     h, w = rgb.shape[:2]
     f = _WORK_SIZE / max(h, w)
     small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
@@ -61,30 +130,46 @@ def nucleus_box(rgb: np.ndarray) -> tuple[float, float, float, float] | None:
     return x / f, y / f, (x + bw) / f, (y + bh) / f
 
 
-def frame_cell(rgb: np.ndarray, *, context: float = 1.8) -> np.ndarray:
-    """Square crop centred on the WBC nucleus, ``context`` times its larger side; ``rgb`` itself if none is found.
+def frame_cell(rgb: np.ndarray, *, context: float = 1.8, max_growth: float = 1.0) -> np.ndarray:
+    """Square crop centred on the WBC nucleus; ``rgb`` itself (any shape) if no nucleus is found.
 
     Parameters
     ----------
     rgb : (H, W, 3) uint8 ndarray
-        A crop showing one WBC (any framing, any size).
+        A crop showing one WBC (any framing, any size; other dtypes and channel counts are converted
+        as by :func:`~smearpipe.io.to_rgb_uint8`).
     context : float
-        Side of the output square relative to the nucleus's larger extent (1.8 keeps the cytoplasm
-        of monocytes and eosinophils, whose nucleus spans about two thirds of the cell).
+        Side of the square relative to the nucleus's larger extent.
+    max_growth : float
+        The side is at most this times the crop's longer side (a crop clipped at a field's edge, or
+        cut tighter than ``context``, is re-centred but not padded out).
 
     Returns
     -------
     (S, S, 3) uint8 ndarray
         Outside ``rgb``, pixels take the median colour of its brightest tenth (the background between cells).
+
+    Raises
+    ------
+    InvalidImageError
+        ``rgb`` is not an image.
+
+    Examples
+    --------
+    >>> import numpy as np, cv2
+    >>> crop = np.full((300, 300, 3), (235, 215, 205), np.uint8)
+    >>> _ = cv2.circle(crop, (150, 150), 30, (95, 60, 160), -1)    # a violet nucleus, 60 px wide
+    >>> frame_cell(crop).shape
+    (110, 110, 3)
     """
-    if context <= 0:
-        raise ValueError(f"context must be > 0, got {context!r}")
+    Framing("cell", context, max_growth)  # validates the numbers
+    rgb = to_rgb_uint8(rgb, name="crop")
     box = nucleus_box(rgb)
     if box is None:
         return rgb
     h, w = rgb.shape[:2]
     x0, y0, x1, y1 = box
-    side = max(1, int(round(min(context * max(x1 - x0, y1 - y0), MAX_GROWTH * max(h, w)))))
+    side = max(1, int(round(min(context * max(x1 - x0, y1 - y0), max_growth * max(h, w)))))
     left, top = int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2))
     pad = max(0, -left, -top, left + side - w, top + side - h)
     if pad:
@@ -95,10 +180,6 @@ def frame_cell(rgb: np.ndarray, *, context: float = 1.8) -> np.ndarray:
     return np.ascontiguousarray(rgb[top + pad: top + pad + side, left + pad: left + pad + side])
 
 
-def apply_framing(rgb: np.ndarray, framing: str) -> np.ndarray:
-    """``rgb`` reframed as a model was trained: ``"as_given"`` (unchanged) or ``"cell"`` (:func:`frame_cell`)."""
-    if framing == "as_given":
-        return rgb
-    if framing == "cell":
-        return frame_cell(rgb)
-    raise ValueError(f"unknown framing {framing!r}; known: {list(FRAMINGS)}")
+def apply_framing(rgb: np.ndarray, framing: Framing | str | dict) -> np.ndarray:
+    """``rgb`` reframed as a model was trained (a :class:`Framing`, its name, or its record dict)."""
+    return Framing.from_value(framing)(rgb)

@@ -16,7 +16,7 @@ import yaml
 
 from .datasets import DETECTION_CLASSES, normalize_detection_class, read_yolo_labels
 from .errors import DatasetError, ImageReadError, WeightsError
-from .framing import FRAMINGS
+from .framing import Framing
 from .io import IMAGE_SUFFIXES, read_image, write_image
 from .preprocess import Preprocessing
 from .weights import WeightsRecord, sha256_file
@@ -420,7 +420,7 @@ def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
 
 
 def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, prep: Preprocessing,
-                desc: str, resized_first: bool = False, framing: str = "as_given") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                desc: str, resized_first: bool, framing: Framing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode, centre-crop, preprocess and resize every crop once: (N, size, size, 3) uint8, labels, source ids."""
     from tqdm.auto import tqdm
 
@@ -486,7 +486,7 @@ class ClassifierTrainConfig:
     batch_norm: bool = True
     crop_scale: float = 2.0
     preprocess_resized: bool = True
-    framing: str = "cell"
+    framing: Framing | str = "cell"
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -545,10 +545,11 @@ def train_classifier(
         then preprocesses, training crops are preprocessed at the cache size before random resized
         crops). Macenko on a small image is far cheaper than on a 360 px crop; pixel-sized steps
         (median kernel, CLAHE tiles) then act on the small image. False: preprocess at native size.
-    framing : {"cell", "as_given"}
-        ``"cell"``: every crop is recut around its WBC nucleus first (:func:`~smearpipe.framing.frame_cell`),
-        so that tightly cut crops (BCCD) and wide ones (PBC) show the cell at the same size; recorded and
-        applied at inference. ``"as_given"``: crops are only resized.
+    framing : Framing or {"cell", "as_given"}
+        ``"cell"`` (``Framing()``): every crop is recut around its WBC nucleus first
+        (:func:`~smearpipe.framing.frame_cell`), so that tightly cut crops (BCCD) and wide ones (PBC) show
+        the cell at about the same size; recorded with its parameters and applied at inference.
+        ``"as_given"``: crops are only resized.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -590,8 +591,7 @@ def train_classifier(
         raise ValueError(f"rebalance must be 'sampler', 'loss' or 'none', got {rebalance!r}")
     if input_size < 32 or epochs < 1 or batch_size < 1:
         raise ValueError(f"input_size >= 32, epochs >= 1, batch_size >= 1 required, got {input_size}, {epochs}, {batch_size}")
-    if framing not in FRAMINGS:
-        raise ValueError(f"framing must be one of {list(FRAMINGS)}, got {framing!r}")
+    framing = Framing.from_value(framing)  # ValueError for unknown names or bad numbers
     if not (isinstance(cache_scale, (int, float)) and cache_scale >= 1):
         raise ValueError(f"cache_scale must be a number >= 1, got {cache_scale!r}")
     train_sources, val_sources = [_as_source(s) for s in train], [_as_source(s) for s in val]
@@ -604,7 +604,7 @@ def train_classifier(
               "weight_decay": weight_decay, "label_smoothing": label_smoothing, "preprocessing": prep.to_dict(),
               "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
-              "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing, "cache_scale": cache_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
+              "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(), "cache_scale": cache_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
     out_dir = Path(out_dir)
@@ -614,7 +614,9 @@ def train_classifier(
             raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
-        before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": "as_given"}
+        before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict()}
+        if isinstance(saved.get("augment"), dict):  # augment keys added later default to off
+            saved["augment"] = {"lowres_p": 0.0, "lowres_max": 3.0, **saved["augment"]}
         differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
         if differs:
             raise ValueError(f"resume with other settings than the run was started with: {differs}")
@@ -629,7 +631,7 @@ def train_classifier(
     # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for s in train_sources + val_sources for p, y in s.samples(classes)]
     key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
-                      cache_size, input_size, prep.to_dict(), preprocess_resized, framing, files], sort_keys=True)
+                      cache_size, input_size, prep.to_dict(), preprocess_resized, framing.to_dict(), files], sort_keys=True)
     cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
@@ -749,7 +751,7 @@ def train_classifier(
         {
             "classes": classes, "input_size": input_size, "preprocessing": prep,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_scale": crop_scale,
-            "preprocess_resized": preprocess_resized, "framing": framing,
+            "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
             "architecture": {"name": "vgg16_bn" if batch_norm else "vgg16", "batch_norm": batch_norm, "hidden": 256,
                              "dropout": 0.3, "head": "global-avg-pool -> dropout -> 256 -> ReLU -> dropout -> N"},
             "training": {
