@@ -34,11 +34,13 @@ import numpy as np
 from smearpipe.datasets import DETECTION_CLASSES, normalize_detection_class, read_voc
 from smearpipe.detect import Detector
 from smearpipe.io import read_image
+from smearpipe.pipeline import PipelineConfig
 from smearpipe.preprocess import estimate_background
 from smearpipe.scale import detector_input_size, estimate_rbc_diameter, rescale_factor
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+SLIDE_FIELDS = PipelineConfig().slide_scale_fields
 
 
 def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tuple[float, ...], int]], list[np.ndarray]]:
@@ -93,19 +95,24 @@ def main() -> None:
     target, long_side = float(meta["rbc_diameter_px"]), float(meta["train_long_side_px"])
     stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
     groups = [stems[i:i + 4] for i in range(0, len(stems) - 3, 4)]
-    modes = ("as_is", "rescaled")
+    modes = ("as_is", "rescaled", "rescaled_slide")
     stats: dict[str, list] = {m: [] for m in modes}
     targets: list[int] = []
     rows = []
     t0 = time.time()
-    for group in groups:
-        canvas, gts, fields = mosaic(group, args.factor)
+    mosaics = [mosaic(group, args.factor) for group in groups]
+    estimates = [estimate_rbc_diameter(m[0]) for m in mosaics]
+    slide_est = float(np.median(estimates[:SLIDE_FIELDS]))  # as analyze_fields: median over the slide's first fields
+    for group, (canvas, gts, fields), est in zip(groups, mosaics, estimates, strict=True):
         targets += [g[1] for g in gts]
         native_counts = [d.label for f in fields for d in det.predict(f)]
-        est = estimate_rbc_diameter(canvas)
         factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est, tolerance=0.0)  # as the pipeline
-        sizes = {"as_is": None, "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
-                                                                train_long_side=long_side)}
+        slide_factor = target / slide_est
+        sizes = {"as_is": None,
+                 "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
+                                                 train_long_side=long_side),
+                 "rescaled_slide": detector_input_size(canvas.shape, factor=slide_factor, input_size=det.record.input_size,
+                                                       train_long_side=long_side)}
         row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "expected_rbc_diameter": round(target / args.factor, 1),
                "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
                "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
@@ -127,6 +134,9 @@ def main() -> None:
         "factor": args.factor, "mosaics": len(groups), "seconds": round(time.time() - t0, 1),
         "scale_factor_estimated": {"median": float(np.median([r["scale_factor"] for r in rows])),
                                    "min": min(r["scale_factor"] for r in rows), "max": max(r["scale_factor"] for r in rows)},
+        "scale_factor_slide": {"fields": SLIDE_FIELDS, "factor": target / slide_est,
+                               "note": "rescaled_slide: one red-cell diameter for all mosaics, the median over the first "
+                                       f"{SLIDE_FIELDS} (PipelineConfig.slide_scale_fields, as analyze_fields does)"},
     }
     gt_rbc = np.array([r["gt_RBC"] for r in rows], float)
     native_rbc = np.array([r["native_pred_RBC"] for r in rows], float)
@@ -160,7 +170,8 @@ def main() -> None:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    print(json.dumps({k: v for k, v in report.items() if k in (*modes, "native_scale_reference", "scale_factor_estimated")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k in (*modes, "native_scale_reference", "scale_factor_estimated",
+                                                                 "scale_factor_slide")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -240,3 +240,42 @@ def test_rescaling_sets_the_detector_input_size(pipe):
     with pytest.raises(ValueError, match="rbc_diameter_px / train_long_side_px"):
         analyze_smear(img, pipeline=Pipeline(StubDetector([], bare), pipe.classifier), config=PipelineConfig(rescale=True))
 
+
+
+def test_slide_scale_is_the_median_of_the_first_fields(pipe, tmp_path):
+    import dataclasses
+
+    from smearpipe.scale import estimate_rbc_diameter
+
+    meta = {**pipe.detector.record.metadata, "rbc_diameter_px": 100.0, "train_long_side_px": 640}
+    det = SizeRecordingDetector([], dataclasses.replace(pipe.detector.record, input_size=512, metadata=meta))
+    stub = Pipeline(det, pipe.classifier)
+    paths = sorted(SAMPLES.glob("*.jpg"))[:4]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    fields = [tmp_path / "broken.jpg", *paths]  # an unreadable field first: reported, not measured
+    each = [estimate_rbc_diameter(read_image(p)) for p in paths]
+    slide = analyze_fields(fields, pipeline=stub, config=PipelineConfig(rescale=True, slide_scale_fields=3), progress=False)
+    assert len(slide.errors) == 1 and slide.errors[0][0] == str(tmp_path / "broken.jpg")
+    assert [r.source for r in slide.fields] == [str(p) for p in paths]  # order and sources kept
+    expected = 100.0 / float(np.median(each[:3]))
+    assert all(r.scale_factor == pytest.approx(expected) for r in slide.fields)  # one scale for the whole slide
+    per_field = analyze_fields(paths, pipeline=stub, config=PipelineConfig(rescale=True, slide_scale_fields=0),
+                               progress=False)
+    assert [r.scale_factor for r in per_field.fields] == pytest.approx([100.0 / d for d in each])
+    with pytest.raises(ValueError, match="slide_scale_fields"):
+        PipelineConfig(slide_scale_fields=-1)
+
+
+def test_cli_known_scale(tiny_run, tmp_path, capsys):
+    from smearpipe.detect import Detector
+
+    shipped = Detector.load().record.metadata["rbc_diameter_px"]
+    out = tmp_path / "out"
+    args = ["analyze", str(SAMPLES / "BloodImage_00007.jpg"), "--out", str(out), "--classifier", str(tiny_run.weights),
+            "--quiet", "--rbc-diameter-px", str(shipped / 2)]
+    assert cli_main(args) == 0
+    result = json.loads((out / "BloodImage_00007.json").read_text())
+    assert result["scale_factor"] == pytest.approx(2.0)  # red cells half the training size: shown at twice the size
+    with pytest.raises(SystemExit):  # argparse: one way of giving the scale at a time
+        cli_main(args + ["--pixel-size-um", "0.1", "--overwrite"])
+    assert "not allowed with" in capsys.readouterr().err

@@ -117,7 +117,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
     paths = _image_paths(args.paths)
-    config = PipelineConfig(det_conf=args.conf)
+    config = PipelineConfig(det_conf=args.conf, rescale=args.rescale, pixel_size_um=args.pixel_size_um,
+                            rbc_diameter_px=args.rbc_diameter_px)
     pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
     results, errors = [], []
     stems: set[str] = set()
@@ -236,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=None, help="detector score threshold (default: from the weights record)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--rescale", action="store_true",
+                       help="another magnification: measure the red cells (median over the slide's first 8 fields) "
+                            "and show each field to the detector at its training scale")
+    scale.add_argument("--pixel-size-um", type=float, default=None, help="known pixel size in micrometres (rescales)")
+    scale.add_argument("--rbc-diameter-px", type=float, default=None, help="known red-cell diameter in pixels (rescales)")
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("convert-voc", help="convert a Pascal VOC dataset (BCCD layout) to the YOLO layout")

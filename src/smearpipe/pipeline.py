@@ -7,6 +7,7 @@ preprocessing, batched) -> frozen result records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -64,6 +65,12 @@ class PipelineConfig:
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
         implies ``rescale``; otherwise the diameter is estimated from the field.
+    slide_scale_fields : int
+        With ``rescale`` and neither of the above, :func:`analyze_fields` / :func:`iter_fields` measure
+        the red cells of the first this-many readable fields of the slide and use their median for every
+        field (one microscope per slide): estimates from single fields scatter (BCCD test fields: median
+        86 px, 5-95 % range 75-154 px, extremes 21 and 201 px), their median does not. 0: each field is
+        measured on its own, as :func:`analyze_smear` does.
     """
 
     det_conf: float | None = None
@@ -74,6 +81,7 @@ class PipelineConfig:
     rescale: bool = False
     rbc_diameter_px: float | None = None
     pixel_size_um: float | None = None
+    slide_scale_fields: int = 8
 
     def __post_init__(self) -> None:
         if self.rbc_diameter_px is not None and self.pixel_size_um is not None:
@@ -86,6 +94,9 @@ class PipelineConfig:
             raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
         if self.border_margin < 0:
             raise ValueError(f"border_margin must be >= 0, got {self.border_margin}")
+        if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, int) \
+                or self.slide_scale_fields < 0:
+            raise ValueError(f"slide_scale_fields must be an integer >= 0, got {self.slide_scale_fields!r}")
         if self.crop_scale is not None and self.crop_scale <= 0:
             raise ValueError(f"crop_scale must be > 0, got {self.crop_scale}")
 
@@ -398,19 +409,43 @@ def iter_fields(
     """Analyse fields one at a time, yielding ``(source, result or error)``; memory stays constant.
 
     Errors of our own types (unreadable or invalid images) are yielded, not raised, so one bad file
-    does not stop a slide.
+    does not stop a slide. With rescaling from the fields themselves, the slide's red-cell diameter is
+    the median over its first ``config.slide_scale_fields`` readable fields (those are read twice).
     """
     from tqdm.auto import tqdm
 
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
     p = pipeline or _default_pipeline()
+    cfg = config or p.config
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
-    for i, image in enumerate(tqdm(images, total=total, disable=not progress, desc="fields", unit="field")):
+    fields = enumerate(tqdm(images, total=total, disable=not progress, desc="fields", unit="field"))
+
+    def one(i: int, image: ImageLike, cfg: PipelineConfig) -> tuple[str, SmearResult | SmearpipeError]:
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"array[{i}]"
         try:
-            yield source, analyze_smear(image, pipeline=p, config=config)
+            return source, analyze_smear(image, pipeline=p, config=cfg)
         except SmearpipeError as exc:
-            yield source, exc
+            return source, exc
+
+    if cfg.rescale and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
+        from .scale import ScaleEstimationError, estimate_rbc_diameter
+
+        first: list[tuple[int, ImageLike]] = []
+        diameters: list[float] = []
+        for i, image in fields:
+            first.append((i, image))
+            try:
+                diameters.append(estimate_rbc_diameter(load_image(image)))
+            except (ScaleEstimationError, SmearpipeError):
+                pass  # blank or unreadable: analyze_smear reports it below
+            if len(diameters) == cfg.slide_scale_fields:
+                break
+        if diameters:
+            cfg = dataclasses.replace(cfg, rbc_diameter_px=float(np.median(diameters)))
+        for i, image in first:
+            yield one(i, image, cfg)
+    for i, image in fields:
+        yield one(i, image, cfg)
 
 
 def analyze_fields(
