@@ -12,7 +12,9 @@ ground truth is the union of their VOC boxes, scaled and shifted.
 
 For each mosaic, the detector runs (a) as is, at its training input size, and (b) at the input size
 chosen from the field's red-cell diameter (:func:`smearpipe.scale.rescale_factor` +
-:func:`smearpipe.scale.detector_input_size`, what ``PipelineConfig(rescale=True)`` does). Reported:
+:func:`smearpipe.scale.detector_input_size`, what ``analyze_smear`` does with ``PipelineConfig(rescale=True)``),
+and (c) ``rescaled_slide``: at the input size from one diameter for all mosaics, the median over the first
+``slide_scale_fields`` mosaics, what ``analyze_fields`` does with ``rescale=True``. Reported:
 AP@0.5 and AP@0.5:0.95 per class (ultralytics' ``ap_per_class`` on predictions at conf 0.001), the
 RBC count error against the annotations and against the detector's own count on the unshrunk fields
 (BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
@@ -115,6 +117,7 @@ def main() -> None:
                                                        train_long_side=long_side)}
         row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "expected_rbc_diameter": round(target / args.factor, 1),
                "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
+               "imgsz_rescaled_slide": sizes["rescaled_slide"],
                "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
                "native_pred_WBC": native_counts.count("WBC"), "native_pred_RBC": native_counts.count("RBC")}
         for m in modes:

@@ -5,6 +5,7 @@ The shipped default weights are exercised in test_default_weights.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -18,6 +19,7 @@ from smearpipe.detect import Detection
 from smearpipe.errors import ImageReadError, InvalidImageError
 from smearpipe.io import read_image
 from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize
+from smearpipe.scale import estimate_rbc_diameter
 
 from .conftest import SAMPLES
 
@@ -213,7 +215,6 @@ class SizeRecordingDetector(StubDetector):
 
 
 def test_rescaling_sets_the_detector_input_size(pipe):
-    import dataclasses
 
     meta = {**pipe.detector.record.metadata, "rbc_diameter_px": 100.0, "train_long_side_px": 640}
     det = SizeRecordingDetector([], dataclasses.replace(pipe.detector.record, input_size=512, metadata=meta))
@@ -243,27 +244,34 @@ def test_rescaling_sets_the_detector_input_size(pipe):
 
 
 def test_slide_scale_is_the_median_of_the_first_fields(pipe, tmp_path):
-    import dataclasses
-
-    from smearpipe.scale import estimate_rbc_diameter
-
     meta = {**pipe.detector.record.metadata, "rbc_diameter_px": 100.0, "train_long_side_px": 640}
     det = SizeRecordingDetector([], dataclasses.replace(pipe.detector.record, input_size=512, metadata=meta))
     stub = Pipeline(det, pipe.classifier)
     paths = sorted(SAMPLES.glob("*.jpg"))[:4]
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    fields = [tmp_path / "broken.jpg", *paths]  # an unreadable field first: reported, not measured
+    blank = np.full((480, 640, 3), 230, np.uint8)
+    # an unreadable field first (reported), a blank one (no red cells to measure) among the first three
+    fields = (f for f in [tmp_path / "broken.jpg", paths[0], blank, *paths[1:]])  # any iterable, read once
     each = [estimate_rbc_diameter(read_image(p)) for p in paths]
-    slide = analyze_fields(fields, pipeline=stub, config=PipelineConfig(rescale=True, slide_scale_fields=3), progress=False)
+    stub = Pipeline(det, pipe.classifier, PipelineConfig(rescale=True, slide_scale_fields=3))  # config via the pipeline
+    slide = analyze_fields(fields, pipeline=stub, progress=False)
     assert len(slide.errors) == 1 and slide.errors[0][0] == str(tmp_path / "broken.jpg")
-    assert [r.source for r in slide.fields] == [str(p) for p in paths]  # order and sources kept
-    expected = 100.0 / float(np.median(each[:3]))
-    assert all(r.scale_factor == pytest.approx(expected) for r in slide.fields)  # one scale for the whole slide
+    assert [r.source for r in slide.fields] == [str(paths[0]), None, *map(str, paths[1:])]  # input order kept
+    expected = 100.0 / float(np.median(each[:3]))  # the first three measurable fields
+    assert all(r.scale_factor == pytest.approx(expected) for r in slide.fields)  # one scale, the blank field too
+    with pytest.warns(UserWarning, match="no red cells measurable"):
+        alone = analyze_fields([blank, blank], pipeline=stub, progress=False)
+    assert len(alone.errors) == 2 and "blank field" in alone.errors[0][1]  # measured alone: reported
     per_field = analyze_fields(paths, pipeline=stub, config=PipelineConfig(rescale=True, slide_scale_fields=0),
                                progress=False)
     assert [r.scale_factor for r in per_field.fields] == pytest.approx([100.0 / d for d in each])
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "8"])
+def test_slide_scale_fields_must_be_a_count(bad):
     with pytest.raises(ValueError, match="slide_scale_fields"):
-        PipelineConfig(slide_scale_fields=-1)
+        PipelineConfig(slide_scale_fields=bad)
+    assert PipelineConfig(slide_scale_fields=np.int64(2)).slide_scale_fields == 2
 
 
 def test_cli_known_scale(tiny_run, tmp_path, capsys):
@@ -276,6 +284,9 @@ def test_cli_known_scale(tiny_run, tmp_path, capsys):
     assert cli_main(args) == 0
     result = json.loads((out / "BloodImage_00007.json").read_text())
     assert result["scale_factor"] == pytest.approx(2.0)  # red cells half the training size: shown at twice the size
-    with pytest.raises(SystemExit):  # argparse: one way of giving the scale at a time
+    with pytest.raises(SystemExit) as exc:  # argparse: one way of giving the scale at a time
         cli_main(args + ["--pixel-size-um", "0.1", "--overwrite"])
-    assert "not allowed with" in capsys.readouterr().err
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--rescale", "--overwrite"]) == 0  # measured from the field itself
+    measured = json.loads((out / "BloodImage_00007.json").read_text())["scale_factor"]
+    assert measured == pytest.approx(shipped / estimate_rbc_diameter(read_image(SAMPLES / "BloodImage_00007.jpg")))

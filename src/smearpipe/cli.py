@@ -216,6 +216,7 @@ def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .framing import FRAMINGS
+    from .pipeline import PipelineConfig
 
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--rescale", action="store_true",
-                       help="another magnification: measure the red cells (median over the slide's first 8 fields) "
-                            "and show each field to the detector at its training scale")
+                       help="another magnification: measure the red cells (median over the slide's first "
+                            f"{PipelineConfig().slide_scale_fields} measurable fields) and show each field to the "
+                            "detector at its training scale")
     scale.add_argument("--pixel-size-um", type=float, default=None, help="known pixel size in micrometres (rescales)")
     scale.add_argument("--rbc-diameter-px", type=float, default=None, help="known red-cell diameter in pixels (rescales)")
     p.set_defaults(func=_cmd_analyze)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -67,10 +69,12 @@ class PipelineConfig:
         implies ``rescale``; otherwise the diameter is estimated from the field.
     slide_scale_fields : int
         With ``rescale`` and neither of the above, :func:`analyze_fields` / :func:`iter_fields` measure
-        the red cells of the first this-many readable fields of the slide and use their median for every
-        field (one microscope per slide): estimates from single fields scatter (BCCD test fields: median
-        86 px, 5-95 % range 75-154 px, extremes 21 and 201 px), their median does not. 0: each field is
-        measured on its own, as :func:`analyze_smear` does.
+        the red cells of the first this-many fields of the slide whose red cells can be measured (looking
+        at most 4x as many) and use their median for every field, including blank ones (one microscope
+        per slide): estimates from single fields scatter (BCCD test fields: median 86 px, 5-95 % range
+        75-154 px, extremes 21 and 201 px), their median does not. Each result's ``scale_factor`` says
+        what was applied. If no field can be measured, each field is measured on its own (a warning
+        says so). 0: each field is measured on its own, as :func:`analyze_smear` does.
     """
 
     det_conf: float | None = None
@@ -94,7 +98,7 @@ class PipelineConfig:
             raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
         if self.border_margin < 0:
             raise ValueError(f"border_margin must be >= 0, got {self.border_margin}")
-        if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, int) \
+        if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, numbers.Integral) \
                 or self.slide_scale_fields < 0:
             raise ValueError(f"slide_scale_fields must be an integer >= 0, got {self.slide_scale_fields!r}")
         if self.crop_scale is not None and self.crop_scale <= 0:
@@ -408,9 +412,25 @@ def iter_fields(
 ) -> Iterator[tuple[str, SmearResult | SmearpipeError]]:
     """Analyse fields one at a time, yielding ``(source, result or error)``; memory stays constant.
 
-    Errors of our own types (unreadable or invalid images) are yielded, not raised, so one bad file
-    does not stop a slide. With rescaling from the fields themselves, the slide's red-cell diameter is
-    the median over its first ``config.slide_scale_fields`` readable fields (those are read twice).
+    Parameters
+    ----------
+    images : iterable of paths or arrays
+        The fields of one slide (a list, or any iterable; not a single path or array).
+    pipeline : Pipeline, optional
+        From :func:`load_pipeline`; None uses the shipped default weights.
+    config : PipelineConfig, optional
+        Overrides ``pipeline.config``. With ``rescale`` and no known diameter or pixel size, the slide's
+        red-cell diameter is the median over its first ``slide_scale_fields`` measurable fields (read
+        twice; at most ``4 * slide_scale_fields`` fields are held back for it, as paths or arrays).
+    progress : bool
+        tqdm progress bar.
+
+    Yields
+    ------
+    (str, SmearResult or SmearpipeError)
+        The source (path, or ``array[i]``) and its result, in input order. Errors of our own types
+        (unreadable or invalid images, fields without measurable red cells when measured alone) are
+        yielded, not raised, so one bad file does not stop a slide.
     """
     from tqdm.auto import tqdm
 
@@ -436,12 +456,17 @@ def iter_fields(
             first.append((i, image))
             try:
                 diameters.append(estimate_rbc_diameter(load_image(image)))
-            except (ScaleEstimationError, SmearpipeError):
-                pass  # blank or unreadable: analyze_smear reports it below
-            if len(diameters) == cfg.slide_scale_fields:
+            except ScaleEstimationError:
+                pass  # blank: analysed at the slide's scale below
+            except SmearpipeError:
+                pass  # unreadable or invalid: analyze_smear reports it below
+            if len(diameters) == cfg.slide_scale_fields or len(first) == 4 * cfg.slide_scale_fields:
                 break
         if diameters:
             cfg = dataclasses.replace(cfg, rbc_diameter_px=float(np.median(diameters)))
+        else:
+            warnings.warn(f"no red cells measurable on the first {len(first)} fields: each field is measured on its "
+                          "own (pass rbc_diameter_px or pixel_size_um if you know the scale)", stacklevel=2)
         for i, image in first:
             yield one(i, image, cfg)
     for i, image in fields:
