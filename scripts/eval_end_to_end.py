@@ -1,11 +1,14 @@
 """End-to-end evaluation of analyze_smear on the BCCD test fields (72), shipped weights by default.
 
-Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME] [--rescale]
+Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME]
+       [--rescale [field|slide]]
 
 Per field: predicted vs annotated WBC / RBC / platelet counts; for fields whose labels.csv row is a
 single WBC type (and that have exactly one annotated WBC), whether the predicted type of the field's
-WBC(s) matches. Writes metrics.json and per_field.csv (``_rescale`` suffix with --rescale, the
-red-cell-ruler rescaling). Magnification changes are tested by scripts/eval_scale.py.
+WBC(s) matches. Writes metrics.json and per_field.csv (``_rescale_field`` / ``_rescale_slide`` suffix with
+--rescale: the red-cell ruler measured on each field, or once on the slide's first fields as analyze_fields
+does; at BCCD's own magnification it should change nothing). Magnification changes are tested by
+scripts/eval_scale.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from smearpipe.datasets import read_bccd_subtype_labels, read_voc
 from smearpipe.io import read_image
-from smearpipe.pipeline import PipelineConfig, analyze_smear, load_pipeline
+from smearpipe.pipeline import PipelineConfig, analyze_smear, iter_fields, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -31,17 +34,25 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "reports" / "end_to_end"))
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
-    ap.add_argument("--rescale", action="store_true")
+    ap.add_argument("--rescale", nargs="?", const="field", choices=("field", "slide"), default=None,
+                    help="red-cell ruler: measured per field (analyze_smear) or once for the slide (analyze_fields)")
     args = ap.parse_args()
-    pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(rescale=args.rescale))
+    pipe = load_pipeline(detector=args.detector, classifier=args.classifier,
+                         config=PipelineConfig(rescale=args.rescale is not None))
     labels = read_bccd_subtype_labels(SHARED / "bccd_wbc_subtypes" / "labels.csv")
     stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
     rows = []
+    slide = {}
+    if args.rescale == "slide":  # the test fields as one slide, as `smearpipe analyze --rescale` does
+        paths = [str(BCCD / "JPEGImages" / f"{stem}.jpg") for stem in stems]
+        slide = dict(iter_fields(paths, pipeline=pipe, progress=False))
     for stem in stems:
         img = read_image(BCCD / "JPEGImages" / f"{stem}.jpg")
         (_, _), boxes = read_voc(BCCD / "Annotations" / f"{stem}.xml")
         true = {c: sum(1 for b in boxes if b.label == c and b.xmax > b.xmin) for c in ("WBC", "RBC", "Platelets")}
-        r = analyze_smear(img, pipeline=pipe)
+        r = slide[str(BCCD / "JPEGImages" / f"{stem}.jpg")] if slide else analyze_smear(img, pipeline=pipe)
+        if isinstance(r, Exception):
+            raise r
         field_label = labels.get(stem)
         typed = None
         if field_label and len(set(field_label)) == 1 and true["WBC"] == len(field_label):
@@ -72,7 +83,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_rescale" if args.rescale else ""
+    suffix = f"_rescale_{args.rescale}" if args.rescale else ""
     (out / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / f"per_field{suffix}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
