@@ -294,6 +294,16 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     assert "sharpen" in capsys.readouterr().err
 
 
+def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
+    opts = dict(epochs=2, batch_size=5, input_size=32, out_dir=tmp_path, name="old", num_workers=0, framing="as_given")
+    first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
+    saved = json.loads((first.run_dir / "run_config.json").read_text())
+    del saved["framing"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as written before they existed
+    (first.run_dir / "run_config.json").write_text(json.dumps(saved))
+    done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
+    assert [h["epoch"] for h in done.history] == [1, 2]
+
+
 def test_resume_finishes_the_run_and_keeps_its_clock(tiny_crops, tmp_path):
     opts = dict(epochs=2, batch_size=5, input_size=32, out_dir=tmp_path, name="r", num_workers=0, augment=False)
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)

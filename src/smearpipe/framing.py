@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from .io import to_rgb_uint8
+from .preprocess import estimate_background
 
 __all__ = ["FRAMINGS", "Framing", "frame_cell", "nucleus_box", "apply_framing"]
 
@@ -173,9 +174,7 @@ def frame_cell(rgb: np.ndarray, *, context: float = 1.8, max_growth: float = 1.0
     left, top = int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2))
     pad = max(0, -left, -top, left + side - w, top + side - h)
     if pad:
-        flat = rgb.reshape(-1, 3)
-        grey = flat.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        fill = [float(v) for v in np.median(flat[grey >= np.percentile(grey, 90)], axis=0)]
+        fill = [float(v) for v in estimate_background(rgb, percentile=90.0)]
         rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=fill)
     return np.ascontiguousarray(rgb[top + pad: top + pad + side, left + pad: left + pad + side])
 

@@ -615,8 +615,8 @@ def train_classifier(
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict()}
-        if isinstance(saved.get("augment"), dict):  # augment keys added later default to off
-            saved["augment"] = {"lowres_p": 0.0, "lowres_max": 3.0, **saved["augment"]}
+        if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
+            saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
         if differs:
             raise ValueError(f"resume with other settings than the run was started with: {differs}")
