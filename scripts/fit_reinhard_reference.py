@@ -1,10 +1,17 @@
-"""Fit the shipped default Reinhard reference (``reinhard_normalize``) on the PBC ``train`` split.
+"""Fit the shipped Reinhard references (``reinhard_normalize``): PBC crops, or BCCD fields.
 
-Usage: python scripts/fit_reinhard_reference.py [--pbc ../shared/datasets/pbc]
+Usage:
+  python scripts/fit_reinhard_reference.py [--pbc ../shared/datasets/pbc]           # classifier crops
+  python scripts/fit_reinhard_reference.py --bccd-fields [--bccd ../shared/datasets/bccd]  # detector fields
 
-Every PBC train image (``splits.csv``), cut to its central 70 % as the classifier is trained on it:
-the reference is the class-balanced average of each image's own L*a*b* mean and standard deviation
-(:func:`smearpipe.preprocess.lab_statistics`). Writes ``src/smearpipe/data/reinhard_reference_pbc.json``.
+PBC (the classifier's): every PBC train image (``splits.csv``), cut to its central 70 % as the
+classifier is trained on it; the reference is the class-balanced average of each image's own L*a*b*
+mean and standard deviation (:func:`smearpipe.preprocess.lab_statistics`). Writes
+``src/smearpipe/data/reinhard_reference_pbc.json``.
+
+BCCD fields (the detector's): the average statistics of the 292 whole BCCD trainval fields the
+detector is trained on. Fields of another lab mapped onto them look to the detector like its training
+fields. Writes ``src/smearpipe/data/reinhard_reference_bccd_fields.json``.
 """
 
 from __future__ import annotations
@@ -21,16 +28,12 @@ from smearpipe.io import read_image
 from smearpipe.preprocess import ReinhardReference, lab_statistics
 from smearpipe.train import CropSource, center_crop
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "smearpipe" / "data" / "reinhard_reference_pbc.json"
+DATA = Path(__file__).resolve().parents[1] / "src" / "smearpipe" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CENTER = 0.7
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pbc", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "pbc"))
-    ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    root = Path(args.pbc)
+def fit_pbc(root: Path) -> dict:
     train = CropSource(str(root / "PBC_dataset_normal_DIB"), split="train", splits_csv=str(root / "splits.csv"))
     samples = train.samples(WBC_CLASSES)
     means, stds = [], []
@@ -44,10 +47,35 @@ def main() -> None:
         mean=tuple(np.mean(means, axis=0).round(4)), std=tuple(np.mean(stds, axis=0).round(4)),
         source=f"PBC (Acevedo et al. 2020) train split, all {n} images, central {CENTER:.0%}: class-balanced mean of "
                "each image's L*a*b* mean and standard deviation, by scripts/fit_reinhard_reference.py")
-    payload = {"reference": ref.to_dict(),
-               "per_class": {c: {"mean": list(np.round(m, 4)), "std": list(np.round(s, 4))}
-                             for c, m, s in zip(WBC_CLASSES, means, stds, strict=True)}}
-    Path(args.out).write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    return {"reference": ref.to_dict(),
+            "per_class": {c: {"mean": list(np.round(m, 4)), "std": list(np.round(s, 4))}
+                          for c, m, s in zip(WBC_CLASSES, means, stds, strict=True)}}
+
+
+def fit_bccd_fields(root: Path) -> dict:
+    stems = (root / "BCCD" / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    stats = [lab_statistics(read_image(root / "BCCD" / "JPEGImages" / f"{s}.jpg")) for s in tqdm(stems, mininterval=5)]
+    means, stds = np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+    ref = ReinhardReference(
+        mean=tuple(means.mean(axis=0).round(4)), std=tuple(stds.mean(axis=0).round(4)),
+        source=f"BCCD (Shenggan/BCCD_Dataset) ImageSets/Main/trainval.txt, all {len(stems)} whole fields: mean of each "
+               "field's L*a*b* mean and standard deviation, by scripts/fit_reinhard_reference.py --bccd-fields")
+    return {"reference": ref.to_dict(),
+            "spread_between_fields": {"mean_sd": list(means.std(axis=0).round(4)), "std_sd": list(stds.std(axis=0).round(4))}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pbc", default=str(SHARED / "pbc"))
+    ap.add_argument("--bccd", default=str(SHARED / "bccd"))
+    ap.add_argument("--bccd-fields", action="store_true", help="fit the detector's field reference on BCCD trainval")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.bccd_fields:
+        payload, out = fit_bccd_fields(Path(args.bccd)), DATA / "reinhard_reference_bccd_fields.json"
+    else:
+        payload, out = fit_pbc(Path(args.pbc)), DATA / "reinhard_reference_pbc.json"
+    Path(args.out or out).write_text(json.dumps(payload, indent=1, default=float) + "\n")
     print(json.dumps(payload, indent=1, default=float))
 
 

@@ -218,3 +218,22 @@ def test_loading_a_detector_keeps_global_settings(smoke_run):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "True", out.stdout
+
+
+def test_suppress_nested_drops_boxes_inside_a_better_box():
+    from smearpipe.detect import suppress_nested
+
+    cell = Detection((100.0, 100.0, 200.0, 200.0), "WBC", 0.9)
+    lobe = Detection((110.0, 120.0, 150.0, 160.0), "WBC", 0.95)  # scores higher than the whole cell
+    neighbour = Detection((190.0, 100.0, 290.0, 200.0), "WBC", 0.8)  # touches the cell: 10 % of its area
+    rbc = Detection((120.0, 120.0, 160.0, 160.0), "RBC", 0.7)  # other labels are never touched
+    out = suppress_nested([cell, lobe, neighbour, rbc])
+    # the higher-scoring lobe is kept and the cell around it dropped: the rule is by score, not size
+    assert out == [lobe, neighbour, rbc]
+    assert suppress_nested([cell, neighbour, rbc]) == [cell, neighbour, rbc]
+    assert suppress_nested([cell, lobe], max_overlap=1.0) == [cell, lobe]
+    assert suppress_nested([cell, lobe], label="RBC") == [cell, lobe]
+    assert suppress_nested([]) == []
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="max_overlap"):
+            suppress_nested([cell], max_overlap=bad)

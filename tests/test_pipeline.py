@@ -290,3 +290,20 @@ def test_cli_known_scale(tiny_run, tmp_path, capsys):
     assert cli_main(args[:-2] + ["--rescale", "--overwrite"]) == 0  # measured from the field itself
     measured = json.loads((out / "BloodImage_00007.json").read_text())["scale_factor"]
     assert measured == pytest.approx(shipped / estimate_rbc_diameter(read_image(SAMPLES / "BloodImage_00007.jpg")))
+
+
+def test_duplicate_wbc_boxes_are_merged(pipe):
+    cell = Detection((200.0, 150.0, 320.0, 270.0), "WBC", 0.9)
+    nucleus = Detection((230.0, 180.0, 290.0, 240.0), "WBC", 0.6)
+    other = Detection((400.0, 150.0, 500.0, 250.0), "WBC", 0.8)
+    stub = Pipeline(StubDetector([cell, nucleus, other], pipe.detector.record), pipe.classifier)
+    r = analyze_smear(SAMPLES / "BloodImage_00011.jpg", pipeline=stub)
+    assert r.counts["WBC"] == 2 and [d.box for d in r.wbcs] == [cell.box, other.box]
+    kept = analyze_smear(SAMPLES / "BloodImage_00011.jpg", pipeline=stub, config=PipelineConfig(wbc_max_overlap=None))
+    assert kept.counts["WBC"] == 3
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.2, -1.0])
+def test_wbc_max_overlap_must_be_a_fraction(bad):
+    with pytest.raises(ValueError, match="wbc_max_overlap"):
+        PipelineConfig(wbc_max_overlap=bad)

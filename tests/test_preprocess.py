@@ -21,6 +21,7 @@ from smearpipe.preprocess import (
     clahe,
     default_reinhard_reference,
     estimate_background,
+    field_reinhard_reference,
     lab_statistics,
     median_filter,
     reinhard_normalize,
@@ -317,6 +318,20 @@ def test_reinhard_removes_a_lab_wide_brightness_contrast_and_cast_but_keeps_stru
     # the nucleus stays the darkest part: structure is kept, only the statistics move
     dark = _lum(crop) < np.percentile(_lum(crop), 10)
     assert _lum(a)[dark].mean() < np.percentile(_lum(a), 30)
+
+
+def test_field_reference_barely_moves_a_bccd_field_and_undoes_another_labs_cast(bccd_field):
+    ref = field_reinhard_reference()
+    assert "BCCD" in ref.source and "trainval" in ref.source
+    assert ref != default_reinhard_reference()
+    same = reinhard_normalize(bccd_field, reference=ref)
+    # a BCCD field is close to the average BCCD field already: the detector sees nearly what it was trained on
+    assert np.abs(same.astype(int) - bccd_field).mean() < 4
+    # the same field as another lab's camera might record it: brighter, paler, a pink cast
+    other = np.clip(bccd_field.astype(np.float64) * [0.7, 0.55, 0.6] + [90, 100, 80], 0, 255).astype(np.uint8)
+    assert np.abs(other.astype(int) - bccd_field).mean() > 15
+    back = reinhard_normalize(other, reference=ref)
+    assert np.abs(back.astype(int) - bccd_field).mean() < 5
 
 
 def test_reinhard_flat_and_tiny_images():

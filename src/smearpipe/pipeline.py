@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import DETECTION_CLASSES, square_crop
+from .detect import suppress_nested
 from .errors import SmearpipeError, WeightsError
 from .io import ImageLike, load_image, require_image_list
 
@@ -51,6 +52,10 @@ class PipelineConfig:
     ----------
     det_conf, det_iou : float, optional
         Detector score and NMS thresholds (None: the detector record's defaults).
+    wbc_max_overlap : float, optional
+        A WBC box whose intersection with a higher-scoring WBC box covers more than this fraction of the
+        smaller box is dropped as a duplicate (:func:`~smearpipe.detect.suppress_nested`); None keeps
+        every box the detector returns.
     review_probability : float
         A WBC whose top type probability is below this is flagged ``needs_review``.
     border_margin : float
@@ -79,6 +84,7 @@ class PipelineConfig:
 
     det_conf: float | None = None
     det_iou: float | None = None
+    wbc_max_overlap: float | None = 0.5
     review_probability: float = 0.7
     border_margin: float = 2.0
     crop_scale: float | None = None
@@ -94,6 +100,8 @@ class PipelineConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
+        if self.wbc_max_overlap is not None and not 0.0 < self.wbc_max_overlap <= 1.0:
+            raise ValueError(f"wbc_max_overlap must be in (0, 1] or None, got {self.wbc_max_overlap!r}")
         if not 0.0 <= self.review_probability <= 1.0:
             raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
         if self.border_margin < 0:
@@ -296,6 +304,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t1 = time.perf_counter()
     # the field is letterboxed to imgsz (its training scale; None: the detector's own); boxes come back in its pixels
     dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
+    if cfg.wbc_max_overlap is not None:
+        dets = suppress_nested(dets, label="WBC", max_overlap=cfg.wbc_max_overlap)
     t2 = time.perf_counter()
     wbc_idx = [i for i, d in enumerate(dets) if d.label == "WBC"]
     scale = cfg.crop_scale or p.classifier.crop_scale

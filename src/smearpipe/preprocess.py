@@ -38,6 +38,7 @@ __all__ = [
     "MacenkoNormalizer",
     "ReinhardReference",
     "reinhard_normalize",
+    "field_reinhard_reference",
     "lab_statistics",
     "Preprocessing",
     "STEPS",
@@ -512,6 +513,21 @@ _REINHARD_MIN_STD = 1.0
 def default_reinhard_reference() -> ReinhardReference:
     """The shipped PBC reference of :func:`reinhard_normalize` (fitted by ``scripts/fit_reinhard_reference.py``)."""
     text = resources.files("smearpipe").joinpath("data", _REINHARD_REFERENCE_FILE).read_text()
+    return ReinhardReference.from_dict(json.loads(text)["reference"])
+
+
+_FIELD_REFERENCE_FILE = "reinhard_reference_bccd_fields.json"
+
+
+@lru_cache(maxsize=1)
+def field_reinhard_reference() -> ReinhardReference:
+    """The average BCCD training field (whole 640x480 fields, not crops), the detector's reference.
+
+    Fitted by ``scripts/fit_reinhard_reference.py --bccd-fields`` on the 292 BCCD trainval fields.
+    A detector whose record has the ``"reinhard"`` step with this reference sees every field, from any
+    lab, with BCCD's colour statistics.
+    """
+    text = resources.files("smearpipe").joinpath("data", _FIELD_REFERENCE_FILE).read_text()
     return ReinhardReference.from_dict(json.loads(text)["reference"])
 
 

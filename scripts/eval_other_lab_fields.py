@@ -1,0 +1,99 @@
+"""The whole pipeline on another lab's fields: PBC images (Hospital Clinic Barcelona, CellaVision DM96).
+
+Usage: python scripts/eval_other_lab_fields.py [--split val|test] [--n N] [--out reports/cross_lab/fields_pbc]
+       [--detector NAME] [--classifier NAME] [--wbc-max-overlap X|none] [--rescale]
+
+The detector has only seen BCCD fields (another microscope, camera and stain). A PBC image is a small
+field (360x363 px) with one annotated white cell at its centre, red cells and platelets around it, and
+now and then part of a neighbouring white cell. Per image: is a WBC box found on the centre, and is the
+type of that box (the highest-scoring one on the centre) the image's class. Also: images without any WBC
+box, WBC boxes off the centre (some are real neighbouring cells, some duplicates).
+
+The classifier has been trained on PBC train, so on PBC the type accuracy mostly measures the detector
+and the crops it cuts; the classifier's own cross-lab number is scripts/cross_lab_protocol.py's.
+Recipe choices are made on ``--split val``; ``test`` is for the report. Writes
+``<out>/<split>/metrics.json`` and ``per_image.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+from pathlib import Path
+
+from smearpipe.datasets import WBC_CLASSES
+from smearpipe.io import read_image
+from smearpipe.pipeline import PipelineConfig, analyze_smear, load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PBC = REPO.parent / "shared" / "datasets" / "pbc"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--n", type=int, default=None, help="a random subset of this many images (seed 0); default all")
+    ap.add_argument("--out", default=str(REPO / "reports" / "cross_lab" / "fields_pbc"))
+    ap.add_argument("--detector", default=None)
+    ap.add_argument("--classifier", default=None)
+    ap.add_argument("--wbc-max-overlap", default=None, help="PipelineConfig.wbc_max_overlap ('none' to keep every box)")
+    ap.add_argument("--rescale", action="store_true", help="red-cell ruler measured on each field")
+    args = ap.parse_args()
+    overrides = {"rescale": args.rescale}
+    if args.wbc_max_overlap is not None:
+        overrides["wbc_max_overlap"] = None if args.wbc_max_overlap == "none" else float(args.wbc_max_overlap)
+    pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(**overrides))
+    with (PBC / "splits.csv").open() as f:
+        items = [r for r in csv.DictReader(f) if r["split"] == args.split]
+    if args.n is not None and args.n < len(items):
+        items = random.Random(0).sample(items, args.n)
+    rows = []
+    for item in items:
+        img = read_image(PBC / "PBC_dataset_normal_DIB" / item["path"])
+        r = analyze_smear(img, pipeline=pipe)
+        h, w = img.shape[:2]
+        centre = [c for c in r.wbcs if c.box[0] <= w / 2 <= c.box[2] and c.box[1] <= h / 2 <= c.box[3]]
+        best = max(centre, key=lambda c: c.score) if centre else None
+        rows.append({"image": item["path"], "label": item["class"], "wbc_boxes": len(r.wbcs), "centre_found": best is not None,
+                     "pred_type": best.wbc_type if best else "", "type_correct": bool(best and best.wbc_type == item["class"]),
+                     "off_centre_boxes": len(r.wbcs) - (best is not None)})
+    n = len(rows)
+    per_class = {}
+    for c in WBC_CLASSES:
+        sub = [r for r in rows if r["label"] == c]
+        per_class[c] = {"images": len(sub), "centre_found": sum(r["centre_found"] for r in sub),
+                        "type_correct": sum(r["type_correct"] for r in sub)}
+    metrics = {
+        "split": args.split, "images": n, "models": pipe.models, "config": overrides,
+        "centre_wbc_found": sum(r["centre_found"] for r in rows) / n,
+        "type_accuracy": sum(r["type_correct"] for r in rows) / n,
+        "type_accuracy_where_found": sum(r["type_correct"] for r in rows) / max(1, sum(r["centre_found"] for r in rows)),
+        "images_without_wbc_box": sum(r["wbc_boxes"] == 0 for r in rows),
+        "off_centre_wbc_boxes": sum(r["off_centre_boxes"] for r in rows),
+        "per_class": per_class,
+        "confusions": _confusions(rows),
+    }
+    out = Path(args.out) / args.split
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out / "per_image.csv").open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "models"}, indent=1))
+
+
+def _confusions(rows: list[dict]) -> dict[str, int]:
+    """'true->predicted' counts of the wrongly typed centre cells ('true->none': no box on the centre)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if not r["type_correct"]:
+            key = f"{r['label']}->{r['pred_type'] or 'none'}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+if __name__ == "__main__":
+    main()
