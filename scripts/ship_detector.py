@@ -8,7 +8,8 @@ RUN_DIR is an ultralytics run folder (``weights/last.pt``, ``args.yaml``, ``resu
   1. converts BCCD to the YOLO layout (official split) under runs/bccd_yolo if needed,
   2. copies the checkpoint to ``weights/<name>.pt`` (refuses to replace an existing file),
   3. evaluates it on the BCCD **test** split with ``evaluate_detector`` (mAP via ultralytics, counting),
-  4. writes the record ``weights/<name>.json`` (sha256, classes, imgsz, preprocessing, data, split,
+  4. writes the record ``weights/<name>.json`` (sha256, classes, imgsz, preprocessing from the run's
+     ``run_config.json``, data, split,
      training arguments, test metrics) and ``reports/<name>/`` (metrics JSON, training curves, PR curve,
      confusion matrix, per-image counts).
 """
@@ -55,6 +56,10 @@ def main() -> None:
     target.parent.mkdir(exist_ok=True)
     shutil.copyfile(run / "weights" / f"{args.checkpoint}.pt", target)
     train_args = yaml.safe_load((run / "args.yaml").read_text())
+    # what train_detector applied to every training field (and wrote into the run's config) is applied at inference
+    run_config = run / "run_config.json"
+    preprocessing = (Preprocessing.from_dict(json.loads(run_config.read_text())["preprocessing"]) if run_config.is_file()
+                     else Preprocessing())
     # red-cell ruler at the training scale: median field estimate over the training fields
     import numpy as np
 
@@ -70,7 +75,7 @@ def main() -> None:
 
     record = WeightsRecord(
         name=args.name, kind="detector", file=target.name, sha256=sha256_file(target),
-        classes=("WBC", "RBC", "Platelets"), input_size=int(train_args["imgsz"]), preprocessing=Preprocessing(),
+        classes=("WBC", "RBC", "Platelets"), input_size=int(train_args["imgsz"]), preprocessing=preprocessing,
         metadata={
             "architecture": str(train_args["model"]),
             "default_conf": args.conf,

@@ -539,9 +539,9 @@ def lab_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _lab_with_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation."""
-    lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    flat = lab.reshape(-1, 3)
-    return lab, flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64)
+    lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
+    mean, std = cv2.meanStdDev(lab)  # float64 accumulation like numpy's, several times faster
+    return lab, mean.ravel(), std.ravel()
 
 
 def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None = None) -> np.ndarray:
@@ -580,9 +580,10 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
     lab, mean, std = _lab_with_statistics(image)
     scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
     out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
-    out[..., 0] = np.clip(out[..., 0], 0.0, 100.0)
+    np.clip(out[..., 0], 0.0, 100.0, out=out[..., 0])
     rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    np.maximum(rgb, 0.0, out=rgb)  # then x 255, rounded half to even and saturated at 255 (as np.rint + clip)
+    return cv2.convertScaleAbs(rgb, alpha=255.0)
 
 
 # ----------------------------------------------------------------------------- config
