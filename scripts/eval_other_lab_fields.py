@@ -7,7 +7,7 @@ The detector has only seen BCCD fields (another microscope, camera and stain). A
 field (360x363 px) with one annotated white cell at its centre, red cells and platelets around it, and
 now and then part of a neighbouring white cell. Per image: is a WBC box found on the centre, and is the
 type of that box (the highest-scoring one on the centre) the image's class. Also: images without any WBC
-box, WBC boxes off the centre (some are real neighbouring cells, some duplicates).
+box, extra WBC boxes besides the centre one (some are real neighbouring cells, some duplicates).
 
 The classifier has been trained on PBC train, so on PBC the type accuracy mostly measures the detector
 and the crops it cuts; the classifier's own cross-lab number is scripts/cross_lab_protocol.py's.
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--wbc-max-overlap", default=None, help="PipelineConfig.wbc_max_overlap ('none' to keep every box)")
     ap.add_argument("--rescale", action="store_true", help="red-cell ruler measured on each field")
     args = ap.parse_args()
+    if args.n is not None and args.n < 1:
+        ap.error("--n must be >= 1")
     overrides = {"rescale": args.rescale}
     if args.wbc_max_overlap is not None:
         overrides["wbc_max_overlap"] = None if args.wbc_max_overlap == "none" else float(args.wbc_max_overlap)
@@ -58,7 +60,7 @@ def main() -> None:
         best = max(centre, key=lambda c: c.score) if centre else None
         rows.append({"image": item["path"], "label": item["class"], "wbc_boxes": len(r.wbcs), "centre_found": best is not None,
                      "pred_type": best.wbc_type if best else "", "type_correct": bool(best and best.wbc_type == item["class"]),
-                     "off_centre_boxes": len(r.wbcs) - (best is not None)})
+                     "extra_wbc_boxes": len(r.wbcs) - (best is not None)})
     n = len(rows)
     per_class = {}
     for c in WBC_CLASSES:
@@ -71,7 +73,7 @@ def main() -> None:
         "type_accuracy": sum(r["type_correct"] for r in rows) / n,
         "type_accuracy_where_found": sum(r["type_correct"] for r in rows) / max(1, sum(r["centre_found"] for r in rows)),
         "images_without_wbc_box": sum(r["wbc_boxes"] == 0 for r in rows),
-        "off_centre_wbc_boxes": sum(r["off_centre_boxes"] for r in rows),
+        "extra_wbc_boxes": sum(r["extra_wbc_boxes"] for r in rows),
         "per_class": per_class,
         "confusions": _confusions(rows),
     }

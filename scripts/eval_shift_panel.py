@@ -24,6 +24,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 from smearpipe.classify import Classifier
 from smearpipe.io import read_image
+from smearpipe.train import center_crop
 
 REPO = Path(__file__).resolve().parents[1]
 PBC = REPO.parent / "shared" / "datasets" / "pbc"
@@ -38,14 +39,6 @@ def _jpeg(q: int) -> Shift:
     def f(im: np.ndarray) -> np.ndarray:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
         return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return f
-
-
-def _centre(frac: float) -> Shift:
-    def f(im: np.ndarray) -> np.ndarray:
-        h, w = im.shape[:2]
-        dh, dw = int(h * (1 - frac) / 2), int(w * (1 - frac) / 2)
-        return im[dh:h - dh, dw:w - dw]
     return f
 
 
@@ -73,7 +66,7 @@ SHIFTS: dict[str, Shift] = {
     "jpeg quality 30": _jpeg(30),
     "defocus blur sigma 1.5": lambda im: cv2.GaussianBlur(im, (0, 0), 1.5),
     "defocus blur sigma 3": lambda im: cv2.GaussianBlur(im, (0, 0), 3.0),
-    "tight crop (central 45 %)": _centre(0.45), "central 70 %": _centre(0.7),
+    "tight crop (central 45 %)": lambda im: center_crop(im, 0.45), "central 70 %": lambda im: center_crop(im, 0.7),
     "off-centre by 15 %": lambda im: np.roll(im, int(0.15 * im.shape[1]), axis=1),
     "haematoxylin x1.5": _hed(1.5, 1.0), "haematoxylin x0.6": _hed(0.6, 1.0),
     "eosin x1.6": _hed(1.0, 1.6), "eosin x0.5": _hed(1.0, 0.5),

@@ -56,10 +56,12 @@ def main() -> None:
     target.parent.mkdir(exist_ok=True)
     shutil.copyfile(run / "weights" / f"{args.checkpoint}.pt", target)
     train_args = yaml.safe_load((run / "args.yaml").read_text())
-    # what train_detector applied to every training field (and wrote into the run's config) is applied at inference
+    # what train_detector applied to every training field is applied at inference: never guessed
     run_config = run / "run_config.json"
-    preprocessing = (Preprocessing.from_dict(json.loads(run_config.read_text())["preprocessing"]) if run_config.is_file()
-                     else Preprocessing())
+    if not run_config.is_file():
+        raise SystemExit(f"{run_config} not found: without it the run's preprocessing is unknown "
+                         "(runs of smearpipe.train.train_detector write it)")
+    preprocessing = Preprocessing.from_dict(json.loads(run_config.read_text())["preprocessing"])
     # red-cell ruler at the training scale: median field estimate over the training fields
     import numpy as np
 

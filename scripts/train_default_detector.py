@@ -1,4 +1,4 @@
-"""Train the default detector the way the shipped ``detector-bccd-yolov8n-v1`` was trained.
+"""Train a default detector: ``detector-bccd-yolov8n-v1``'s recipe, optionally on Reinhard-normalised fields.
 
 Usage: python scripts/train_default_detector.py [--epochs 55] [--imgsz 512] [--out runs/detector] [--field-reinhard]
 Then:  python scripts/ship_detector.py runs/detector/<run> --name detector-bccd-yolov8n-vN

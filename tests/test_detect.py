@@ -234,6 +234,9 @@ def test_suppress_nested_drops_boxes_inside_a_better_box():
     assert suppress_nested([cell, lobe], max_overlap=1.0) == [cell, lobe]
     assert suppress_nested([cell, lobe], label="RBC") == [cell, lobe]
     assert suppress_nested([]) == []
+    # a box without area (clipped at the image edge) keeps its place but suppresses nothing
+    flat = Detection((0.0, 0.0, 0.0, 50.0), "WBC", 0.99)
+    assert suppress_nested([flat, cell, neighbour]) == [flat, cell, neighbour]
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="max_overlap"):
             suppress_nested([cell], max_overlap=bad)

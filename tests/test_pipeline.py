@@ -292,7 +292,7 @@ def test_cli_known_scale(tiny_run, tmp_path, capsys):
     assert measured == pytest.approx(shipped / estimate_rbc_diameter(read_image(SAMPLES / "BloodImage_00007.jpg")))
 
 
-def test_duplicate_wbc_boxes_are_merged(pipe):
+def test_duplicate_wbc_boxes_are_dropped(pipe):
     cell = Detection((200.0, 150.0, 320.0, 270.0), "WBC", 0.9)
     nucleus = Detection((230.0, 180.0, 290.0, 240.0), "WBC", 0.6)
     other = Detection((400.0, 150.0, 500.0, 250.0), "WBC", 0.8)

@@ -240,8 +240,10 @@ def suppress_nested(detections: Sequence[Detection], *, label: str = "WBC", max_
     NMS compares IoU, so a box around one lobe or the nucleus of a large cell survives next to the
     box of the whole cell (seen on fields of other labs, where the cell looks larger than in training).
     White cells seldom overlap on a smear: a box whose intersection with an already kept box covers
-    more than ``max_overlap`` of the smaller of the two is a duplicate. Other labels pass unchanged;
-    the order is kept.
+    more than ``max_overlap`` of the smaller of the two is a duplicate. As in NMS, the higher score
+    wins, whichever box is larger: where the detector is surer of the nucleus than of the whole cell,
+    the nucleus box is kept (the classifier's crop margin and cell framing still show the cell around
+    it). Boxes without area never suppress others. Other labels pass unchanged; the order is kept.
 
     Parameters
     ----------
@@ -250,6 +252,11 @@ def suppress_nested(detections: Sequence[Detection], *, label: str = "WBC", max_
         The class to deduplicate.
     max_overlap : float in (0, 1]
         Largest accepted intersection over the smaller box's area (1.0: nothing is dropped).
+
+    Returns
+    -------
+    list of Detection
+        ``detections`` without the dropped boxes, in their original order.
 
     Examples
     --------
@@ -261,17 +268,21 @@ def suppress_nested(detections: Sequence[Detection], *, label: str = "WBC", max_
     """
     if not 0.0 < max_overlap <= 1.0:
         raise ValueError(f"max_overlap must be in (0, 1], got {max_overlap!r}")
+
+    def area(b: tuple[float, float, float, float]) -> float:
+        return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+
     kept: list[tuple[float, float, float, float]] = []
     drop = set()
     for i in sorted((i for i, d in enumerate(detections) if d.label == label), key=lambda i: -detections[i].score):
-        x1, y1, x2, y2 = detections[i].box
-        area = max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-        for k1, k2, k3, k4 in kept:
-            inter = max(min(x2, k3) - max(x1, k1), 0.0) * max(min(y2, k4) - max(y1, k2), 0.0)
-            smaller = min(area, (k3 - k1) * (k4 - k2))
-            if smaller <= 0 or inter > max_overlap * smaller:
+        box = detections[i].box
+        x1, y1, x2, y2 = box
+        for k in kept:
+            inter = max(min(x2, k[2]) - max(x1, k[0]), 0.0) * max(min(y2, k[3]) - max(y1, k[1]), 0.0)
+            if inter > max_overlap * min(area(box), area(k)):
                 drop.add(i)
                 break
         else:
-            kept.append((x1, y1, x2, y2))
+            if area(box) > 0:
+                kept.append(box)
     return [d for i, d in enumerate(detections) if i not in drop]

@@ -18,18 +18,17 @@ from .train import _preprocessed_copy, _split_dirs, load_data_yaml
 __all__ = ["evaluate_detector", "evaluate_classifier"]
 
 
-def _counting(detector: Detector, image_files: list[Path], label_dir: Path, names: list[str], conf: float | None) -> dict[str, Any]:
-    classes = list(detector.record.classes)
-    per_image = []
-    for f in image_files:
-        truth = read_yolo_labels(label_dir / f"{f.stem}.txt") if (label_dir / f"{f.stem}.txt").exists() else np.zeros((0, 5))
-        true_counts = {c: 0 for c in classes}
-        for cls_id in truth[:, 0].astype(int):
-            true_counts[normalize_detection_class(names[cls_id]) or names[cls_id]] += 1
-        pred_counts = {c: 0 for c in classes}
-        for det in detector.predict(f, conf=conf):
-            pred_counts[det.label] += 1
-        per_image.append({"image": f.name, "true": true_counts, "pred": pred_counts})
+def _true_counts(label_file: Path, names: list[str], classes: list[str]) -> dict[str, int]:
+    """Per-class box counts of one YOLO label file (missing file: an empty field)."""
+    truth = read_yolo_labels(label_file) if label_file.exists() else np.zeros((0, 5))
+    counts = {c: 0 for c in classes}
+    for cls_id in truth[:, 0].astype(int):
+        counts[normalize_detection_class(names[cls_id]) or names[cls_id]] += 1
+    return counts
+
+
+def _count_summary(per_image: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """Exact fraction, MAE, mean absolute % error (fields with cells) and totals of per-field counts."""
     summary = {}
     for c in classes:
         t = np.array([r["true"][c] for r in per_image], float)
@@ -42,7 +41,18 @@ def _counting(detector: Detector, image_files: list[Path], label_dir: Path, name
             "total_true": int(t.sum()),
             "total_pred": int(p.sum()),
         }
-    return {"summary": summary, "per_image": per_image}
+    return summary
+
+
+def _counting(detector: Detector, image_files: list[Path], label_dir: Path, names: list[str], conf: float | None) -> dict[str, Any]:
+    classes = list(detector.record.classes)
+    per_image = []
+    for f in image_files:
+        pred_counts = {c: 0 for c in classes}
+        for det in detector.predict(f, conf=conf):
+            pred_counts[det.label] += 1
+        per_image.append({"image": f.name, "true": _true_counts(label_dir / f"{f.stem}.txt", names, classes), "pred": pred_counts})
+    return {"summary": _count_summary(per_image, classes), "per_image": per_image}
 
 
 def evaluate_detector(

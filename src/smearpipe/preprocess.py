@@ -509,11 +509,15 @@ _REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
 _REINHARD_MIN_STD = 1.0
 
 
+def _packaged_reinhard_reference(filename: str) -> ReinhardReference:
+    text = resources.files("smearpipe").joinpath("data", filename).read_text()
+    return ReinhardReference.from_dict(json.loads(text)["reference"])
+
+
 @lru_cache(maxsize=1)
 def default_reinhard_reference() -> ReinhardReference:
     """The shipped PBC reference of :func:`reinhard_normalize` (fitted by ``scripts/fit_reinhard_reference.py``)."""
-    text = resources.files("smearpipe").joinpath("data", _REINHARD_REFERENCE_FILE).read_text()
-    return ReinhardReference.from_dict(json.loads(text)["reference"])
+    return _packaged_reinhard_reference(_REINHARD_REFERENCE_FILE)
 
 
 _FIELD_REFERENCE_FILE = "reinhard_reference_bccd_fields.json"
@@ -526,9 +530,21 @@ def field_reinhard_reference() -> ReinhardReference:
     Fitted by ``scripts/fit_reinhard_reference.py --bccd-fields`` on the 292 BCCD trainval fields.
     A detector whose record has the ``"reinhard"`` step with this reference sees every field, from any
     lab, with BCCD's colour statistics.
+
+    Returns
+    -------
+    ReinhardReference
+
+    Examples
+    --------
+    >>> ref = field_reinhard_reference()
+    >>> field = np.full((48, 64, 3), (200, 170, 190), np.uint8)
+    >>> field[10:30, 20:40] = (90, 60, 140)                       # a dark purple cell on pale background
+    >>> out = reinhard_normalize(field, reference=ref)
+    >>> bool(np.allclose(lab_statistics(out)[0], ref.mean, atol=2))
+    True
     """
-    text = resources.files("smearpipe").joinpath("data", _FIELD_REFERENCE_FILE).read_text()
-    return ReinhardReference.from_dict(json.loads(text)["reference"])
+    return _packaged_reinhard_reference(_FIELD_REFERENCE_FILE)
 
 
 def lab_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
