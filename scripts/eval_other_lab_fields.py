@@ -12,7 +12,7 @@ box, extra WBC boxes besides the centre one (some are real neighbouring cells, s
 The classifier has been trained on PBC train, so on PBC the type accuracy mostly measures the detector
 and the crops it cuts; the classifier's own cross-lab number is scripts/cross_lab_protocol.py's.
 Recipe choices are made on ``--split val``; ``test`` is for the report. Writes
-``<out>/<split>/metrics.json`` and ``per_image.csv``.
+``<out>/<detector name>/<split>/metrics.json`` and ``per_image.csv``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from smearpipe.datasets import WBC_CLASSES
 from smearpipe.io import read_image
-from smearpipe.pipeline import PipelineConfig, analyze_smear, load_pipeline
+from smearpipe.pipeline import Pipeline, PipelineConfig, analyze_smear, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PBC = REPO.parent / "shared" / "datasets" / "pbc"
@@ -47,10 +47,18 @@ def main() -> None:
     if args.wbc_max_overlap is not None:
         overrides["wbc_max_overlap"] = None if args.wbc_max_overlap == "none" else float(args.wbc_max_overlap)
     pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(**overrides))
+    metrics, rows = evaluate(pipe, args.split, n=args.n)
+    metrics["config"] = overrides
+    write(Path(args.out) / pipe.detector.record.name / args.split, metrics, rows)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "models"}, indent=1))
+
+
+def evaluate(pipe: Pipeline, split: str, *, n: int | None = None) -> tuple[dict, list[dict]]:
+    """Run ``pipe`` on the PBC images of ``split`` (all, or ``n`` drawn with seed 0): metrics and per-image rows."""
     with (PBC / "splits.csv").open() as f:
-        items = [r for r in csv.DictReader(f) if r["split"] == args.split]
-    if args.n is not None and args.n < len(items):
-        items = random.Random(0).sample(items, args.n)
+        items = [r for r in csv.DictReader(f) if r["split"] == split]
+    if n is not None and n < len(items):
+        items = random.Random(0).sample(items, n)
     rows = []
     for item in items:
         img = read_image(PBC / "PBC_dataset_normal_DIB" / item["path"])
@@ -61,30 +69,33 @@ def main() -> None:
         rows.append({"image": item["path"], "label": item["class"], "wbc_boxes": len(r.wbcs), "centre_found": best is not None,
                      "pred_type": best.wbc_type if best else "", "type_correct": bool(best and best.wbc_type == item["class"]),
                      "extra_wbc_boxes": len(r.wbcs) - (best is not None)})
-    n = len(rows)
+    total = len(rows)
     per_class = {}
     for c in WBC_CLASSES:
         sub = [r for r in rows if r["label"] == c]
         per_class[c] = {"images": len(sub), "centre_found": sum(r["centre_found"] for r in sub),
                         "type_correct": sum(r["type_correct"] for r in sub)}
     metrics = {
-        "split": args.split, "images": n, "models": pipe.models, "config": overrides,
-        "centre_wbc_found": sum(r["centre_found"] for r in rows) / n,
-        "type_accuracy": sum(r["type_correct"] for r in rows) / n,
+        "split": split, "images": total, "models": pipe.models,
+        "centre_wbc_found": sum(r["centre_found"] for r in rows) / total,
+        "type_accuracy": sum(r["type_correct"] for r in rows) / total,
         "type_accuracy_where_found": sum(r["type_correct"] for r in rows) / max(1, sum(r["centre_found"] for r in rows)),
         "images_without_wbc_box": sum(r["wbc_boxes"] == 0 for r in rows),
         "extra_wbc_boxes": sum(r["extra_wbc_boxes"] for r in rows),
         "per_class": per_class,
         "confusions": _confusions(rows),
     }
-    out = Path(args.out) / args.split
+    return metrics, rows
+
+
+def write(out: Path, metrics: dict, rows: list[dict]) -> None:
+    """``metrics.json`` and ``per_image.csv`` in ``out`` (replaced if present: a report of this script)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "per_image.csv").open("w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "models"}, indent=1))
 
 
 def _confusions(rows: list[dict]) -> dict[str, int]:

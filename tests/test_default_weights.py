@@ -110,11 +110,16 @@ def test_default_pipeline_on_bundled_fields():
     from smearpipe import analyze_smear
 
     expected_wbcs = {"BloodImage_00007": 1, "BloodImage_00015": 1, "BloodImage_00021": 1, "BloodImage_00031": 2}
+    rbc_found = rbc_annotated = 0
     for stem, n in expected_wbcs.items():
         r = analyze_smear(SAMPLES / f"{stem}.jpg")
         assert r.counts["WBC"] == n, stem
         assert r.models["classifier"]["name"] == DEFAULT_CLASSIFIER
-        assert r.counts["RBC"] > 5
+        assert r.counts["RBC"] >= 5, stem
+        rbc_found += r.counts["RBC"]
+        rbc_annotated += sum(b.label == "RBC" for b in read_voc(SAMPLES / f"{stem}.xml")[1])
+    # crowded fields: overlapping red cells are undercounted (v2 29, v1 34 of 65 annotated; README)
+    assert rbc_found >= 0.4 * rbc_annotated
 
 
 def test_rescaling_finds_a_small_cell_in_original_pixels():
@@ -144,15 +149,17 @@ def test_rescaling_finds_a_small_cell_in_original_pixels():
 def test_default_pipeline_on_another_labs_fields(pbc_root):
     """PBC images are small fields of another lab (camera, stain, magnification) with a WBC at the centre.
 
-    The BCCD-trained detector without field normalisation missed the centre cell of 114 of 333 PBC val
-    neutrophils (scripts/eval_other_lab_fields.py); with the BCCD field reference in its record it must find
-    nearly all of them, and the cell is typed as labelled.
+    The BCCD-trained detector without field normalisation (v1) missed the centre cell of 114 of 333 PBC val
+    neutrophils (reports/cross_lab/fields_pbc/detector-bccd-yolov8n-v1/val); with the BCCD field reference in
+    its record it must find nearly all of them, and the cell is typed as labelled. On these 30 images v1
+    finds 19 and v2 30.
     """
     from smearpipe import analyze_smear
     from smearpipe.io import read_image
 
     assert "reinhard" in Detector.load().preprocessing.steps
-    rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "val"]
+    with open(pbc_root / "splits.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
     picked = [r for r in rows if r["class"] == "neutrophil"][:20] + [r for r in rows if r["class"] == "eosinophil"][:10]
     found = typed = 0
     for r in picked:
