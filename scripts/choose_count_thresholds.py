@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from smearpipe.datasets import voc_to_yolo
 from smearpipe.detect import Detector
 from smearpipe.evaluate import _count_summary, _true_counts
 from smearpipe.train import _split_dirs, load_data_yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ship_detector import bccd_yolo_data  # noqa: E402  (a sibling script)
+
 GRID = np.round(np.arange(0.05, 0.801, 0.05), 2)
 
 
@@ -35,10 +36,7 @@ def main() -> None:
     ap.add_argument("weights")
     ap.add_argument("--split", choices=("train", "val"), default="val")
     args = ap.parse_args()
-    yolo_dir = REPO / "runs" / "bccd_yolo"
-    if not (yolo_dir / "data.yaml").is_file():
-        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
-    cfg = load_data_yaml(yolo_dir / "data.yaml", splits=(args.split,))
+    cfg = load_data_yaml(bccd_yolo_data(), splits=(args.split,))
     img_dir, label_dir = _split_dirs(cfg, Path(cfg["_root"]), args.split)
     det = Detector.load(args.weights)
     classes = list(det.record.classes)

@@ -33,6 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
 
 
+def bccd_yolo_data() -> Path:
+    """BCCD in the YOLO layout (official split) under runs/bccd_yolo, converted on first use: its data.yaml."""
+    yolo_dir = REPO / "runs" / "bccd_yolo"
+    if not (yolo_dir / "data.yaml").is_file():
+        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
+    return yolo_dir / "data.yaml"
+
+
+def copy_test_report(eval_dir: Path, report: Path) -> None:
+    """The test split's PR curve, normalised confusion matrix and per-field counts from evaluate_detector's folder."""
+    for f in eval_dir.glob("ultralytics_val/*.png"):
+        if any(key in f.name for key in ("BoxPR", "PR_curve", "confusion_matrix_normalized")):
+            shutil.copyfile(f, report / f.name)
+    shutil.copyfile(eval_dir / "counts.csv", report / "counts_test.csv")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -45,10 +61,7 @@ def main() -> None:
                          "(choose them on training/validation data, never on test)")
     args = ap.parse_args()
     run = Path(args.run_dir)
-    yolo_dir = REPO / "runs" / "bccd_yolo"
-    if not (yolo_dir / "data.yaml").is_file():
-        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
-    data_yaml = yolo_dir / "data.yaml"
+    data_yaml = bccd_yolo_data()
 
     target = REPO / "weights" / f"{args.name}.pt"
     if target.exists():
@@ -124,11 +137,7 @@ def main() -> None:
     for fig in ("results.png",):
         if (run / fig).is_file():
             shutil.copyfile(run / fig, report / "training_curves.png")
-    ev = REPO / "runs" / f"eval_{args.name}"
-    for f in ev.glob("ultralytics_val/*.png"):
-        if any(key in f.name for key in ("BoxPR", "PR_curve", "confusion_matrix_normalized")):
-            shutil.copyfile(f, report / f.name)
-    shutil.copyfile(ev / "counts.csv", report / "counts_test.csv")
+    copy_test_report(REPO / "runs" / f"eval_{args.name}", report)
     print(json.dumps(final.to_dict(), indent=2))
 
 

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from smearpipe.datasets import voc_to_yolo
 from smearpipe.evaluate import evaluate_detector
 from smearpipe.pipeline import load_pipeline
 from smearpipe.preprocess import Preprocessing, field_reinhard_reference
 from smearpipe.weights import WeightsRecord, resolve, weights_dir
 
 REPO = Path(__file__).resolve().parents[1]
-BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_other_lab_fields  # noqa: E402  (a sibling script)
+import eval_other_lab_fields  # noqa: E402  (sibling scripts)
+from ship_detector import bccd_yolo_data, copy_test_report  # noqa: E402
 
 
 def main() -> None:
@@ -64,11 +62,8 @@ def main() -> None:
                            input_size=base.input_size, preprocessing=prep, metadata={**meta, "metrics": {}},
                            folder=str(weights_dir()))
     record.write(target)
-    yolo_dir = REPO / "runs" / "bccd_yolo"
-    if not (yolo_dir / "data.yaml").is_file():
-        voc_to_yolo(BCCD, yolo_dir, splits=("train", "val", "test", "trainval"), allow_overlap=True)
     ev = REPO / "runs" / f"eval_{args.name}"
-    m = evaluate_detector(yolo_dir / "data.yaml", detector=args.name, split="test", out_dir=ev, overwrite=True)
+    m = evaluate_detector(bccd_yolo_data(), detector=args.name, split="test", out_dir=ev, overwrite=True)
     metrics = {"bccd_test": {k: m[k] for k in ("images", "map50", "map50_95", "per_class", "counting_thresholds", "counting")}}
     pipe = load_pipeline(detector=args.name)
     for split in ("val", "test"):
@@ -84,10 +79,7 @@ def main() -> None:
     report = REPO / "reports" / args.name
     report.mkdir(parents=True, exist_ok=True)
     (report / "metrics_test.json").write_text(json.dumps(m, indent=2) + "\n")
-    shutil.copyfile(ev / "counts.csv", report / "counts_test.csv")
-    for f in ev.glob("ultralytics_val/*.png"):
-        if any(key in f.name for key in ("BoxPR", "PR_curve", "confusion_matrix_normalized")):
-            shutil.copyfile(f, report / f.name)
+    copy_test_report(ev, report)
     print(json.dumps(final.to_dict(), indent=2))
 
 
