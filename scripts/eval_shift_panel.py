@@ -73,6 +73,8 @@ SHIFTS: dict[str, Shift] = {
     "blue cast": _affine([0.85, 0.9, 1.0], [0, 5, 25]), "pale (washed out)": _affine([0.6, 0.6, 0.6], [100, 100, 100]),
     "dark (dim lamp)": _affine([0.7, 0.7, 0.7], [0, 0, 0]),
     "gamma 0.6": _gamma(0.6), "gamma 1.6": _gamma(1.6),
+    # a camera writing linear intensities where sRGB is expected (2.2), or the reverse
+    "gamma 2.2": _gamma(2.2), "gamma 1/2.2": _gamma(1 / 2.2),
 }
 
 

@@ -93,6 +93,11 @@ def main() -> None:
                     help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
     ap.add_argument("--lowres", type=float, default=0.0,
                     help="share of training crops seen through a coarser camera (AugmentConfig.lowres_p)")
+    ap.add_argument("--normalize-after-augment", action="store_true",
+                    help="normalise each training batch after colour augmentation, as inference normalises a shifted crop "
+                         "(train_classifier(normalize_after_augment=True))")
+    ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
+                    help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     args = ap.parse_args()
     out = Path(args.out)
@@ -110,7 +115,8 @@ def main() -> None:
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
-                                                          lowres_p=args.lowres),
+                                                          lowres_p=args.lowres, gamma=args.gamma),
+                              normalize_after_augment=args.normalize_after_augment,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
                               resume=args.resume, **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))

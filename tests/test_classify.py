@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, stain_jitter
+from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter
 from smearpipe.classify import Classifier, build_vgg16
 from smearpipe.datasets import (
     WBC_CLASSES,
@@ -132,6 +132,47 @@ def test_lowres_augmentation_removes_fine_detail_only():
     detail = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
     assert detail(out) < 0.6 * detail(x)  # pixel-scale detail is lost, as through a coarser camera
     assert abs(float(out.mean() - x.mean())) < 0.02  # the image itself is kept
+
+
+def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
+    """The training-time (torch) normalisation gives what inference's uint8 one gives, shifted crops included."""
+    import cv2
+    import torch
+
+    from smearpipe.preprocess import default_reinhard_reference, lab_statistics, reinhard_normalize
+
+    ref = default_reinhard_reference()
+    gamma = np.clip(np.rint(255 * (np.arange(256) / 255.0) ** 1.6), 0, 255).astype(np.uint8)
+    crops = [cv2.resize(c, (48, 48), interpolation=cv2.INTER_AREA) for c in pbc_crops.values()]
+    crops += [gamma[c] for c in crops] + [np.full((48, 48, 3), 200, np.uint8)]  # a tone curve; a flat crop
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+    out = reinhard_batch(x, ref.mean, ref.std)
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    got = np.rint(out.permute(0, 2, 3, 1).numpy() * 255).astype(int)
+    expected = np.stack([reinhard_normalize(c, reference=ref) for c in crops]).astype(int)
+    diff = np.abs(got - expected)  # rounding; a few out-of-gamut pixels are clipped a little differently
+    assert np.quantile(diff, 0.999) <= 1 and diff.max() <= 6 and diff.mean() < 0.3
+    for im in got[:-1]:  # every real crop, shifted or not, ends with the reference's mean colour
+        np.testing.assert_allclose(lab_statistics(im.astype(np.uint8))[0], ref.mean, atol=1.5)
+
+
+def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):
+    import smearpipe.augment as augment
+    from smearpipe.preprocess import Preprocessing
+
+    seen = []
+    real = augment.reinhard_batch
+    monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: seen.append(x.clone()) or real(x, *a, **k))
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, normalize_after_augment=True)
+    assert len(seen) == 3  # every training batch (15 crops, batches of 5), after colour augmentation
+    assert json.loads(run.record.read_text())["training"]["normalize_after_augment"] is True
+    assert Classifier.load(run.weights).preprocessing.steps == ("reinhard",)  # inference normalises as before
+    for bad in (dict(preprocessing=Preprocessing(steps=("median", "reinhard"))), dict(augment=False),
+                dict(preprocess_resized=False)):
+        with pytest.raises(ValueError, match="normalize_after_augment"):
+            train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                             normalize_after_augment=True, **bad)
 
 
 def test_geometric_transform_output():

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter"]
+__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -164,3 +164,43 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     if cfg.noise_std_max:
         x = x + torch.randn(x.shape, generator=generator) * u(0, cfg.noise_std_max, b)[:, None, None, None]
     return x.clamp(0.0, 1.0)
+
+
+# sRGB (D65) -> XYZ, as OpenCV's COLOR_RGB2LAB; white point (Xn, Yn, Zn) = (0.950456, 1, 1.088754)
+_XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]], np.float32)
+_WHITE = np.array([0.950456, 1.0, 1.088754], np.float32)
+
+
+def _rgb_to_lab(x: Any) -> Any:
+    lin = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    xyz = torch.einsum("bchw,dc->bdhw", lin, torch.as_tensor(_XYZ_FROM_RGB / _WHITE[:, None], device=x.device))
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def _lab_to_rgb(lab: Any) -> Any:
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
+    xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787) * torch.as_tensor(_WHITE, device=lab.device)[:, None, None]
+    lin = torch.einsum("bdhw,cd->bchw", xyz, torch.linalg.inv(torch.as_tensor(_XYZ_FROM_RGB, device=lab.device)))
+    lin = lin.clamp(0.0, 1.0)
+    return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(0.0031308) ** (1 / 2.4) - 0.055).clamp(0.0, 1.0)
+
+
+def reinhard_batch(x: Any, mean: Any, std: Any, *, min_std: float = 1.0) -> Any:
+    """:func:`~smearpipe.preprocess.reinhard_normalize` on a float batch (B, 3, H, W) in [0, 1].
+
+    Each image's L*a*b* mean and standard deviation become ``mean`` and ``std`` (L* 0-100). Used by
+    ``train_classifier(normalize_after_augment=True)`` to normalise crops *after* colour augmentation,
+    as inference normalises crops after the lab's own shift. Agrees with the uint8 version to within
+    rounding (about one grey level).
+    """
+    lab = _rgb_to_lab(x.float())
+    m = lab.mean(dim=(2, 3), keepdim=True)
+    s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(min_std)
+    ref_m = torch.as_tensor(np.asarray(mean, np.float32), device=x.device).view(1, 3, 1, 1)
+    ref_s = torch.as_tensor(np.asarray(std, np.float32), device=x.device).view(1, 3, 1, 1)
+    out = (lab - m) * (ref_s / s) + ref_m
+    out = torch.cat([out[:, :1].clamp(0.0, 100.0), out[:, 1:]], dim=1)
+    return _lab_to_rgb(out)

@@ -487,6 +487,7 @@ class ClassifierTrainConfig:
     crop_scale: float = 2.0
     preprocess_resized: bool = True
     framing: Framing | str = "cell"
+    normalize_after_augment: bool = False
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -550,6 +551,14 @@ def train_classifier(
         (:func:`~smearpipe.framing.frame_cell`), so that tightly cut crops (BCCD) and wide ones (PBC) show
         the cell at about the same size; recorded with its parameters and applied at inference.
         ``"as_given"``: crops are only resized.
+    normalize_after_augment : bool
+        Cache training crops framed and resized but not normalised, and apply the ``"reinhard"`` step
+        (the only preprocessing allowed then) to each batch *after* colour augmentation
+        (:func:`~smearpipe.augment.reinhard_batch`). The network then sees what inference gives it:
+        another lab's shifted crop, normalised. False (up to ``classifier-vgg16bn-v5``): crops are
+        normalised once when cached and the colour augmentation acts on normalised crops, so some of it
+        is a shift that normalisation would have removed, and what normalisation leaves of a real shift
+        (a tone curve, say) is never seen. Validation crops are normalised as at inference either way.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -574,7 +583,8 @@ def train_classifier(
         known = [f.name for f in dataclasses.fields(ClassifierTrainConfig)]
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
-     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, cache_scale, max_minutes, bf16,
+     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, cache_scale,
+     max_minutes, bf16,
      num_workers, seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
@@ -582,7 +592,7 @@ def train_classifier(
     from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm.auto import tqdm
 
-    from .augment import AugmentConfig, color_augment_batch, geometric_transform
+    from .augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch
     from .classify import IMAGENET_MEAN, IMAGENET_STD, _bf16_supported, build_vgg16, save_classifier
     from .datasets import WBC_CLASSES
 
@@ -599,12 +609,19 @@ def train_classifier(
         raise ValueError("train and val need at least one source each")
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("reinhard",))).resolved()
     aug = None if augment is False else (augment or AugmentConfig())
+    normalize_after_augment = bool(normalize_after_augment)
+    if normalize_after_augment and (prep.steps != ("reinhard",) or not preprocess_resized or not aug):
+        raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) only, preprocess_resized=True "
+                         f"and augmentation on; got steps {list(prep.steps)}, preprocess_resized={preprocess_resized}, "
+                         f"augment={'on' if aug else 'off'}")
     use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
     config = {"classes": list(classes), "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "label_smoothing": label_smoothing, "preprocessing": prep.to_dict(),
               "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
-              "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(), "cache_scale": cache_scale, "seed": seed, "train": [s.to_dict() for s in train_sources],
+              "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
+              "normalize_after_augment": normalize_after_augment, "cache_scale": cache_scale, "seed": seed,
+              "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
     out_dir = Path(out_dir)
@@ -614,7 +631,8 @@ def train_classifier(
             raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
-        before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict()}
+        before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
+                  "normalize_after_augment": False}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
@@ -631,14 +649,17 @@ def train_classifier(
     # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for s in train_sources + val_sources for p, y in s.samples(classes)]
     key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
-                      cache_size, input_size, prep.to_dict(), preprocess_resized, framing.to_dict(), files], sort_keys=True)
+                      cache_size, input_size, prep.to_dict(), preprocess_resized, framing.to_dict(), files]
+                     + (["normalize_after_augment"] if normalize_after_augment else []), sort_keys=True)
     cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
         z = np.load(cache)
         tr_x, tr_y, tr_s, va_x, va_y, va_s = (z[k] for k in ("tr_x", "tr_y", "tr_s", "va_x", "va_y", "va_s"))
     else:
-        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, prep, "caching train crops", preprocess_resized, framing)
+        tr_prep = Preprocessing() if normalize_after_augment else prep  # then normalised per batch, after augmentation
+        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, tr_prep, "caching train crops", preprocess_resized,
+                                       framing)
         va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops", preprocess_resized, framing)
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
@@ -712,6 +733,8 @@ def train_classifier(
             x = xb.float().div(255)
             if aug:
                 x = color_augment_batch(x, aug)
+            if normalize_after_augment:
+                x = reinhard_batch(x, prep.reinhard_reference.mean, prep.reinhard_reference.std)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
@@ -762,6 +785,7 @@ def train_classifier(
                 "label_smoothing": label_smoothing, "rebalance": rebalance,
                 "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
                 "freeze_features": freeze_features, "bf16_autocast": use_bf16, "seed": seed,
+                "normalize_after_augment": normalize_after_augment,
                 "wall_minutes": round((time.time() - t_start) / 60, 1),
             },
             "metrics": {"best_val_macro_f1": best_f1, "history": history},
