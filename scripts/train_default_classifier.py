@@ -10,14 +10,17 @@ Data (never a test split):
     ``extract_wbc_crops(scale=CROP_SCALE)``, oversampled x3;
   * validation (early stopping on macro-F1): PBC val + BCCD crops from BCCD *val* fields.
 
-The shipped ``classifier-vgg16bn-v5`` took two runs (20 epochs), with cell framing (every crop recut around its
-nucleus, ``smearpipe.framing``) and Reinhard normalisation: 14 epochs from scratch on PBC only (the leave-one-lab-out
-model), then 6 epochs with BCCD crops added, keeping the head::
+The shipped ``classifier-vgg16bn-v6`` took two runs (20 epochs, 59.6 min), with cell framing (every crop recut
+around its nucleus, ``smearpipe.framing``) and Reinhard normalisation: 14 epochs from scratch on PBC only (the
+leave-one-lab-out model), then 6 epochs with BCCD crops added, keeping the head, with every training batch
+normalised *after* its colour augmentation (``--normalize-after-augment``)::
 
   python scripts/train_default_classifier.py --pbc-only --epochs 14 --out runs/cls --name s1 \
       --record-name classifier-vgg16bn-pbconly-cell
-  python scripts/train_default_classifier.py --epochs 6 --lr 2e-4 --out runs/cls --name s2 \
-      --init runs/cls/s1/classifier-vgg16bn-pbconly-cell.safetensors --record-name classifier-vgg16bn-v5
+  python scripts/train_default_classifier.py --epochs 6 --lr 2e-4 --out runs/cls --name s2 --normalize-after-augment \
+      --init runs/cls/s1/classifier-vgg16bn-pbconly-cell.safetensors --record-name classifier-vgg16bn-v6
+
+``classifier-vgg16bn-v5`` is the same without ``--normalize-after-augment`` in the second run.
 
 The earlier ``classifier-vgg16bn-v4`` used the crops as given and took three runs (30 epochs): the v3 stage 1
 without preprocessing, 6 epochs on Reinhard-normalised crops (still PBC only: the leave-one-lab-out model), then

@@ -526,7 +526,7 @@ def train_classifier(
     preprocessing : Preprocessing, optional
         Applied once to every crop before caching, and recorded: :class:`~smearpipe.classify.Classifier`
         applies the same at inference. Default: Reinhard normalisation to the shipped PBC reference
-        (:func:`~smearpipe.preprocess.reinhard_normalize`), as the shipped ``classifier-vgg16bn-v4`` and ``-v5``: on
+        (:func:`~smearpipe.preprocess.reinhard_normalize`), as the shipped ``classifier-vgg16bn-v4`` to ``-v6``: on
         another lab it lifted the leave-one-lab-out accuracy from 38 to 61 % at equal PBC accuracy, where
         Macenko (v2) cost PBC accuracy (96.4 vs 98.7 %) (README, "Other labs and microscopes").
     augment : AugmentConfig, optional
