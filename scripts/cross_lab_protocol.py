@@ -168,7 +168,8 @@ def main() -> None:
                               "initialised_from": lineage[1:],
                               "inference_preprocess_replaced": args.inference_preprocess is not None,
                               "preprocessing": clf.preprocessing.to_dict(), "framing": clf.framing.to_dict(), "training": {k: training.get(k) for k in (
-                                  "train", "val", "epochs_run", "best_epoch", "augment", "wall_minutes")}},
+                                  "train", "val", "epochs_run", "best_epoch", "augment", "normalize_after_augment",
+                                  "wall_minutes")}},
                "protocol": f"train: {[s.get('name') for s in training.get('train', [])]} (val: "
                            f"{[s.get('name') for s in training.get('val', [])]}); test: all crops of bccd_wbc_subtypes "
                            "(another lab) and PBC test"}

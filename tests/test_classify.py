@@ -146,7 +146,7 @@ def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     crops = [cv2.resize(c, (48, 48), interpolation=cv2.INTER_AREA) for c in pbc_crops.values()]
     crops += [gamma[c] for c in crops] + [np.full((48, 48, 3), 200, np.uint8)]  # a tone curve; a flat crop
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
-    out = reinhard_batch(x, ref.mean, ref.std)
+    out = reinhard_batch(x, reference=ref)
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
     got = np.rint(out.permute(0, 2, 3, 1).numpy() * 255).astype(int)
     expected = np.stack([reinhard_normalize(c, reference=ref) for c in crops]).astype(int)
@@ -154,20 +154,36 @@ def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     assert np.quantile(diff, 0.999) <= 1 and diff.max() <= 6 and diff.mean() < 0.3
     for im in got[:-1]:  # every real crop, shifted or not, ends with the reference's mean colour
         np.testing.assert_allclose(lab_statistics(im.astype(np.uint8))[0], ref.mean, atol=1.5)
+    for bad in (x * 255, x.permute(0, 2, 3, 1), x.to(torch.uint8), x.numpy()):
+        with pytest.raises(ValueError, match="reinhard_batch"):
+            reinhard_batch(bad)
 
 
 def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):
+    """Training crops are cached un-normalised; each batch is colour-augmented, then normalised."""
     import smearpipe.augment as augment
+    from smearpipe.classify import resize_preprocessed
+    from smearpipe.io import read_image
     from smearpipe.preprocess import Preprocessing
 
-    seen = []
-    real = augment.reinhard_batch
-    monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: seen.append(x.clone()) or real(x, *a, **k))
+    calls = []
+    real_colour, real_norm = augment.color_augment_batch, augment.reinhard_batch
+    monkeypatch.setattr(augment, "color_augment_batch", lambda x, *a, **k: calls.append("colour") or real_colour(x, *a, **k))
+    monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: calls.append("normalise") or real_norm(x, *a, **k))
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
                            out_dir=tmp_path, num_workers=0, normalize_after_augment=True)
-    assert len(seen) == 3  # every training batch (15 crops, batches of 5), after colour augmentation
+    assert calls == ["colour", "normalise"] * 3  # every training batch (15 crops, batches of 5), in this order
     assert json.loads(run.record.read_text())["training"]["normalize_after_augment"] is True
     assert Classifier.load(run.weights).preprocessing.steps == ("reinhard",)  # inference normalises as before
+    (cache,) = (tmp_path / ".crop_cache").glob("*.npz")
+    z = np.load(cache)
+
+    def first(split: str, size: int, prep: Preprocessing) -> np.ndarray:
+        path = CropSource(str(tiny_crops / split)).samples(WBC_CLASSES)[0][0]
+        return resize_preprocessed(read_image(path), size=size, preprocessing=prep, preprocess_resized=True, framing="cell")
+
+    np.testing.assert_array_equal(z["tr_x"][0], first("train", 37, Preprocessing()))  # cached as cut: not normalised
+    np.testing.assert_array_equal(z["va_x"][0], first("val", 32, Preprocessing(steps=("reinhard",)).resolved()))  # as at inference
     for bad in (dict(preprocessing=Preprocessing(steps=("median", "reinhard"))), dict(augment=False),
                 dict(preprocess_resized=False)):
         with pytest.raises(ValueError, match="normalize_after_augment"):

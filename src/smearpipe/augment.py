@@ -188,19 +188,49 @@ def _lab_to_rgb(lab: Any) -> Any:
     return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(0.0031308) ** (1 / 2.4) - 0.055).clamp(0.0, 1.0)
 
 
-def reinhard_batch(x: Any, mean: Any, std: Any, *, min_std: float = 1.0) -> Any:
-    """:func:`~smearpipe.preprocess.reinhard_normalize` on a float batch (B, 3, H, W) in [0, 1].
+def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
+    """:func:`~smearpipe.preprocess.reinhard_normalize` on a float batch, in torch.
 
-    Each image's L*a*b* mean and standard deviation become ``mean`` and ``std`` (L* 0-100). Used by
-    ``train_classifier(normalize_after_augment=True)`` to normalise crops *after* colour augmentation,
-    as inference normalises crops after the lab's own shift. Agrees with the uint8 version to within
-    rounding (about one grey level).
+    Each image's L*a*b* mean and standard deviation become the reference's. Used by
+    ``train_classifier(normalize_after_augment=True)`` to normalise crops *after* colour augmentation.
+
+    Parameters
+    ----------
+    x : (B, 3, H, W) float torch.Tensor
+        RGB in [0, 1].
+    reference : ReinhardReference, optional
+        Target statistics; the shipped PBC reference by default.
+
+    Returns
+    -------
+    (B, 3, H, W) float32 torch.Tensor
+        RGB in [0, 1]. Equal to ``reinhard_normalize`` of the same image as uint8 up to rounding (one grey level);
+        a few out-of-gamut pixels are clipped up to a few levels differently.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not a float tensor of shape (B, 3, H, W) with values in [0, 1].
+
+    Examples
+    --------
+    >>> x = torch.rand(2, 3, 16, 16)
+    >>> reinhard_batch(x).shape
+    torch.Size([2, 3, 16, 16])
     """
+    from .preprocess import _REINHARD_MIN_STD, default_reinhard_reference
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"reinhard_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
+                         f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ValueError(f"reinhard_batch takes values in [0, 1], got {float(x.min()):.3g}..{float(x.max()):.3g}")
+    ref = reference if reference is not None else default_reinhard_reference()
     lab = _rgb_to_lab(x.float())
     m = lab.mean(dim=(2, 3), keepdim=True)
-    s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(min_std)
-    ref_m = torch.as_tensor(np.asarray(mean, np.float32), device=x.device).view(1, 3, 1, 1)
-    ref_s = torch.as_tensor(np.asarray(std, np.float32), device=x.device).view(1, 3, 1, 1)
+    s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(_REINHARD_MIN_STD)
+    ref_m = torch.as_tensor(np.asarray(ref.mean, np.float32), device=x.device).view(1, 3, 1, 1)
+    ref_s = torch.as_tensor(np.asarray(ref.std, np.float32), device=x.device).view(1, 3, 1, 1)
     out = (lab - m) * (ref_s / s) + ref_m
     out = torch.cat([out[:, :1].clamp(0.0, 100.0), out[:, 1:]], dim=1)
     return _lab_to_rgb(out)

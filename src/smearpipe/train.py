@@ -524,7 +524,8 @@ def train_classifier(
     epochs, batch_size, lr, weight_decay, label_smoothing :
         AdamW with a one-cycle schedule over ``epochs``; cross-entropy with label smoothing.
     preprocessing : Preprocessing, optional
-        Applied once to every crop before caching, and recorded: :class:`~smearpipe.classify.Classifier`
+        Applied once to every crop before caching (training crops: per batch instead, with
+        ``normalize_after_augment``), and recorded: :class:`~smearpipe.classify.Classifier`
         applies the same at inference. Default: Reinhard normalisation to the shipped PBC reference
         (:func:`~smearpipe.preprocess.reinhard_normalize`), as the shipped ``classifier-vgg16bn-v4`` to ``-v6``: on
         another lab it lifted the leave-one-lab-out accuracy from 38 to 61 % at equal PBC accuracy, where
@@ -554,11 +555,14 @@ def train_classifier(
     normalize_after_augment : bool
         Cache training crops framed and resized but not normalised, and apply the ``"reinhard"`` step
         (the only preprocessing allowed then) to each batch *after* colour augmentation
-        (:func:`~smearpipe.augment.reinhard_batch`). The network then sees what inference gives it:
-        another lab's shifted crop, normalised. False (up to ``classifier-vgg16bn-v5``): crops are
-        normalised once when cached and the colour augmentation acts on normalised crops, so some of it
-        is a shift that normalisation would have removed, and what normalisation leaves of a real shift
-        (a tone curve, say) is never seen. Validation crops are normalised as at inference either way.
+        (:func:`~smearpipe.augment.reinhard_batch`), as inference normalises another lab's shifted crop.
+        False (up to ``classifier-vgg16bn-v5``): crops are normalised once when cached and the colour
+        augmentation acts on normalised crops, so some of it is a shift that normalisation would have
+        removed, and what normalisation leaves of a real shift (a tone curve, say) is never seen. An
+        approximation: the statistics are those of the geometrically augmented crop (a random crop of
+        at least ``crop_scale_min`` of the area, corners of rotations filled with a fixed pale
+        colour), not of the whole crop as at inference. Validation crops are normalised as at
+        inference either way.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -734,7 +738,7 @@ def train_classifier(
             if aug:
                 x = color_augment_batch(x, aug)
             if normalize_after_augment:
-                x = reinhard_batch(x, prep.reinhard_reference.mean, prep.reinhard_reference.std)
+                x = reinhard_batch(x, reference=prep.reinhard_reference)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
