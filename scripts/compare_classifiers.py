@@ -27,14 +27,9 @@ SHARED = REPO.parent / "shared" / "datasets"
 
 
 def main() -> None:
-    import csv
-    import random
-
     import numpy as np
-    from eval_shift_panel import PBC, SHIFTS
+    from eval_shift_panel import SHIFTS, panel_sample
     from train_default_classifier import bccd_crops  # same crops as the training runs' validation
-
-    from smearpipe.io import read_image
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
@@ -53,10 +48,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shift(s) {unknown}; known: {list(SHIFTS)}")
     if args.shifts:
-        with (PBC / "splits.csv").open() as f:
-            items = [r for r in csv.DictReader(f) if r["split"] == "val"]
-        items = random.Random(1).sample(items, min(400, len(items)))  # eval_shift_panel.py's sample
-        images = [read_image(PBC / "PBC_dataset_normal_DIB" / r["path"]) for r in items]
+        items, images = panel_sample("val", 400)
     results = {}
     for model in args.models:
         clf = Classifier.load(model)

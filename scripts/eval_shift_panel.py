@@ -78,6 +78,14 @@ SHIFTS: dict[str, Shift] = {
 }
 
 
+def panel_sample(split: str = "val", n: int = 400) -> tuple[list[dict], list[np.ndarray]]:
+    """The panel's images: a random subset of ``split`` (seed 1), whole frames, with their splits.csv rows."""
+    with (PBC / "splits.csv").open() as f:
+        items = [r for r in csv.DictReader(f) if r["split"] == split]
+    items = random.Random(1).sample(items, min(n, len(items)))
+    return items, [read_image(PBC / "PBC_dataset_normal_DIB" / r["path"]) for r in items]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", default=[None], help="names or files (default: the shipped classifier)")
@@ -85,10 +93,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--out", default=str(REPO / "reports" / "cross_lab" / "shift_panel"))
     args = ap.parse_args()
-    with (PBC / "splits.csv").open() as f:
-        items = [r for r in csv.DictReader(f) if r["split"] == args.split]
-    items = random.Random(1).sample(items, min(args.n, len(items)))
-    images = [read_image(PBC / "PBC_dataset_normal_DIB" / r["path"]) for r in items]
+    items, images = panel_sample(args.split, args.n)
     for model in args.models:
         clf = Classifier.load(model)
         y = np.array([clf.classes.index(r["class"]) for r in items])

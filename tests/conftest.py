@@ -48,6 +48,11 @@ def pbc_crops(pbc_root: Path) -> dict[str, np.ndarray]:
     return seen
 
 
+def gamma_lut(g: float) -> np.ndarray:
+    """uint8 lookup table of a tone curve: ``lut[image]`` applies gamma ``g`` (as scripts/eval_shift_panel.py)."""
+    return np.clip(np.rint(255 * (np.arange(256) / 255.0) ** g), 0, 255).astype(np.uint8)
+
+
 # ---------------------------------------------------------------- smoke-trained models (tiny, seconds)
 TINY_DET_TRAIN = ["BloodImage_00001", "BloodImage_00003", "BloodImage_00004", "BloodImage_00005"]
 TINY_DET_VAL = ["BloodImage_00000", "BloodImage_00006"]

@@ -20,7 +20,7 @@ from smearpipe.evaluate import evaluate_classifier
 from smearpipe.framing import Framing
 from smearpipe.train import CropSource, train_classifier
 
-from .conftest import SHARED
+from .conftest import SHARED, gamma_lut
 
 
 @pytest.mark.parametrize("name, expected", [("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"),
@@ -142,7 +142,7 @@ def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     from smearpipe.preprocess import default_reinhard_reference, lab_statistics, reinhard_normalize
 
     ref = default_reinhard_reference()
-    gamma = np.clip(np.rint(255 * (np.arange(256) / 255.0) ** 1.6), 0, 255).astype(np.uint8)
+    gamma = gamma_lut(1.6)
     crops = [cv2.resize(c, (48, 48), interpolation=cv2.INTER_AREA) for c in pbc_crops.values()]
     crops += [gamma[c] for c in crops] + [np.full((48, 48, 3), 200, np.uint8)]  # a tone curve; a flat crop
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255

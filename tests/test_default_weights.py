@@ -12,7 +12,7 @@ from smearpipe.datasets import WBC_CLASSES, read_voc, voc_to_yolo
 from smearpipe.detect import Detector
 from smearpipe.weights import DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, available, weights_dir
 
-from .conftest import SAMPLES
+from .conftest import SAMPLES, gamma_lut
 
 
 def _iou(a, b) -> float:
@@ -103,7 +103,7 @@ def test_default_classifier_reads_another_tone_curve(classifier, pbc_root):
 
     rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline=""))
             if r["split"] == "val" and r["class"] == "neutrophil"][:20]
-    lut = np.clip(np.rint(255 * (np.arange(256) / 255.0) ** 2.2), 0, 255).astype(np.uint8)
+    lut = gamma_lut(2.2)
     pred = classifier.predict([lut[read_image(pbc_root / "PBC_dataset_normal_DIB" / r["path"])] for r in rows])
     assert pred.count("neutrophil") >= 14, pred
 

@@ -169,6 +169,7 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
 # sRGB (D65) -> XYZ, as OpenCV's COLOR_RGB2LAB; white point (Xn, Yn, Zn) = (0.950456, 1, 1.088754)
 _XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
                           [0.019334, 0.119193, 0.950227]], np.float32)
+_RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB).astype(np.float32)
 _WHITE = np.array([0.950456, 1.0, 1.088754], np.float32)
 
 
@@ -183,7 +184,7 @@ def _lab_to_rgb(lab: Any) -> Any:
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
     xyz = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787) * torch.as_tensor(_WHITE, device=lab.device)[:, None, None]
-    lin = torch.einsum("bdhw,cd->bchw", xyz, torch.linalg.inv(torch.as_tensor(_XYZ_FROM_RGB, device=lab.device)))
+    lin = torch.einsum("bdhw,cd->bchw", xyz, torch.as_tensor(_RGB_FROM_XYZ, device=lab.device))
     lin = lin.clamp(0.0, 1.0)
     return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(0.0031308) ** (1 / 2.4) - 0.055).clamp(0.0, 1.0)
 
