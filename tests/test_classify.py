@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter
+from smearpipe.augment import (AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter,
+                               tight_cut_batch)
 from smearpipe.classify import Classifier, build_vgg16
 from smearpipe.datasets import (
     WBC_CLASSES,
@@ -369,3 +370,77 @@ def test_resume_finishes_the_run_and_keeps_its_clock(tiny_crops, tmp_path):
     done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
     assert done.run_dir == first.run_dir and [h["epoch"] for h in done.history] == [1, 2]
     assert done.history[1]["minutes"] >= done.history[0]["minutes"]  # the resumed run continues the clock
+
+
+def test_weight_average_update():
+    """The average moves towards the model by 1 - decay (ramped up early); integer buffers are copied."""
+    import torch
+
+    from smearpipe.train import _WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = _WeightAverage(model, 0.9)
+    start = [p.clone() for p in avg.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(8, 3))  # changes the running statistics and the step count
+    avg.update()
+    d = 2 / 11  # min(0.9, (1 + 1) / (10 + 1)) at the first update
+    for a, s, m in zip(avg.model.parameters(), start, model.parameters(), strict=True):
+        torch.testing.assert_close(a, d * s + (1 - d) * m)
+    bn, bn_avg = model[1], avg.model[1]
+    assert int(bn_avg.num_batches_tracked) == int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn_avg.running_mean, (1 - d) * bn.running_mean)  # it started at 0
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    for _ in range(200):
+        avg.update()
+    for a, m in zip(avg.model.parameters(), model.parameters(), strict=True):  # converges to a fixed model
+        torch.testing.assert_close(a, m)
+
+
+def test_train_with_ema(tiny_crops, tmp_path):
+    """With ``ema``, the saved weights are the average (not the last step's) and the run resumes with it."""
+    import torch
+
+    kw = dict(epochs=3, batch_size=5, input_size=32, out_dir=tmp_path, name="ema", num_workers=0, ema=0.9, patience=10)
+    first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **kw)  # stops after epoch 1
+    assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["ema"]["updates"] == 3  # 15 crops, batches of 5
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **kw)
+    assert len(run.history) == 3 and json.loads(run.record.read_text())["training"]["ema"] == 0.9
+    ck = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)
+    assert ck["ema"]["updates"] == 9  # the average went on from the checkpoint
+    best = torch.load(run.run_dir / "best_state.pt", weights_only=True)
+    key = "features.0.weight"
+    assert not torch.equal(best[key], ck["model"][key])  # what is saved is not the last step's model
+    if run.best_epoch == 3:
+        torch.testing.assert_close(best[key], ck["ema"]["model"][key])
+    with pytest.raises(ValueError, match="ema"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path, ema=1.0)
+
+
+def test_tight_cut_batch():
+    """A share of the crops keeps a central square; the rest of each becomes its background colour."""
+    import torch
+
+    x = torch.full((64, 3, 40, 40), 0.9)
+    x[:, :, 10:30, 10:30] = torch.tensor([0.4, 0.2, 0.6])[:, None, None]  # a violet cell on pale background
+    x[:, 0, 0, 0] = 0.95  # background not quite uniform: the fill is a mean of the brightest pixels
+    gen = torch.Generator().manual_seed(0)
+    out = tight_cut_batch(x, 0.5, 0.55, generator=gen)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(x[:, :, 0, 0], torch.tensor([0.95, 0.9, 0.9]).expand(64, 3))
+    changed = (out != x).flatten(1).any(1)
+    assert 16 <= int(changed.sum()) <= 48  # about half of the batch
+    for im, orig in zip(out[changed], x[changed], strict=True):
+        assert torch.equal(im[:, 10:30, 10:30], orig[:, 10:30, 10:30])  # the cell is kept whole (side >= 0.55)
+        assert torch.allclose(im[:, 0, 0], torch.tensor([0.9, 0.9, 0.9]), atol=0.01)  # corner: background fill
+        kept = (im == orig).all(0)
+        rows, cols = kept.any(1).nonzero().squeeze(1), kept.any(0).nonzero().squeeze(1)
+        side_y, side_x = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 20 <= side_y <= 39 and abs(side_x - side_y) <= 1  # a square of the drawn size (0.55-0.95 of 40 px)
+    assert torch.equal(tight_cut_batch(x, 0.0), x)
+    full = color_augment_batch(x, AugmentConfig(tight_p=1.0, tight_min=0.6), generator=torch.Generator().manual_seed(1))
+    assert full.shape == x.shape and float(full.min()) >= 0 and float(full.max()) <= 1
+    with pytest.raises(ValueError, match="min_side"):
+        tight_cut_batch(x, 0.5, 0.0)

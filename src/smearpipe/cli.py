@@ -201,7 +201,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
-                           framing=args.framing, normalize_after_augment=args.normalize_after_augment)
+                           framing=args.framing, normalize_after_augment=args.normalize_after_augment,
+                           ema=args.ema)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-after-augment", action="store_true",
                    help="apply the 'reinhard' step to each training batch after colour augmentation, as inference "
                         "normalises another lab's shifted crop (needs --preprocess reinhard)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="validate and save an exponential moving average of the weights with this decay (e.g. 0.998; "
+                        "0: off)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")

@@ -397,6 +397,44 @@ def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
     return image[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
 
 
+class _WeightAverage:
+    """Exponential moving average of a model's parameters and floating-point buffers.
+
+    Integer buffers (batch-norm step counts) are copied. The decay at update ``t`` is
+    ``min(decay, (1 + t) / (10 + t))``: early updates follow the model closely. ``update()`` moves the
+    average towards the current weights of the model it was made from (its tensors, paired once).
+    """
+
+    def __init__(self, model: Any, decay: float) -> None:
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        pairs = list(zip([*self.model.parameters(), *self.model.buffers()], [*model.parameters(), *model.buffers()],
+                         strict=True))
+        self._floats = ([a for a, b in pairs if a.is_floating_point()], [b for a, b in pairs if a.is_floating_point()])
+        self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    def update(self) -> None:
+        import torch
+
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self._floats[0], self._floats[1], 1.0 - d)
+            for a, b in self._others:
+                a.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 class _CachedCrops:
     """Map-style dataset over cached uint8 crops (module level so that worker processes can pickle it)."""
 
@@ -488,6 +526,7 @@ class ClassifierTrainConfig:
     preprocess_resized: bool = True
     framing: Framing | str = "cell"
     normalize_after_augment: bool = False
+    ema: float = 0.0
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -563,6 +602,12 @@ def train_classifier(
         at least ``crop_scale_min`` of the area, corners of rotations filled with a fixed pale
         colour), not of the whole crop as at inference. Validation crops are normalised as at
         inference either way.
+    ema : float
+        Decay of an exponential moving average of the weights (and batch-norm statistics), updated
+        after every step; 0 (default) turns it off. When on, validation, early stopping and the saved
+        weights use the average, not the last step's weights. The decay ramps up as
+        ``min(ema, (1 + t) / (10 + t))`` at step ``t``, so the random start is soon forgotten; 0.998
+        averages over roughly the last 500 steps.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -587,7 +632,7 @@ def train_classifier(
         known = [f.name for f in dataclasses.fields(ClassifierTrainConfig)]
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
-     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, cache_scale,
+     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, ema, cache_scale,
      max_minutes, bf16,
      num_workers, seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
@@ -614,6 +659,8 @@ def train_classifier(
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("reinhard",))).resolved()
     aug = None if augment is False else (augment or AugmentConfig())
     normalize_after_augment = bool(normalize_after_augment)
+    if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+        raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
     if normalize_after_augment and (prep.steps != ("reinhard",) or not preprocess_resized or not aug):
         raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) only, preprocess_resized=True "
                          f"and augmentation on; got steps {list(prep.steps)}, preprocess_resized={preprocess_resized}, "
@@ -624,7 +671,7 @@ def train_classifier(
               "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
               "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
-              "normalize_after_augment": normalize_after_augment, "cache_scale": cache_scale, "seed": seed,
+              "normalize_after_augment": normalize_after_augment, "ema": ema, "cache_scale": cache_scale, "seed": seed,
               "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
@@ -636,7 +683,7 @@ def train_classifier(
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
-                  "normalize_after_augment": False}
+                  "normalize_after_augment": False, "ema": 0.0}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
@@ -702,23 +749,27 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
     history: list[dict[str, float]] = []
     best_f1, best_epoch, start_epoch = -1.0, -1, 0
+    averaged = _WeightAverage(model, ema) if ema else None
     if resume:
         ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
+        if averaged is not None:
+            averaged.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         history, best_f1, best_epoch, start_epoch = ck["history"], ck["best_f1"], ck["best_epoch"], ck["epoch"] + 1
         torch.set_rng_state(ck["rng"])
 
     def evaluate() -> tuple[float, float, float, np.ndarray]:
-        model.eval()
+        net = averaged.model if averaged is not None else model  # the weights that would be saved
+        net.eval()
         probs = []
         with torch.inference_mode():
             for i in range(0, len(va_y), 64):
                 x = torch.from_numpy(va_x[i:i + 64]).permute(0, 3, 1, 2).float().div(255)
                 x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    probs.append(torch.softmax(model(x).float(), 1))
+                    probs.append(torch.softmax(net(x).float(), 1))
         p = torch.cat(probs)
         loss = float(torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), torch.from_numpy(va_y)))
         pred = p.argmax(1).numpy()
@@ -747,6 +798,8 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+            if averaged is not None:
+                averaged.update()
             tot += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
@@ -758,10 +811,11 @@ def train_classifier(
         print(json.dumps(row), flush=True)
         if val_f1 > best_f1:
             best_f1, best_epoch = val_f1, epoch + 1
-            _save_atomic(torch, model.state_dict(), run_dir / "best_state.pt")
+            _save_atomic(torch, (averaged.model if averaged is not None else model).state_dict(), run_dir / "best_state.pt")
         _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                              "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
-                             "rng": torch.get_rng_state()}, run_dir / "checkpoint.pt")
+                             "rng": torch.get_rng_state()}
+                     | ({"ema": averaged.state_dict()} if averaged is not None else {}), run_dir / "checkpoint.pt")
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         if epoch + 1 - best_epoch >= patience:
             stopped = f"early stop: no better val macro-F1 for {patience} epochs"
@@ -789,7 +843,7 @@ def train_classifier(
                 "label_smoothing": label_smoothing, "rebalance": rebalance,
                 "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
                 "freeze_features": freeze_features, "bf16_autocast": use_bf16, "seed": seed,
-                "normalize_after_augment": normalize_after_augment,
+                "normalize_after_augment": normalize_after_augment, "ema": ema,
                 "wall_minutes": round((time.time() - t_start) / 60, 1),
             },
             "metrics": {"best_val_macro_f1": best_f1, "history": history},
