@@ -47,7 +47,7 @@ from pathlib import Path
 
 from smearpipe.augment import AugmentConfig
 from smearpipe.datasets import extract_wbc_crops
-from smearpipe.framing import FRAMINGS, Framing
+from smearpipe.framing import FRAMINGS
 from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource, train_classifier
 
@@ -99,10 +99,6 @@ def main() -> None:
     ap.add_argument("--normalize-after-augment", action="store_true",
                     help="normalise each training batch after colour augmentation, as inference normalises a shifted crop "
                          "(train_classifier(normalize_after_augment=True))")
-    ap.add_argument("--tight", type=float, default=0.0,
-                    help="share of training crops cut tightly and padded with background (AugmentConfig.tight_p)")
-    ap.add_argument("--max-growth", type=float, default=Framing.max_growth,
-                    help="cell framing: the square may grow to this times the crop's longer side, padded (Framing.max_growth)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights with this decay, validated and saved (0: off)")
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
@@ -122,11 +118,9 @@ def main() -> None:
         train.append(CropSource(str(bccd_crops(out, "train")), weight=3.0, name="bccd-train-fields"))
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
-                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE,
-                              framing=Framing(args.framing, max_growth=args.max_growth) if args.framing == "cell" else args.framing,
+                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
-                                                          lowres_p=args.lowres, gamma=args.gamma,
-                                                          tight_p=args.tight),
+                                                          lowres_p=args.lowres, gamma=args.gamma),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,

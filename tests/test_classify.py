@@ -6,8 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from smearpipe.augment import (AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter,
-                               tight_cut_batch)
+from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter
 from smearpipe.classify import Classifier, build_vgg16
 from smearpipe.datasets import (
     WBC_CLASSES,
@@ -419,28 +418,3 @@ def test_train_with_ema(tiny_crops, tmp_path):
     with pytest.raises(ValueError, match="ema"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path, ema=1.0)
 
-
-def test_tight_cut_batch():
-    """A share of the crops keeps a central square; the rest of each becomes its background colour."""
-    import torch
-
-    x = torch.full((64, 3, 40, 40), 0.9)
-    x[:, :, 10:30, 10:30] = torch.tensor([0.4, 0.2, 0.6])[:, None, None]  # a violet cell on pale background
-    x[:, 0, 0, 0] = 0.95  # background not quite uniform: the fill is a mean of the brightest pixels
-    gen = torch.Generator().manual_seed(0)
-    out = tight_cut_batch(x, 0.5, 0.55, generator=gen)
-    assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(x[:, :, 0, 0], torch.tensor([0.95, 0.9, 0.9]).expand(64, 3))
-    changed = (out != x).flatten(1).any(1)
-    assert 16 <= int(changed.sum()) <= 48  # about half of the batch
-    for im, orig in zip(out[changed], x[changed], strict=True):
-        assert torch.equal(im[:, 10:30, 10:30], orig[:, 10:30, 10:30])  # the cell is kept whole (side >= 0.55)
-        assert torch.allclose(im[:, 0, 0], torch.tensor([0.9, 0.9, 0.9]), atol=0.01)  # corner: background fill
-        kept = (im == orig).all(0)
-        rows, cols = kept.any(1).nonzero().squeeze(1), kept.any(0).nonzero().squeeze(1)
-        side_y, side_x = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
-        assert 20 <= side_y <= 39 and abs(side_x - side_y) <= 1  # a square of the drawn size (0.55-0.95 of 40 px)
-    assert torch.equal(tight_cut_batch(x, 0.0), x)
-    full = color_augment_batch(x, AugmentConfig(tight_p=1.0, tight_min=0.6), generator=torch.Generator().manual_seed(1))
-    assert full.shape == x.shape and float(full.min()) >= 0 and float(full.max()) <= 1
-    with pytest.raises(ValueError, match="min_side"):
-        tight_cut_batch(x, 0.5, 0.0)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch", "tight_cut_batch"]
+__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -43,8 +43,6 @@ class AugmentConfig:
     noise_std_max: float = 0.03
     lowres_p: float = 0.0  # share of crops seen through a coarser camera: downsampled, then upsampled back
     lowres_max: float = 3.0  # largest downsampling factor (drawn from [1.5, lowres_max])
-    tight_p: float = 0.0  # share of crops cut tightly, as another lab might, then padded with background (tight_cut_batch)
-    tight_min: float = 0.55  # smallest kept side, as a fraction of the crop (drawn from [tight_min, 0.95])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,59 +110,8 @@ def stain_jitter(x: Any, alpha: Any, beta: Any) -> Any:
     return torch.exp(-od2).clamp(0.0, 1.0)
 
 
-def tight_cut_batch(x: Any, p: float, min_side: float = 0.55, generator: Any = None) -> Any:
-    """Simulate crops cut tightly around the cell, then padded out as cell framing pads them.
-
-    Another lab may cut its WBC crops so tightly that :func:`~smearpipe.framing.frame_cell` (with
-    ``max_growth > 1``) has to pad them out to the framed square with the background colour. A share
-    ``p`` of the batch gets the same look: a square of side ``U(min_side, 0.95)`` of the crop, off
-    centre by up to 5 % of the crop, is kept, and the rest takes the colour of the image's brightest
-    tenth (the mean colour of the pixels at or above the 90th percentile of luminance, close to
-    :func:`~smearpipe.preprocess.estimate_background` with ``percentile=90``, which framing uses).
-
-    Parameters
-    ----------
-    x : (B, 3, H, W) float torch.Tensor in [0, 1]
-    p : float
-        Share of the batch cut.
-    min_side : float
-        Smallest kept side, as a fraction of the crop side (0 < min_side <= 0.95).
-    generator : torch.Generator, optional
-
-    Returns
-    -------
-    torch.Tensor
-        A new batch of the same shape; images not drawn are unchanged.
-    """
-    if not 0 < min_side <= 0.95:
-        raise ValueError(f"tight_cut_batch: min_side must be in (0, 0.95], got {min_side!r}")
-    b, _, h, w = x.shape
-    pick = torch.rand(b, generator=generator) < p
-    if not pick.any():
-        return x
-    n = int(pick.sum())
-    side = torch.rand(n, generator=generator) * (0.95 - min_side) + min_side
-    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.1
-    ys = (torch.arange(h, dtype=x.dtype) + 0.5) / h - 0.5  # pixel centres, -0.5..0.5 of the crop
-    xs = (torch.arange(w, dtype=x.dtype) + 0.5) / w - 0.5
-    half = side[:, None, None] / 2
-    inside = (((ys[None, :, None] - shift[:, 0, None, None]).abs() <= half)
-              & ((xs[None, None, :] - shift[:, 1, None, None]).abs() <= half))  # (n, H, W)
-    sub = x[pick]
-    lum = (0.299 * sub[:, 0] + 0.587 * sub[:, 1] + 0.114 * sub[:, 2]).flatten(1)  # (n, H*W)
-    bright = (lum >= torch.quantile(lum, 0.9, dim=1, keepdim=True)).to(x.dtype)
-    fill = (sub.flatten(2) * bright[:, None]).sum(2) / bright.sum(1, keepdim=True)  # (n, 3)
-    sub = torch.where(inside[:, None], sub, fill[:, :, None, None])
-    x = x.clone()
-    x[pick] = sub
-    return x
-
-
 def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> Any:
     """Random colour/stain/resolution/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1].
-
-    First, with ``cfg.tight_p``, a share of the crops is cut tightly and padded (:func:`tight_cut_batch`),
-    so that the padding then shares the crop's colour changes, as at inference.
 
     Low resolution (``cfg.lowres_p`` of the crops, one factor per batch drawn from
     ``[1.5, max(1.5, cfg.lowres_max)]``): downsampled with antialiasing, then upsampled back.
@@ -176,9 +123,6 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator) * (hi - lo) + lo
-
-    if cfg.tight_p:
-        x = tight_cut_batch(x, cfg.tight_p, cfg.tight_min, generator)
 
     if cfg.stain_alpha or cfg.stain_beta:
         x = stain_jitter(x, u(1 - cfg.stain_alpha, 1 + cfg.stain_alpha, b, 3), u(-cfg.stain_beta, cfg.stain_beta, b, 3))
