@@ -405,16 +405,23 @@ def test_train_with_ema(tiny_crops, tmp_path):
 
     kw = dict(epochs=3, batch_size=5, input_size=32, out_dir=tmp_path, name="ema", num_workers=0, ema=0.9, patience=10)
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **kw)  # stops after epoch 1
-    assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["ema"]["updates"] == 3  # 15 crops, batches of 5
+    ck1 = torch.load(first.run_dir / "checkpoint.pt", weights_only=False)
+    assert ck1["ema"]["updates"] == 3  # 15 crops, batches of 5
+    best1 = torch.load(first.run_dir / "best_state.pt", weights_only=True)  # epoch 1 is the best so far
+    key = "features.0.weight"
+    torch.testing.assert_close(best1[key], ck1["ema"]["model"][key], rtol=0, atol=0)  # the average is what is kept
+    assert not torch.equal(best1[key], ck1["model"][key])  # not the last step's weights
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **kw)
     assert len(run.history) == 3 and json.loads(run.record.read_text())["training"]["ema"] == 0.9
     ck = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)
     assert ck["ema"]["updates"] == 9  # the average went on from the checkpoint
-    best = torch.load(run.run_dir / "best_state.pt", weights_only=True)
-    key = "features.0.weight"
-    assert not torch.equal(best[key], ck["model"][key])  # what is saved is not the last step's model
-    if run.best_epoch == 3:
-        torch.testing.assert_close(best[key], ck["ema"]["model"][key])
-    with pytest.raises(ValueError, match="ema"):
-        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path, ema=1.0)
+    assert not torch.equal(ck["ema"]["model"][key], ck1["ema"]["model"][key])
+
+
+@pytest.mark.parametrize("bad, error", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), (True, TypeError),
+                                        ("0.9", TypeError)])
+def test_train_ema_refuses(tiny_crops, tmp_path, bad, error):
+    with pytest.raises(error, match="ema"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path, ema=bad)
+    assert not (tmp_path / "train").exists()  # refused before a run folder is made
 

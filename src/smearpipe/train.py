@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import time
@@ -606,8 +607,10 @@ def train_classifier(
         Decay of an exponential moving average of the weights (and batch-norm statistics), updated
         after every step; 0 (default) turns it off. When on, validation, early stopping and the saved
         weights use the average, not the last step's weights. The decay ramps up as
-        ``min(ema, (1 + t) / (10 + t))`` at step ``t``, so the random start is soon forgotten; 0.998
-        averages over roughly the last 500 steps.
+        ``min(ema, (1 + t) / (10 + t))`` at step ``t``, so the starting weights (random or ``pretrained``)
+        are forgotten within tens of steps; 0.998 averages over roughly the last 500 steps. The
+        batch-norm statistics are averaged too (not re-measured for the averaged weights). TypeError
+        for a non-number, ValueError outside [0, 1).
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -659,7 +662,10 @@ def train_classifier(
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("reinhard",))).resolved()
     aug = None if augment is False else (augment or AugmentConfig())
     normalize_after_augment = bool(normalize_after_augment)
-    if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+    if isinstance(ema, bool) or not isinstance(ema, numbers.Real):
+        raise TypeError(f"ema must be a real number (a decay in [0, 1)), got {type(ema).__name__}")
+    ema = float(ema)
+    if not 0 <= ema < 1:  # NaN fails too
         raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
     if normalize_after_augment and (prep.steps != ("reinhard",) or not preprocess_resized or not aug):
         raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) only, preprocess_resized=True "
