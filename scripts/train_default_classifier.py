@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--normalize-after-augment", action="store_true",
                     help="normalise each training batch after colour augmentation, as inference normalises a shifted crop "
                          "(train_classifier(normalize_after_augment=True))")
+    ap.add_argument("--blur", type=float, nargs=2, default=(AugmentConfig.blur_p, AugmentConfig.blur_sigma_max),
+                    metavar=("P", "SIGMA"), help="blur augmentation: share of crops and largest sigma in px at the input size "
+                                                 "(AugmentConfig.blur_p, blur_sigma_max)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="exponential moving average of the weights with this decay, validated and saved (0: off)")
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
@@ -120,7 +123,8 @@ def main() -> None:
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
-                                                          lowres_p=args.lowres, gamma=args.gamma),
+                                                          lowres_p=args.lowres, gamma=args.gamma,
+                                                          blur_p=args.blur[0], blur_sigma_max=args.blur[1]),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
