@@ -756,6 +756,7 @@ def train_classifier(
     history: list[dict[str, float]] = []
     best_f1, best_epoch, start_epoch = -1.0, -1, 0
     averaged = _WeightAverage(model, ema) if ema else None
+    kept = averaged.model if averaged is not None else model  # the weights validated and saved
     if resume:
         ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
@@ -767,15 +768,14 @@ def train_classifier(
         torch.set_rng_state(ck["rng"])
 
     def evaluate() -> tuple[float, float, float, np.ndarray]:
-        net = averaged.model if averaged is not None else model  # the weights that would be saved
-        net.eval()
+        kept.eval()
         probs = []
         with torch.inference_mode():
             for i in range(0, len(va_y), 64):
                 x = torch.from_numpy(va_x[i:i + 64]).permute(0, 3, 1, 2).float().div(255)
                 x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    probs.append(torch.softmax(net(x).float(), 1))
+                    probs.append(torch.softmax(kept(x).float(), 1))
         p = torch.cat(probs)
         loss = float(torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), torch.from_numpy(va_y)))
         pred = p.argmax(1).numpy()
@@ -817,7 +817,7 @@ def train_classifier(
         print(json.dumps(row), flush=True)
         if val_f1 > best_f1:
             best_f1, best_epoch = val_f1, epoch + 1
-            _save_atomic(torch, (averaged.model if averaged is not None else model).state_dict(), run_dir / "best_state.pt")
+            _save_atomic(torch, kept.state_dict(), run_dir / "best_state.pt")
         _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                              "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
                              "rng": torch.get_rng_state()}
