@@ -6,7 +6,14 @@ import shutil
 import numpy as np
 import pytest
 
-from smearpipe.augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch, stain_jitter
+from smearpipe.augment import (
+    AugmentConfig,
+    color_augment_batch,
+    geometric_transform,
+    match_sharpness_batch,
+    reinhard_batch,
+    stain_jitter,
+)
 from smearpipe.classify import Classifier, build_vgg16
 from smearpipe.datasets import (
     WBC_CLASSES,
@@ -157,6 +164,46 @@ def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     for bad in (x * 255, x.permute(0, 2, 3, 1), x.to(torch.uint8), x.numpy()):
         with pytest.raises(ValueError, match="reinhard_batch"):
             reinhard_batch(bad)
+
+
+def test_match_sharpness_batch_is_match_sharpness_on_a_batch(pbc_crops):
+    import cv2
+    import torch
+
+    from smearpipe.preprocess import match_sharpness, sharpness
+
+    crops = [cv2.resize(c, (64, 64), interpolation=cv2.INTER_AREA) for c in pbc_crops.values()]
+    crops += [cv2.GaussianBlur(c, (0, 0), s) for c, s in zip(crops, (0.8, 1.2, 1.6, 2.2, 3.0))]  # softer cameras
+    crops.append(np.full((64, 64, 3), 128, np.uint8))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+    out = match_sharpness_batch(x, target=0.45, sigma=2.0, max_amount=4.0)
+    assert out.shape == x.shape and out.dtype == torch.float32 and float(out.min()) >= 0 and float(out.max()) <= 1
+    got = np.rint(out.permute(0, 2, 3, 1).numpy() * 255).astype(int)
+    expected = np.stack([match_sharpness(c, target=0.45, sigma=2.0, max_amount=4.0) for c in crops]).astype(int)
+    assert np.abs(got - expected).max() <= 1  # the same amount per image; rounding only
+    changed = [i for i, c in enumerate(crops) if (expected[i] != c).any()]
+    assert changed and all(sharpness(crops[i]) < 0.45 for i in changed)  # only soft crops are touched
+    for bad in (x.permute(0, 2, 3, 1), x.to(torch.uint8), x.numpy(), x[:, :, :6, :6]):
+        with pytest.raises(ValueError, match="match_sharpness_batch"):
+            match_sharpness_batch(bad)
+
+
+def test_normalize_after_augment_then_sharpen(tiny_crops, tmp_path, monkeypatch):
+    import smearpipe.augment as augment
+    from smearpipe.preprocess import Preprocessing
+
+    calls = []
+    real_colour, real_norm, real_sharpen = augment.color_augment_batch, augment.reinhard_batch, augment.match_sharpness_batch
+    monkeypatch.setattr(augment, "color_augment_batch", lambda x, *a, **k: calls.append("colour") or real_colour(x, *a, **k))
+    monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: calls.append("normalise") or real_norm(x, *a, **k))
+    monkeypatch.setattr(augment, "match_sharpness_batch",
+                        lambda x, *a, **k: calls.append(("sharpen", k["target"])) or real_sharpen(x, *a, **k))
+    prep = Preprocessing(steps=("reinhard", "sharpen"), sharpen_target=0.5)
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, normalize_after_augment=True, preprocessing=prep)
+    assert calls == ["colour", "normalise", ("sharpen", 0.5)] * 3  # every training batch, in this order
+    loaded = Classifier.load(run.weights).preprocessing
+    assert loaded.steps == ("reinhard", "sharpen") and loaded.sharpen_target == 0.5  # inference does the same
 
 
 def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):

@@ -23,8 +23,10 @@ from smearpipe.preprocess import (
     estimate_background,
     field_reinhard_reference,
     lab_statistics,
+    match_sharpness,
     median_filter,
     reinhard_normalize,
+    sharpness,
 )
 
 FUNCS = {
@@ -33,6 +35,7 @@ FUNCS = {
     "clahe": lambda im: clahe(im),
     "macenko": lambda im: MacenkoNormalizer.default().transform(im),
     "reinhard": lambda im: reinhard_normalize(im),
+    "sharpen": lambda im: match_sharpness(im),
 }
 
 
@@ -225,7 +228,7 @@ def test_random_images_raise_only_our_errors(image, name):
     try:
         out = FUNCS[name](image)
     except SmearpipeError:
-        assert name == "macenko"  # median, CLAHE and Reinhard accept every valid uint8 image
+        assert name == "macenko"  # median, CLAHE, Reinhard and sharpening accept every valid uint8 image
         return
     assert out.shape == image.shape and out.dtype == np.uint8
 
@@ -233,7 +236,7 @@ def test_random_images_raise_only_our_errors(image, name):
 @settings(max_examples=40, deadline=None)
 @given(
     image=arrays(np.uint8, st.tuples(st.integers(8, 48), st.integers(8, 48), st.just(3)), elements=st.integers(0, 255)),
-    steps=st.permutations(["median", "clahe", "macenko", "reinhard"]).map(tuple),
+    steps=st.permutations(["median", "clahe", "macenko", "reinhard", "sharpen"]).map(tuple),
 )
 def test_random_images_through_preprocessing(image, steps):
     p = Preprocessing(steps=steps, macenko_on_failure="passthrough")
@@ -269,6 +272,11 @@ def test_preprocessing_order_matters(bccd_field):
         {"clahe_clip_limit": 0},
         {"clahe_tile_grid": (0, 1)},
         {"macenko_on_failure": "skip"},
+        {"sharpen_target": 0},
+        {"sharpen_sigma": -1.0},
+        {"sharpen_max_amount": float("nan")},
+        {"sharpen_target": True},
+        {"sharpen_sigma": "2"},
     ],
 )
 def test_preprocessing_validates(kwargs):
@@ -362,3 +370,57 @@ def test_reinhard_reference_in_preprocessing_roundtrip(bccd_field):
 def test_reinhard_reference_validates(bad):
     with pytest.raises(ValueError):
         ReinhardReference.from_dict(bad)
+
+
+# ----------------------------------------------------------------------------- sharpness
+
+
+@pytest.fixture
+def crop64(pbc_crops) -> np.ndarray:
+    """A PBC lymphocyte at a classifier's input size, where the sharpening step runs."""
+    return cv2.resize(pbc_crops["lymphocyte"], (64, 64), interpolation=cv2.INTER_AREA)
+
+
+def test_sharpness_falls_with_blur_and_ignores_contrast(crop64):
+    s = sharpness(crop64)
+    assert sharpness(cv2.GaussianBlur(crop64, (0, 0), 1.0)) < 0.6 * s
+    low_contrast = np.clip(np.rint(crop64.astype(np.float64) * 0.6 + 60), 0, 255).astype(np.uint8)
+    assert sharpness(low_contrast) == pytest.approx(s, rel=0.05)
+    assert sharpness(np.full((20, 20, 3), 90, np.uint8)) == 0.0
+
+
+def test_match_sharpness_sharpens_a_soft_crop_to_the_target_and_keeps_it(crop64):
+    soft = cv2.GaussianBlur(crop64, (0, 0), 1.2)
+    target = 0.45
+    assert sharpness(soft) < target <= sharpness(crop64)
+    out = match_sharpness(soft, target=target)
+    assert out.shape == soft.shape and out.dtype == np.uint8
+    assert sharpness(out) == pytest.approx(target, abs=0.03)  # the smallest amount that reaches it, up to rounding
+    assert np.corrcoef(_lum(out).ravel(), _lum(soft).ravel())[0, 1] > 0.9  # the same cell (with halos at its edges)
+    assert np.abs(np.median(out, axis=(0, 1)) - np.median(soft, axis=(0, 1))).max() < 5  # same colours
+    np.testing.assert_array_equal(match_sharpness(crop64, target=target), crop64)  # never blurs a sharp crop
+    higher = match_sharpness(soft, target=0.6)
+    assert sharpness(higher) > sharpness(out)
+
+
+def test_match_sharpness_stops_at_max_amount(crop64):
+    soft = cv2.GaussianBlur(crop64, (0, 0), 2.5)
+    out = match_sharpness(soft, target=0.9, sigma=2.0, max_amount=0.5)
+    x = soft.astype(np.float32)
+    expected = np.clip(np.rint(x + 0.5 * (x - cv2.GaussianBlur(x, (0, 0), 2.0))), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+    assert sharpness(out) < 0.9
+    flat = np.full((16, 16, 3), 120, np.uint8)  # nothing to sharpen: unchanged
+    np.testing.assert_array_equal(match_sharpness(flat), flat)
+    with pytest.raises(InvalidImageError):
+        match_sharpness(np.zeros((3, 20, 20), np.uint8))
+
+
+def test_sharpen_step_in_preprocessing(crop64):
+    p = Preprocessing(steps=("reinhard", "sharpen"), sharpen_target=0.5, sharpen_sigma=1.5, sharpen_max_amount=3.0)
+    assert Preprocessing.from_json(p.to_json()) == p
+    np.testing.assert_array_equal(p(crop64), match_sharpness(reinhard_normalize(crop64), target=0.5, sigma=1.5,
+                                                             max_amount=3.0))
+    # records written before the step existed have no sharpen_* fields: they load with the defaults
+    old = {k: v for k, v in Preprocessing(steps=("reinhard",)).to_dict().items() if not k.startswith("sharpen_")}
+    assert Preprocessing.from_dict(old) == Preprocessing(steps=("reinhard",))

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch"]
+__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch",
+           "match_sharpness_batch"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -235,3 +236,78 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     out = (lab - m) * (ref_s / s) + ref_m
     out = torch.cat([out[:, :1].clamp(0.0, 100.0), out[:, 1:]], dim=1)
     return _lab_to_rgb(out)
+
+
+
+def _filter_reflect(x: Any, kernel: Any) -> Any:
+    """Correlate a (B, 1, H, W) batch with a 2-D kernel, borders mirrored as OpenCV's default (BORDER_REFLECT_101)."""
+    ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="reflect")
+    return torch.nn.functional.conv2d(padded, kernel[None, None].to(x))
+
+
+def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, max_amount: float = 4.0) -> Any:
+    """:func:`~smearpipe.preprocess.match_sharpness` on a float batch, in torch.
+
+    Used by ``train_classifier(normalize_after_augment=True)`` when the preprocessing has a ``"sharpen"``
+    step: crops are blurred (or not) by augmentation first and then sharpened, as another lab's soft
+    crops are at inference.
+
+    Parameters
+    ----------
+    x : (B, 3, H, W) float torch.Tensor
+        RGB in [0, 1]; H and W larger than ``4 * sigma``.
+    target, sigma, max_amount : float
+        As for ``match_sharpness``.
+
+    Returns
+    -------
+    (B, 3, H, W) float32 torch.Tensor
+        RGB in [0, 1]: each image with the amount ``match_sharpness`` would choose for it (up to float
+        rounding), without rounding to 256 levels.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not a float tensor of shape (B, 3, H, W), or is too small for the Gaussian.
+
+    Examples
+    --------
+    >>> x = torch.rand(2, 3, 32, 32)
+    >>> match_sharpness_batch(x).shape
+    torch.Size([2, 3, 32, 32])
+    """
+    import cv2
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"match_sharpness_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
+                         f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}")
+    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images and sigma given
+    if min(x.shape[2:]) <= ksize // 2:
+        raise ValueError(f"match_sharpness_batch needs images larger than {ksize // 2} px for sigma {sigma}, "
+                         f"got {tuple(x.shape[2:])}")
+    k1 = torch.from_numpy(cv2.getGaussianKernel(ksize, sigma).astype(np.float32)[:, 0])
+    gauss = torch.outer(k1, k1)
+    laplace = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    b = x.shape[0]
+    x = x.float()
+    detail = x - _filter_reflect(x.reshape(-1, 1, *x.shape[2:]), gauss).reshape(x.shape)
+    grey, grey_detail = x.mean(1, keepdim=True), detail.mean(1, keepdim=True)
+    lap, lap_detail = _filter_reflect(grey, laplace), _filter_reflect(grey_detail, laplace)
+
+    def moments(u: Any, v: Any) -> tuple[Any, Any, Any]:
+        u = (u - u.mean(dim=(1, 2, 3), keepdim=True)).double().flatten(1)
+        v = (v - v.mean(dim=(1, 2, 3), keepdim=True)).double().flatten(1)
+        return (u * u).mean(1, keepdim=True), (u * v).mean(1, keepdim=True), (v * v).mean(1, keepdim=True)
+
+    amounts = torch.linspace(0.0, max_amount, int(round(max_amount / 0.05)) + 1, dtype=torch.float64)[None]
+    l0, l1, l2 = moments(lap, lap_detail)
+    g0, g1, g2 = moments(grey, grey_detail)
+    lap_var = l0 + 2 * amounts * l1 + amounts**2 * l2
+    grey_var = g0 + 2 * amounts * g1 + amounts**2 * g2
+    reached = lap_var >= target**2 * grey_var
+    # the first amount that reaches the target (0 for images already as sharp, and flat ones), else the largest
+    first = amounts[0, reached.to(torch.uint8).argmax(1)]
+    amount = torch.where(reached.any(1), first, torch.full_like(first, max_amount))
+    return (x + amount.float().view(b, 1, 1, 1) * detail).clamp(0.0, 1.0)
+

@@ -594,8 +594,9 @@ def train_classifier(
         ``"as_given"``: crops are only resized.
     normalize_after_augment : bool
         Cache training crops framed and resized but not normalised, and apply the ``"reinhard"`` step
-        (the only preprocessing allowed then) to each batch *after* colour augmentation
-        (:func:`~smearpipe.augment.reinhard_batch`), as inference normalises another lab's shifted crop.
+        (and ``"sharpen"`` after it, if the preprocessing has it; no other preprocessing is allowed then) to each
+        batch *after* colour augmentation (:func:`~smearpipe.augment.reinhard_batch`,
+        :func:`~smearpipe.augment.match_sharpness_batch`), as inference normalises another lab's shifted crop.
         False (up to ``classifier-vgg16bn-v5``): crops are normalised once when cached and the colour
         augmentation acts on normalised crops, so some of it is a shift that normalisation would have
         removed, and what normalisation leaves of a real shift (a tone curve, say) is never seen. An
@@ -644,7 +645,7 @@ def train_classifier(
     from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm.auto import tqdm
 
-    from .augment import AugmentConfig, color_augment_batch, geometric_transform, reinhard_batch
+    from .augment import AugmentConfig, color_augment_batch, geometric_transform, match_sharpness_batch, reinhard_batch
     from .classify import IMAGENET_MEAN, IMAGENET_STD, _bf16_supported, build_vgg16, save_classifier
     from .datasets import WBC_CLASSES
 
@@ -667,8 +668,10 @@ def train_classifier(
     ema = float(ema)
     if not 0 <= ema < 1:  # NaN fails too
         raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
-    if normalize_after_augment and (prep.steps != ("reinhard",) or not preprocess_resized or not aug):
-        raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) only, preprocess_resized=True "
+    if normalize_after_augment and (prep.steps not in (("reinhard",), ("reinhard", "sharpen")) or not preprocess_resized
+                                    or not aug):
+        raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) or ('reinhard', 'sharpen'), "
+                         "preprocess_resized=True "
                          f"and augmentation on; got steps {list(prep.steps)}, preprocess_resized={preprocess_resized}, "
                          f"augment={'on' if aug else 'off'}")
     use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
@@ -796,6 +799,9 @@ def train_classifier(
                 x = color_augment_batch(x, aug)
             if normalize_after_augment:
                 x = reinhard_batch(x, reference=prep.reinhard_reference)
+                if "sharpen" in prep.steps:
+                    x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
+                                              max_amount=prep.sharpen_max_amount)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
