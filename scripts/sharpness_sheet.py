@@ -16,13 +16,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from cross_lab_protocol import BCCD_CROPS, SHARED, field_split
 
 from smearpipe.classify import Classifier, resize_preprocessed
 from smearpipe.io import read_image
 from smearpipe.preprocess import sharpness
 from smearpipe.train import center_crop
-
-from cross_lab_protocol import BCCD_CROPS, SHARED, field_split
 
 ZOOM = 2
 

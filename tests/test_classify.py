@@ -173,7 +173,7 @@ def test_match_sharpness_batch_is_match_sharpness_on_a_batch(pbc_crops):
     from smearpipe.preprocess import match_sharpness, sharpness
 
     crops = [cv2.resize(c, (64, 64), interpolation=cv2.INTER_AREA) for c in pbc_crops.values()]
-    crops += [cv2.GaussianBlur(c, (0, 0), s) for c, s in zip(crops, (0.8, 1.2, 1.6, 2.2, 3.0))]  # softer cameras
+    crops += [cv2.GaussianBlur(c, (0, 0), s) for c, s in zip(crops, (0.8, 1.2, 1.6, 2.2, 3.0), strict=True)]  # softer cameras
     crops.append(np.full((64, 64, 3), 128, np.uint8))
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
     out = match_sharpness_batch(x, target=0.45, sigma=2.0, max_amount=4.0)
@@ -394,8 +394,8 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     assert rec["framing"]["name"] == "as_given"
     assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
-                     "--preprocess", "sharpen", "--out", str(tmp_path)]) == 2
-    assert "sharpen" in capsys.readouterr().err
+                     "--preprocess", "unsharp", "--out", str(tmp_path)]) == 2
+    assert "unsharp" in capsys.readouterr().err
 
 
 def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):

@@ -79,8 +79,9 @@ def test_default_classifier_record_and_crops(classifier, pbc_root):
     from smearpipe.train import center_crop
 
     assert classifier.classes == WBC_CLASSES and classifier.record.name == DEFAULT_CLASSIFIER
-    assert classifier.preprocessing.steps == ("reinhard",)  # v4-v6: Reinhard-normalised crops (README, other labs)
-    assert classifier.framing.name == "cell"  # v5, v6: crops recut around the nucleus
+    # v8: Reinhard-normalised, then sharpened if softer than PBC's crops (v4-v6: Reinhard only; README, other labs)
+    assert classifier.preprocessing.steps == ("reinhard", "sharpen")
+    assert classifier.framing.name == "cell"  # v5, v6, v8: crops recut around the nucleus
     rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "test"]
     crops, labels = [], []
     for cls in WBC_CLASSES:
@@ -90,14 +91,14 @@ def test_default_classifier_record_and_crops(classifier, pbc_root):
     proba = classifier.predict_proba(crops)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
     correct = sum(classifier.classes[i] == y for i, y in zip(proba.argmax(1), labels, strict=True))
-    assert correct >= 28, f"{correct}/30 PBC test crops correct"  # recorded test accuracy is 99.1 % (v6)
+    assert correct >= 28, f"{correct}/30 PBC test crops correct"  # recorded test accuracy is 99.0 % (v8)
 
 
 def test_default_classifier_reads_another_tone_curve(classifier, pbc_root):
     """20 PBC val neutrophils (whole frames) through gamma 2.2, as from a camera that writes linear intensities.
 
-    v6 was trained with its crops normalised after colour augmentation: 16 of 20 typed; v5, trained with the
-    augmentation on already normalised crops, 2 of 20 (all 20 of the unshifted images for both).
+    v6 and v8 were trained with their crops normalised after colour augmentation: 16 and 14 of 20 typed; v5, trained
+    with the augmentation on already normalised crops, 2 of 20 (all 20 of the unshifted images for both).
     """
     from smearpipe.io import read_image
 
@@ -105,7 +106,24 @@ def test_default_classifier_reads_another_tone_curve(classifier, pbc_root):
             if r["split"] == "val" and r["class"] == "neutrophil"][:20]
     lut = gamma_lut(2.2)
     pred = classifier.predict([lut[read_image(pbc_root / "PBC_dataset_normal_DIB" / r["path"])] for r in rows])
-    assert pred.count("neutrophil") >= 14, pred
+    assert pred.count("neutrophil") >= 12, pred
+
+
+def test_default_classifier_reads_a_softer_camera(classifier, pbc_root):
+    """20 PBC val monocytes (whole frames) through a Gaussian blur of sigma 3 px, as from a softer camera or focus.
+
+    v8 sharpens soft crops (the "sharpen" step) and was trained with blur augmentation before it: 19 of 20 typed;
+    v6, without the step, 16 of 20 (sigma 4: 17 vs 14).
+    """
+    import cv2
+
+    from smearpipe.io import read_image
+
+    rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline=""))
+            if r["split"] == "val" and r["class"] == "monocyte"][:20]
+    pred = classifier.predict([cv2.GaussianBlur(read_image(pbc_root / "PBC_dataset_normal_DIB" / r["path"]), (0, 0), 3.0)
+                               for r in rows])
+    assert pred.count("monocyte") >= 17, pred
 
 
 def test_evaluate_classifier_reproduces_the_report(classifier, pbc_root, tmp_path):

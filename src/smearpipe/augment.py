@@ -238,7 +238,6 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     return _lab_to_rgb(out)
 
 
-
 def _filter_reflect(x: Any, kernel: Any) -> Any:
     """Correlate a (B, 1, H, W) batch with a 2-D kernel, borders mirrored as OpenCV's default (BORDER_REFLECT_101)."""
     ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
@@ -279,6 +278,8 @@ def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, m
     """
     import cv2
 
+    from .preprocess import _sharpening_amounts
+
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"match_sharpness_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
                          f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}")
@@ -295,19 +296,11 @@ def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, m
     grey, grey_detail = x.mean(1, keepdim=True), detail.mean(1, keepdim=True)
     lap, lap_detail = _filter_reflect(grey, laplace), _filter_reflect(grey_detail, laplace)
 
-    def moments(u: Any, v: Any) -> tuple[Any, Any, Any]:
+    def moments(u: Any, v: Any) -> list[Any]:
         u = (u - u.mean(dim=(1, 2, 3), keepdim=True)).double().flatten(1)
         v = (v - v.mean(dim=(1, 2, 3), keepdim=True)).double().flatten(1)
-        return (u * u).mean(1, keepdim=True), (u * v).mean(1, keepdim=True), (v * v).mean(1, keepdim=True)
+        return [(u * u).mean(1), (u * v).mean(1), (v * v).mean(1)]
 
-    amounts = torch.linspace(0.0, max_amount, int(round(max_amount / 0.05)) + 1, dtype=torch.float64)[None]
-    l0, l1, l2 = moments(lap, lap_detail)
-    g0, g1, g2 = moments(grey, grey_detail)
-    lap_var = l0 + 2 * amounts * l1 + amounts**2 * l2
-    grey_var = g0 + 2 * amounts * g1 + amounts**2 * g2
-    reached = lap_var >= target**2 * grey_var
-    # the first amount that reaches the target (0 for images already as sharp, and flat ones), else the largest
-    first = amounts[0, reached.to(torch.uint8).argmax(1)]
-    amount = torch.where(reached.any(1), first, torch.full_like(first, max_amount))
-    return (x + amount.float().view(b, 1, 1, 1) * detail).clamp(0.0, 1.0)
-
+    amount = _sharpening_amounts(torch.stack(moments(lap, lap_detail), 1).numpy(),
+                                 torch.stack(moments(grey, grey_detail), 1).numpy(), target=target, max_amount=max_amount)
+    return (x + torch.from_numpy(amount).float().view(b, 1, 1, 1) * detail).clamp(0.0, 1.0)

@@ -621,6 +621,28 @@ def sharpness(image: np.ndarray) -> float:
     return _sharpness_of_grey(_check_image(image).astype(np.float32).mean(axis=2))
 
 
+def _second_moments(u: np.ndarray, v: np.ndarray) -> list[float]:
+    """``(var(u), cov(u, v), var(v))`` over all pixels."""
+    u, v = (u - u.mean()).astype(np.float64), (v - v.mean()).astype(np.float64)
+    return [float((u * u).mean()), float((u * v).mean()), float((v * v).mean())]
+
+
+def _sharpening_amounts(lap_moments: np.ndarray, grey_moments: np.ndarray, *, target: float,
+                        max_amount: float) -> np.ndarray:
+    """The amounts :func:`match_sharpness` chooses, from second moments (shared with its torch twin).
+
+    The sharpened grey image is ``grey + a * detail`` and, the Laplacian being linear, its Laplacian
+    ``lap + a * lap_detail``: the sharpness of every candidate amount follows from the moments
+    ``(var(lap), cov(lap, lap_detail), var(lap_detail))`` and ``(var(grey), cov(grey, detail), var(detail))``,
+    each ``(N, 3)``, without sharpening an image once per amount. Returns ``(N,)`` amounts: the smallest
+    multiple of 0.05 that reaches ``target`` (0 for images already as sharp, and flat ones), else ``max_amount``.
+    """
+    amounts = np.linspace(0.0, max_amount, int(round(max_amount / 0.05)) + 1)[None]
+    (l0, l1, l2), (g0, g1, g2) = (np.asarray(m, np.float64).T[:, :, None] for m in (lap_moments, grey_moments))
+    reached = l0 + 2 * amounts * l1 + amounts**2 * l2 >= target**2 * (g0 + 2 * amounts * g1 + amounts**2 * g2)
+    return np.where(reached.any(axis=1), amounts[0, reached.argmax(axis=1)], max_amount)
+
+
 def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2.0,
                     max_amount: float = 4.0) -> np.ndarray:
     """Sharpen an image that is blurrier than ``target`` until it is not; sharper images are returned unchanged.
@@ -658,25 +680,15 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     """
     img = _check_image(image)
     x = img.astype(np.float32)
-    detail = x - cv2.GaussianBlur(x, (0, 0), sigma)
-    grey, grey_detail = x.mean(axis=2), detail.mean(axis=2)
+    grey = x.mean(axis=2)
     if _sharpness_of_grey(grey) >= target:
         return img
-    # The sharpened grey image is grey + a * grey_detail, and its Laplacian lap + a * lap_detail (linear): the
-    # sharpness of every candidate amount follows from second moments, without sharpening the image once per amount.
+    detail = x - cv2.GaussianBlur(x, (0, 0), sigma)
+    grey_detail = detail.mean(axis=2)
     lap, lap_detail = cv2.Laplacian(grey, cv2.CV_32F), cv2.Laplacian(grey_detail, cv2.CV_32F)
-
-    def moments(u: np.ndarray, v: np.ndarray) -> tuple[float, float, float]:
-        u, v = (u - u.mean()).astype(np.float64), (v - v.mean()).astype(np.float64)
-        return float((u * u).mean()), float((u * v).mean()), float((v * v).mean())
-
-    amounts = np.linspace(0.0, max_amount, int(round(max_amount / 0.05)) + 1)
-    l0, l1, l2 = moments(lap, lap_detail)
-    g0, g1, g2 = moments(grey, grey_detail)
-    lap_var = l0 + 2 * amounts * l1 + amounts**2 * l2
-    grey_var = g0 + 2 * amounts * g1 + amounts**2 * g2
-    reached = lap_var >= target**2 * grey_var
-    amount = amounts[np.argmax(reached)] if reached.any() else max_amount
+    amount = float(_sharpening_amounts(np.array([_second_moments(lap, lap_detail)]),
+                                       np.array([_second_moments(grey, grey_detail)]), target=target,
+                                       max_amount=max_amount)[0])
     return np.clip(np.rint(x + amount * detail), 0, 255).astype(np.uint8)
 
 

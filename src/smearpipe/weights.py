@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_DETECTOR = "detector-bccd-yolov8n-v2"
-DEFAULT_CLASSIFIER = "classifier-vgg16bn-v6"
+DEFAULT_CLASSIFIER = "classifier-vgg16bn-v8"
 
 _KINDS = ("detector", "classifier")
 
