@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
     p.add_argument("--preprocess", default="reinhard",
                    help="comma-separated preprocessing steps of every crop, recorded and repeated at inference, as the "
-                        "shipped v4-v6; '' for none (default: %(default)s)")
+                        "shipped v4-v6 ('reinhard,sharpen' as v8); '' for none (default: %(default)s)")
     p.add_argument("--framing", default="cell", choices=FRAMINGS,
                    help="recut every crop around its WBC nucleus before resizing (recorded, repeated at inference), "
                         "or use crops as given (default: %(default)s)")

@@ -569,7 +569,9 @@ def train_classifier(
         applies the same at inference. Default: Reinhard normalisation to the shipped PBC reference
         (:func:`~smearpipe.preprocess.reinhard_normalize`), as the shipped ``classifier-vgg16bn-v4`` to ``-v6``: on
         another lab it lifted the leave-one-lab-out accuracy from 38 to 61 % at equal PBC accuracy, where
-        Macenko (v2) cost PBC accuracy (96.4 vs 98.7 %) (README, "Other labs and microscopes").
+        Macenko (v2) cost PBC accuracy (96.4 vs 98.7 %) (README, "Other labs and microscopes"). The shipped
+        ``classifier-vgg16bn-v8`` adds the ``"sharpen"`` step after it in its second run
+        (``Preprocessing(steps=("reinhard", "sharpen"))`` with ``normalize_after_augment=True``).
     augment : AugmentConfig, optional
         Augmentation strengths (default :class:`~smearpipe.augment.AugmentConfig`); ``False`` disables.
     rebalance : {"sampler", "loss", "none"}
