@@ -18,9 +18,9 @@ each batch is colour- and blur-augmented, then normalised and sharpened (57.8 mi
       --preprocess reinhard,sharpen --init runs/cls/s1/classifier-vgg16bn-pbconly-cell.safetensors \
       --record-name classifier-vgg16bn-v8
 
-(s1: the first command below.) The PBC-only model with the step trained in from scratch
-(``--pbc-only --epochs 14 --preprocess reinhard,sharpen``, ``classifier-vgg16bn-pbconly-sharp``) was no better on
-validation than the first run with the step added at inference (README).
+(s1: the first command below.) A PBC-only run from scratch with the step (``classifier-vgg16bn-pbconly-sharp``,
+without ``--normalize-after-augment``, which ``train_classifier`` now refuses: its crops were sharpened at the cache
+size, not the input size) was no better on validation than the first run with the step added at inference (README).
 
 The shipped ``classifier-vgg16bn-v6`` took two runs (20 epochs, 59.6 min), with cell framing (every crop recut
 around its nucleus, ``smearpipe.framing``) and Reinhard normalisation: 14 epochs from scratch on PBC only (the

@@ -186,6 +186,9 @@ def test_match_sharpness_batch_is_match_sharpness_on_a_batch(pbc_crops):
     for bad in (x.permute(0, 2, 3, 1), x.to(torch.uint8), x.numpy(), x[:, :, :6, :6]):
         with pytest.raises(ValueError, match="match_sharpness_batch"):
             match_sharpness_batch(bad)
+    for bad in ({"sigma": -1.0}, {"target": float("nan")}, {"max_amount": 1e6}):
+        with pytest.raises(ValueError, match="sharpening"):
+            match_sharpness_batch(x, **bad)
 
 
 def test_normalize_after_augment_then_sharpen(tiny_crops, tmp_path, monkeypatch):
@@ -204,6 +207,9 @@ def test_normalize_after_augment_then_sharpen(tiny_crops, tmp_path, monkeypatch)
     assert calls == ["colour", "normalise", ("sharpen", 0.5)] * 3  # every training batch, in this order
     loaded = Classifier.load(run.weights).preprocessing
     assert loaded.steps == ("reinhard", "sharpen") and loaded.sharpen_target == 0.5  # inference does the same
+    with pytest.raises(ValueError, match="normalize_after_augment"):  # cached crops are larger than the input
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         preprocessing=prep)
 
 
 def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):
@@ -403,6 +409,8 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
     saved = json.loads((first.run_dir / "run_config.json").read_text())
     del saved["framing"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as written before they existed
+    for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
+        del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))
     done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
     assert [h["epoch"] for h in done.history] == [1, 2]

@@ -257,7 +257,7 @@ def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, m
     x : (B, 3, H, W) float torch.Tensor
         RGB in [0, 1]; H and W larger than ``4 * sigma``.
     target, sigma, max_amount : float
-        As for ``match_sharpness``.
+        As for ``match_sharpness`` (checked the same way: TypeError, ValueError).
 
     Returns
     -------
@@ -278,12 +278,13 @@ def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, m
     """
     import cv2
 
-    from .preprocess import _sharpening_amounts
+    from .preprocess import _check_sharpen_args, _gaussian_ksize, _sharpening_amounts
 
+    target, sigma, max_amount = _check_sharpen_args(target, sigma, max_amount)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"match_sharpness_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
                          f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}")
-    ksize = int(round(sigma * 8 + 1)) | 1  # OpenCV's kernel size for float images and sigma given
+    ksize = _gaussian_ksize(sigma)
     if min(x.shape[2:]) <= ksize // 2:
         raise ValueError(f"match_sharpness_batch needs images larger than {ksize // 2} px for sigma {sigma}, "
                          f"got {tuple(x.shape[2:])}")
@@ -301,6 +302,7 @@ def match_sharpness_batch(x: Any, *, target: float = 0.45, sigma: float = 2.0, m
         v = (v - v.mean(dim=(1, 2, 3), keepdim=True)).double().flatten(1)
         return [(u * u).mean(1), (u * v).mean(1), (v * v).mean(1)]
 
-    amount = _sharpening_amounts(torch.stack(moments(lap, lap_detail), 1).numpy(),
-                                 torch.stack(moments(grey, grey_detail), 1).numpy(), target=target, max_amount=max_amount)
-    return (x + torch.from_numpy(amount).float().view(b, 1, 1, 1) * detail).clamp(0.0, 1.0)
+    amount = _sharpening_amounts(torch.stack(moments(lap, lap_detail), 1).cpu().numpy(),
+                                 torch.stack(moments(grey, grey_detail), 1).cpu().numpy(), target=target,
+                                 max_amount=max_amount)
+    return (x + torch.from_numpy(amount).to(x.device, torch.float32).view(b, 1, 1, 1) * detail).clamp(0.0, 1.0)

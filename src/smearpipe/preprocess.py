@@ -19,6 +19,7 @@ References
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
@@ -607,16 +608,68 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
 
 # ----------------------------------------------------------------------------- sharpness
 
+_MAX_SHARPEN_AMOUNT = 20.0
+_AMOUNT_STEP = 0.05
+
+
+def _check_sharpen_args(target: Any, sigma: Any, max_amount: Any) -> tuple[float, float, float]:
+    """Validate the parameters of :func:`match_sharpness` (and its torch twin); returns them as floats.
+
+    Raises TypeError for non-numbers, ValueError for values that are not finite and > 0 (``max_amount``
+    at most 20).
+    """
+    out = []
+    for name, value in (("target", target), ("sigma", sigma), ("max_amount", max_amount)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"sharpening {name} must be a real number, got {type(value).__name__}")
+        value = float(value)
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"sharpening {name} must be finite and > 0, got {value!r}")
+        out.append(value)
+    if out[2] > _MAX_SHARPEN_AMOUNT:
+        raise ValueError(f"sharpening max_amount must be at most {_MAX_SHARPEN_AMOUNT}, got {out[2]!r}")
+    return out[0], out[1], out[2]
+
+
+def _gaussian_ksize(sigma: float) -> int:
+    """Side of the Gaussian kernel of the sharpening step: OpenCV's choice for float images, made explicit so
+    that :func:`match_sharpness` and its torch twin use the same kernel."""
+    return int(round(sigma * 8 + 1)) | 1
+
+
 def _sharpness_of_grey(grey: np.ndarray) -> float:
     spread = float(grey.std())
     return 0.0 if spread < 1e-6 else float(cv2.Laplacian(grey, cv2.CV_32F).std()) / spread
 
 
 def sharpness(image: np.ndarray) -> float:
-    """How sharp an image is, independent of its contrast: the standard deviation of the Laplacian of its
-    grey levels (mean of R, G, B) divided by their standard deviation. 0 for a flat image.
+    """How sharp an image is, independent of its contrast.
 
-    Depends on the image size: compare images of one size (e.g. crops resized to a classifier's input).
+    The standard deviation of the Laplacian of the grey levels (mean of R, G, B) divided by their standard
+    deviation. It depends on the image size: compare images of one size (e.g. crops resized to a
+    classifier's input, where :func:`match_sharpness` runs).
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB image.
+
+    Returns
+    -------
+    float
+        >= 0; 0 for a flat image.
+
+    Raises
+    ------
+    InvalidImageError
+        ``image`` is not an RGB uint8 array.
+
+    Examples
+    --------
+    >>> import cv2, numpy as np
+    >>> crisp = np.zeros((64, 64, 3), np.uint8); crisp[16:48, 16:48] = 200
+    >>> sharpness(cv2.GaussianBlur(crisp, (0, 0), 2.0)) < sharpness(crisp)
+    True
     """
     return _sharpness_of_grey(_check_image(image).astype(np.float32).mean(axis=2))
 
@@ -637,7 +690,7 @@ def _sharpening_amounts(lap_moments: np.ndarray, grey_moments: np.ndarray, *, ta
     each ``(N, 3)``, without sharpening an image once per amount. Returns ``(N,)`` amounts: the smallest
     multiple of 0.05 that reaches ``target`` (0 for images already as sharp, and flat ones), else ``max_amount``.
     """
-    amounts = np.linspace(0.0, max_amount, int(round(max_amount / 0.05)) + 1)[None]
+    amounts = np.append(np.arange(0.0, max_amount, _AMOUNT_STEP), max_amount)[None]
     (l0, l1, l2), (g0, g1, g2) = (np.asarray(m, np.float64).T[:, :, None] for m in (lap_moments, grey_moments))
     reached = l0 + 2 * amounts * l1 + amounts**2 * l2 >= target**2 * (g0 + 2 * amounts * g1 + amounts**2 * g2)
     return np.where(reached.any(axis=1), amounts[0, reached.argmax(axis=1)], max_amount)
@@ -665,7 +718,19 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     sigma : float
         Standard deviation of the Gaussian of the unsharp mask, in pixels.
     max_amount : float
-        Largest amount applied; images that even this leaves blurrier than ``target`` get it.
+        Largest amount applied (at most 20); images that even this leaves blurrier than ``target`` get it.
+
+    Returns
+    -------
+    (H, W, 3) uint8 ndarray
+        A new array (also when nothing needed sharpening).
+
+    Raises
+    ------
+    InvalidImageError
+        ``image`` is not an RGB uint8 array.
+    TypeError, ValueError
+        A parameter is not a number, or not finite and > 0.
 
     Examples
     --------
@@ -678,12 +743,14 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     >>> bool((match_sharpness(sharp) == sharp).all())
     True
     """
+    target, sigma, max_amount = _check_sharpen_args(target, sigma, max_amount)
     img = _check_image(image)
     x = img.astype(np.float32)
     grey = x.mean(axis=2)
     if _sharpness_of_grey(grey) >= target:
-        return img
-    detail = x - cv2.GaussianBlur(x, (0, 0), sigma)
+        return img.copy()
+    k = _gaussian_ksize(sigma)
+    detail = x - cv2.GaussianBlur(x, (k, k), sigma)
     grey_detail = detail.mean(axis=2)
     lap, lap_detail = cv2.Laplacian(grey, cv2.CV_32F), cv2.Laplacian(grey_detail, cv2.CV_32F)
     amount = float(_sharpening_amounts(np.array([_second_moments(lap, lap_detail)]),
@@ -757,11 +824,9 @@ class Preprocessing:
             raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}")
         if self.macenko_on_failure not in ("raise", "passthrough"):
             raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
-        for name in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        checked = _check_sharpen_args(self.sharpen_target, self.sharpen_sigma, self.sharpen_max_amount)
+        for name, value in zip(("sharpen_target", "sharpen_sigma", "sharpen_max_amount"), checked, strict=True):
+            object.__setattr__(self, name, value)
         if isinstance(self.macenko_reference, Mapping):
             object.__setattr__(self, "macenko_reference", MacenkoReference.from_dict(self.macenko_reference))
         if isinstance(self.reinhard_reference, Mapping):

@@ -676,6 +676,10 @@ def train_classifier(
                          "preprocess_resized=True "
                          f"and augmentation on; got steps {list(prep.steps)}, preprocess_resized={preprocess_resized}, "
                          f"augment={'on' if aug else 'off'}")
+    if "sharpen" in prep.steps and aug and not normalize_after_augment:
+        # augmented training crops are cached larger than the input size, and sharpness depends on the size
+        raise ValueError("the 'sharpen' preprocessing step needs normalize_after_augment=True when augmenting: it "
+                         "then runs on each batch at the input size, as at inference")
     use_bf16 = _bf16_supported() if bf16 is None else bool(bf16)
     config = {"classes": list(classes), "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "label_smoothing": label_smoothing, "preprocessing": prep.to_dict(),
@@ -697,6 +701,8 @@ def train_classifier(
                   "normalize_after_augment": False, "ema": 0.0}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
+        if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
+            saved["preprocessing"] = Preprocessing.from_dict(saved["preprocessing"]).to_dict()
         differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
         if differs:
             raise ValueError(f"resume with other settings than the run was started with: {differs}")
