@@ -120,7 +120,7 @@ def main() -> None:
             "model": proto["classifier"]["name"], "sha256": proto["classifier"]["sha256"],
             "protocol": proto["protocol"], "summary": str(Path(args.protocol).resolve().relative_to(REPO)),
             # the protocol model's preprocessing at inference (a control may replace the recorded one)
-            "inference_preprocessing": proto["classifier"]["preprocessing"]["steps"],
+            "inference_preprocessing": proto["classifier"].get("preprocessing", {}).get("steps"),
             "inference_preprocess_replaced": proto["classifier"].get("inference_preprocess_replaced", False),
             **{k: {m: proto[k][m] for m in ("n", "accuracy", "macro_f1", "recall")} for k in ("bccd_all_crops", "pbc_test")}}
         rec["metrics"]["leave_one_lab_out_protocol"] = results["leave_one_lab_out_protocol"]

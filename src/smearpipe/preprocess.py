@@ -637,9 +637,12 @@ def _gaussian_ksize(sigma: float) -> int:
     return int(round(sigma * 8 + 1)) | 1
 
 
-def _sharpness_of_grey(grey: np.ndarray) -> float:
+def _sharpness_of_grey(grey: np.ndarray, lap: np.ndarray | None = None) -> float:
+    """:func:`sharpness` of a float32 grey image (``lap``: its Laplacian, if already computed)."""
     spread = float(grey.std())
-    return 0.0 if spread < 1e-6 else float(cv2.Laplacian(grey, cv2.CV_32F).std()) / spread
+    if spread < 1e-6:
+        return 0.0
+    return float((cv2.Laplacian(grey, cv2.CV_32F) if lap is None else lap).std()) / spread
 
 
 def sharpness(image: np.ndarray) -> float:
@@ -747,12 +750,13 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     img = _check_image(image)
     x = img.astype(np.float32)
     grey = x.mean(axis=2)
-    if _sharpness_of_grey(grey) >= target:
+    lap = cv2.Laplacian(grey, cv2.CV_32F)
+    if _sharpness_of_grey(grey, lap) >= target:
         return img.copy()
     k = _gaussian_ksize(sigma)
     detail = x - cv2.GaussianBlur(x, (k, k), sigma)
     grey_detail = detail.mean(axis=2)
-    lap, lap_detail = cv2.Laplacian(grey, cv2.CV_32F), cv2.Laplacian(grey_detail, cv2.CV_32F)
+    lap_detail = cv2.Laplacian(grey_detail, cv2.CV_32F)
     amount = float(_sharpening_amounts(np.array([_second_moments(lap, lap_detail)]),
                                        np.array([_second_moments(grey, grey_detail)]), target=target,
                                        max_amount=max_amount)[0])
