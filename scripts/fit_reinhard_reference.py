@@ -2,7 +2,7 @@
 
 Usage:
   python scripts/fit_reinhard_reference.py [--pbc ../shared/datasets/pbc]           # classifier crops
-  python scripts/fit_reinhard_reference.py --bccd-fields [--bccd ../shared/datasets/bccd]  # detector fields
+  python scripts/fit_reinhard_reference.py --bccd-fields [--region stained] [--bccd ../shared/datasets/bccd]  # detector fields
 
 PBC (the classifier's): every PBC train image (``splits.csv``), cut to its central 70 % as the
 classifier is trained on it; the reference is the class-balanced average of each image's own L*a*b*
@@ -11,7 +11,9 @@ mean and standard deviation (:func:`smearpipe.preprocess.lab_statistics`). Write
 
 BCCD fields (the detector's): the average statistics of the 292 whole BCCD trainval fields the
 detector is trained on. Fields of another lab mapped onto them look to the detector like its training
-fields. Writes ``src/smearpipe/data/reinhard_reference_bccd_fields.json``.
+fields. Writes ``src/smearpipe/data/reinhard_reference_bccd_fields.json``; with ``--region stained``, the
+statistics of each field's stained pixels only (``ReinhardReference.region``), written to
+``reinhard_reference_bccd_fields_stained.json``.
 """
 
 from __future__ import annotations
@@ -52,14 +54,17 @@ def fit_pbc(root: Path) -> dict:
                           for c, m, s in zip(WBC_CLASSES, means, stds, strict=True)}}
 
 
-def fit_bccd_fields(root: Path) -> dict:
+def fit_bccd_fields(root: Path, region: str = "all") -> dict:
     stems = (root / "BCCD" / "ImageSets" / "Main" / "trainval.txt").read_text().split()
-    stats = [lab_statistics(read_image(root / "BCCD" / "JPEGImages" / f"{s}.jpg")) for s in tqdm(stems, mininterval=5)]
+    stats = [lab_statistics(read_image(root / "BCCD" / "JPEGImages" / f"{s}.jpg"), region=region)
+             for s in tqdm(stems, mininterval=5)]
     means, stds = np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+    pixels = "" if region == "all" else f" over its {region} pixels (smearpipe.preprocess.stained_mask)"
     ref = ReinhardReference(
-        mean=tuple(means.mean(axis=0).round(4)), std=tuple(stds.mean(axis=0).round(4)),
+        mean=tuple(means.mean(axis=0).round(4)), std=tuple(stds.mean(axis=0).round(4)), region=region,
         source=f"BCCD (Shenggan/BCCD_Dataset) ImageSets/Main/trainval.txt, all {len(stems)} whole fields: mean of each "
-               "field's L*a*b* mean and standard deviation, by scripts/fit_reinhard_reference.py --bccd-fields")
+               f"field's L*a*b* mean and standard deviation{pixels}, by scripts/fit_reinhard_reference.py --bccd-fields"
+               + ("" if region == "all" else f" --region {region}"))
     return {"reference": ref.to_dict(),
             "spread_between_fields": {"mean_sd": list(means.std(axis=0).round(4)), "std_sd": list(stds.std(axis=0).round(4))}}
 
@@ -69,10 +74,14 @@ def main() -> None:
     ap.add_argument("--pbc", default=str(SHARED / "pbc"))
     ap.add_argument("--bccd", default=str(SHARED / "bccd"))
     ap.add_argument("--bccd-fields", action="store_true", help="fit the detector's field reference on BCCD trainval")
+    ap.add_argument("--region", choices=("all", "stained"), default="all", help="pixels the field statistics cover")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.region != "all" and not args.bccd_fields:
+        ap.error("--region applies to --bccd-fields")
     if args.bccd_fields:
-        payload, out = fit_bccd_fields(Path(args.bccd)), DATA / "reinhard_reference_bccd_fields.json"
+        suffix = "" if args.region == "all" else f"_{args.region}"
+        payload, out = fit_bccd_fields(Path(args.bccd), args.region), DATA / f"reinhard_reference_bccd_fields{suffix}.json"
     else:
         payload, out = fit_pbc(Path(args.pbc)), DATA / "reinhard_reference_pbc.json"
     Path(args.out or out).write_text(json.dumps(payload, indent=1, default=float) + "\n")

@@ -1,7 +1,8 @@
 """Register a trained detector run as shipped weights: weights/<name>.pt + record + training report.
 
 Usage:
-  python scripts/ship_detector.py RUN_DIR --name detector-bccd-yolov8n-v1 [--checkpoint last]
+  python scripts/ship_detector.py RUN_DIR --name detector-bccd-yolov8n-v1 [--checkpoint last] [--class-conf JSON]
+      [--field-reinhard {all,stained}]
 
 RUN_DIR is an ultralytics run folder (``weights/last.pt``, ``args.yaml``, ``results.csv``), as written by
 ``smearpipe.train.train_detector`` or ``scripts/train_default_detector.py``. The script
@@ -9,7 +10,9 @@ RUN_DIR is an ultralytics run folder (``weights/last.pt``, ``args.yaml``, ``resu
   2. copies the checkpoint to ``weights/<name>.pt`` (refuses to replace an existing file),
   3. evaluates it on the BCCD **test** split with ``evaluate_detector`` (mAP via ultralytics, counting),
   4. writes the record ``weights/<name>.json`` (sha256, classes, imgsz, preprocessing from the run's
-     ``run_config.json``, data, split,
+     ``run_config.json`` (or, with ``--field-reinhard``, field Reinhard normalisation at inference for a
+     network trained on unnormalised fields, as detector v2 does), data, split, the weights it was
+     fine-tuned from,
      training arguments, test metrics) and ``reports/<name>/`` (metrics JSON, training curves, PR curve,
      confusion matrix, per-image counts).
 """
@@ -26,7 +29,7 @@ import yaml
 
 from smearpipe.datasets import voc_to_yolo
 from smearpipe.evaluate import evaluate_detector
-from smearpipe.preprocess import Preprocessing
+from smearpipe.preprocess import Preprocessing, field_reinhard_reference
 from smearpipe.weights import WeightsRecord, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +62,9 @@ def main() -> None:
     ap.add_argument("--class-conf", default=None,
                     help='per-class counting thresholds as JSON, e.g. \'{"WBC": 0.4, "RBC": 0.5, "Platelets": 0.3}\' '
                          "(choose them on training/validation data, never on test)")
+    ap.add_argument("--field-reinhard", choices=("all", "stained"), default=None,
+                    help="Reinhard-normalise fields onto the BCCD field reference at inference (ReinhardReference.region); "
+                         "for a run trained without normalisation")
     args = ap.parse_args()
     run = Path(args.run_dir)
     data_yaml = bccd_yolo_data()
@@ -74,7 +80,16 @@ def main() -> None:
     if not run_config.is_file():
         raise SystemExit(f"{run_config} not found: without it the run's preprocessing is unknown "
                          "(runs of smearpipe.train.train_detector write it)")
-    preprocessing = Preprocessing.from_dict(json.loads(run_config.read_text())["preprocessing"])
+    config = json.loads(run_config.read_text())
+    preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    if args.field_reinhard and preprocessing.steps:
+        raise SystemExit(f"the run was trained with {preprocessing.steps}: --field-reinhard is for runs trained without")
+    if args.field_reinhard:
+        preprocessing = Preprocessing(steps=("reinhard",), reinhard_reference=field_reinhard_reference(args.field_reinhard))
+    init = Path(config["model"])
+    from_scratch = init.suffix in (".yaml", ".yml")
+    train_folder = yaml.safe_load(Path(config["data"]).read_text())["train"]
+    n_train = sum(1 for _ in (Path(config["data"]).parent / train_folder).iterdir())
     # red-cell ruler at the training scale: median field estimate over the training fields
     import numpy as np
 
@@ -105,10 +120,16 @@ def main() -> None:
                                     f"input_size ({int(train_args['imgsz'])}) in training",
             "training": {
                 "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
-                "train_split": "ImageSets/Main/trainval.txt (292 fields)",
+                "train_split": "ImageSets/Main/trainval.txt (292 fields)" + (
+                    "" if n_train == 292 else f" and low-resolution copies of the train fields ({train_folder}: {n_train} "
+                                              "images; scripts/train_default_detector.py --lowres-copies)"),
+                **({"inference_only_preprocessing": "the network was trained on unnormalised fields; the record's "
+                                                    "field Reinhard normalisation is applied at inference only"}
+                   if args.field_reinhard else {}),
                 "val_split_for_monitoring": "ImageSets/Main/val.txt (87 fields; part of trainval, so val numbers are optimistic)",
                 "test_split": "ImageSets/Main/test.txt (72 fields; never used for training or selection)",
-                "from_scratch": True,
+                "from_scratch": from_scratch,
+                **({} if from_scratch else {"fine_tuned_from": {"file": init.name, "sha256": sha256_file(REPO / init if not init.is_absolute() else init)}}),
                 "checkpoint": f"{args.checkpoint}.pt (chosen before looking at test)",
                 "epochs": len(rows),
                 "ultralytics_args": {k: train_args[k] for k in ("epochs", "imgsz", "batch", "optimizer", "cos_lr", "close_mosaic",

@@ -164,6 +164,10 @@ def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     for bad in (x * 255, x.permute(0, 2, 3, 1), x.to(torch.uint8), x.numpy()):
         with pytest.raises(ValueError, match="reinhard_batch"):
             reinhard_batch(bad)
+    from smearpipe.preprocess import field_reinhard_reference
+
+    with pytest.raises(ValueError, match="region"):  # statistics over stained pixels have no torch twin
+        reinhard_batch(x, reference=field_reinhard_reference("stained"))
 
 
 def test_match_sharpness_batch_is_match_sharpness_on_a_batch(pbc_crops):

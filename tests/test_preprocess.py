@@ -27,6 +27,7 @@ from smearpipe.preprocess import (
     median_filter,
     reinhard_normalize,
     sharpness,
+    stained_mask,
 )
 
 FUNCS = {
@@ -377,6 +378,65 @@ def test_reinhard_reference_in_preprocessing_roundtrip(bccd_field):
 def test_reinhard_reference_validates(bad):
     with pytest.raises(ValueError):
         ReinhardReference.from_dict(bad)
+
+
+def _on_canvas(field: np.ndarray, factor: float, fill) -> np.ndarray:
+    """The field shrunk by ``factor`` at the centre of a field-sized canvas of colour ``fill``."""
+    h, w = field.shape[:2]
+    small = cv2.resize(field, (round(w / factor), round(h / factor)), interpolation=cv2.INTER_AREA)
+    canvas = np.empty_like(field)
+    canvas[:] = fill
+    y, x = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return canvas, (slice(y, y + small.shape[0]), slice(x, x + small.shape[1])), small
+
+
+def test_stained_mask_keeps_cells_and_leaves_out_glass_and_black_borders(bccd_field):
+    mask = stained_mask(bccd_field)
+    assert mask.shape == bccd_field.shape[:2] and mask.dtype == bool
+    assert 0.3 < mask.mean() < 0.8  # red cells and the WBC, not the plasma between them
+    lum = _lum(bccd_field)
+    assert lum[mask].mean() < lum[~mask].mean() - 20
+    canvas, inner, _ = _on_canvas(bccd_field, 2.5, 0)  # black surround, as a field stop
+    m = stained_mask(canvas)
+    outside = np.ones(m.shape, bool)
+    outside[inner] = False
+    assert not m[outside].any() and m[inner].mean() > 0.3
+
+
+@pytest.mark.parametrize("fill", ["background", "black"])
+def test_stained_reference_ignores_how_much_glass_or_border_surrounds_the_cells(bccd_field, fill):
+    """A field shrunk onto a canvas (a lower magnification, a field stop) is normalised like the field
+    itself with region="stained"; with statistics of all pixels the canvas changes the mapping."""
+    colour = np.round(estimate_background(bccd_field)).astype(np.uint8) if fill == "background" else 0
+    canvas, inner, small = _on_canvas(bccd_field, 2.5, colour)
+    stained, whole = field_reinhard_reference("stained"), field_reinhard_reference()
+    assert stained.region == "stained" and whole.region == "all"
+
+    def shift(ref):
+        return np.abs(reinhard_normalize(canvas, reference=ref)[inner].astype(int) - reinhard_normalize(small, reference=ref)).mean()
+
+    assert shift(stained) < 5  # BloodImage_00000: 0.0 grey levels on glass, 2.6 on black
+    assert shift(whole) > 20  # 36 and 49
+
+
+def test_reinhard_region_round_trip_and_refusals(bccd_field):
+    ref = field_reinhard_reference("stained")
+    assert ReinhardReference.from_dict(ref.to_dict()) == ref
+    p = Preprocessing(steps=("reinhard",), reinhard_reference=ref)
+    assert Preprocessing.from_json(p.to_json()) == p
+    assert "region" not in field_reinhard_reference().to_dict()  # records from before regions are unchanged
+    mean, std = lab_statistics(bccd_field, region="stained")
+    assert not np.allclose(mean, lab_statistics(bccd_field)[0], atol=1)
+    blank = np.full((20, 20, 3), 200, np.uint8)  # nothing stained: statistics of all pixels, no crash
+    np.testing.assert_allclose(lab_statistics(blank, region="stained")[0], lab_statistics(blank)[0])
+    assert reinhard_normalize(blank, reference=ref).shape == blank.shape
+    with pytest.raises(ValueError, match="region"):
+        ReinhardReference(mean=(70, 0, 0), std=(10, 5, 5), region="cells")
+    with pytest.raises(ValueError, match="region"):
+        field_reinhard_reference("cells")
+    with pytest.raises(ValueError, match="region"):
+        lab_statistics(bccd_field, region="cells")
 
 
 # ----------------------------------------------------------------------------- sharpness

@@ -42,6 +42,7 @@ __all__ = [
     "reinhard_normalize",
     "field_reinhard_reference",
     "lab_statistics",
+    "stained_mask",
     "sharpness",
     "match_sharpness",
     "Preprocessing",
@@ -478,12 +479,19 @@ class ReinhardReference:
     """Target colour statistics of :func:`reinhard_normalize`: per-channel mean and standard deviation in CIE L*a*b*.
 
     ``mean`` and ``std`` are in L* (0-100), a*, b* units: the average over reference images of each
-    image's own statistics. ``source`` says how they were obtained.
+    image's own statistics. ``source`` says how they were obtained. ``region`` says over which pixels
+    the statistics are taken, of the reference images and of every image normalised onto them:
+    ``"all"`` (every pixel), or ``"stained"`` (cells only: pixels that differ from the image's own
+    background colour, :func:`estimate_background`, by a colour distance of at least 10 and are not
+    black; see :func:`stained_mask`). With ``"stained"``, how much bare glass or padding a field shows
+    (a sparse area of the smear, a black field stop, a shrunk field on a canvas) no longer changes the
+    mapping.
     """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str = ""
+    region: str = "all"
 
     def __post_init__(self) -> None:
         try:
@@ -493,18 +501,32 @@ class ReinhardReference:
             raise ValueError(f"malformed Reinhard reference: mean={self.mean!r}, std={self.std!r}") from None
         if len(mean) != 3 or len(std) != 3 or not all(np.isfinite(mean + std)) or min(std) <= 0:
             raise ValueError(f"Reinhard reference needs 3 finite means and 3 positive stds, got mean={mean}, std={std}")
+        if self.region not in _REINHARD_REGIONS:
+            raise ValueError(f"Reinhard reference region must be one of {_REINHARD_REGIONS}, got {self.region!r}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std), "source": self.source}
+        d = {"mean": list(self.mean), "std": list(self.std), "source": self.source}
+        if self.region != "all":  # records written before regions existed stay byte-identical
+            d["region"] = self.region
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReinhardReference:
-        unknown = set(data) - {"mean", "std", "source"}
+        unknown = set(data) - {"mean", "std", "source", "region"}
         if unknown or not {"mean", "std"} <= set(data):
-            raise ValueError(f"a Reinhard reference has keys mean, std (and source), got {sorted(data)}")
-        return cls(mean=data["mean"], std=data["std"], source=str(data.get("source", "")))
+            raise ValueError(f"a Reinhard reference has keys mean, std (and source, region), got {sorted(data)}")
+        return cls(mean=data["mean"], std=data["std"], source=str(data.get("source", "")),
+                   region=str(data.get("region", "all")))
+
+
+_REINHARD_REGIONS = ("all", "stained")
+# "stained" pixels: at least this CIE76 colour distance from the background colour, and not black (L* >= this)
+_STAINED_MIN_DELTA_E = 10.0
+_STAINED_MIN_L = 15.0
+# fewer stained pixels than this fraction (a blank image): statistics of all pixels instead
+_STAINED_MIN_FRACTION = 0.01
 
 
 _REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
@@ -524,16 +546,22 @@ def default_reinhard_reference() -> ReinhardReference:
     return _packaged_reinhard_reference(_REINHARD_REFERENCE_FILE)
 
 
-_FIELD_REFERENCE_FILE = "reinhard_reference_bccd_fields.json"
+_FIELD_REFERENCE_FILES = {"all": "reinhard_reference_bccd_fields.json",
+                          "stained": "reinhard_reference_bccd_fields_stained.json"}
 
 
-@lru_cache(maxsize=1)
-def field_reinhard_reference() -> ReinhardReference:
+@lru_cache(maxsize=2)
+def field_reinhard_reference(region: str = "all") -> ReinhardReference:
     """The average BCCD training field (whole 640x480 fields, not crops), the detector's reference.
 
-    Fitted by ``scripts/fit_reinhard_reference.py --bccd-fields`` on the 292 BCCD trainval fields.
-    A detector whose record has the ``"reinhard"`` step with this reference sees every field, from any
-    lab, with BCCD's colour statistics.
+    Fitted by ``scripts/fit_reinhard_reference.py --bccd-fields [--region stained]`` on the 292 BCCD
+    trainval fields. A detector whose record has the ``"reinhard"`` step with this reference sees every
+    field, from any lab, with BCCD's colour statistics.
+
+    Parameters
+    ----------
+    region : {"all", "stained"}
+        Statistics of whole fields, or of their stained pixels only (:class:`ReinhardReference`).
 
     Returns
     -------
@@ -548,19 +576,68 @@ def field_reinhard_reference() -> ReinhardReference:
     >>> bool(np.allclose(lab_statistics(out)[0], ref.mean, atol=2))
     True
     """
-    return _packaged_reinhard_reference(_FIELD_REFERENCE_FILE)
+    if region not in _FIELD_REFERENCE_FILES:
+        raise ValueError(f"region must be one of {tuple(_FIELD_REFERENCE_FILES)}, got {region!r}")
+    return _packaged_reinhard_reference(_FIELD_REFERENCE_FILES[region])
 
 
-def lab_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation of an RGB uint8 image in CIE L*a*b* (L* 0-100)."""
-    _, mean, std = _lab_with_statistics(_check_image(image))
+def lab_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of an RGB uint8 image in CIE L*a*b* (L* 0-100).
+
+    ``region``: ``"all"`` pixels, or ``"stained"`` ones only (:func:`stained_mask`), as
+    :class:`ReinhardReference` ``region`` defines them.
+    """
+    if region not in _REINHARD_REGIONS:
+        raise ValueError(f"region must be one of {_REINHARD_REGIONS}, got {region!r}")
+    _, mean, std = _lab_with_statistics(_check_image(image), region=region)
     return mean, std
 
 
-def _lab_with_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation."""
+def stained_mask(image: np.ndarray) -> np.ndarray:
+    """Pixels of stained cells: unlike the image's background colour and not black.
+
+    A pixel counts when its CIE76 colour distance (L*a*b*) from :func:`estimate_background` is at
+    least 10 and its L* is at least 15 (so black borders, such as a field stop's, are left out).
+
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+
+    Examples
+    --------
+    >>> field = np.full((40, 40, 3), (225, 220, 230), np.uint8)   # pale glass
+    >>> field[10:20, 10:20] = (200, 120, 130)                     # a red cell
+    >>> field[:, :5] = 0                                          # black border
+    >>> int(stained_mask(field).sum())
+    100
+    """
+    image = _check_image(image)
     lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
-    mean, std = cv2.meanStdDev(lab)  # float64 accumulation like numpy's, several times faster
+    return _stained(image, lab)
+
+
+def _stained(image: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    bg = np.multiply(estimate_background(image), 1 / 255).astype(np.float32).reshape(1, 1, 3)
+    bg_lab = cv2.cvtColor(bg, cv2.COLOR_RGB2LAB).reshape(3)
+    dist = np.linalg.norm(lab - bg_lab, axis=2)
+    return (dist >= _STAINED_MIN_DELTA_E) & (lab[..., 0] >= _STAINED_MIN_L)
+
+
+def _lab_with_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation
+    over ``region`` (all pixels, or the stained ones when there are enough)."""
+    lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
+    mask = None
+    if region == "stained":
+        stained = _stained(image, lab)
+        if stained.mean() >= _STAINED_MIN_FRACTION:
+            mask = stained.view(np.uint8)
+    mean, std = cv2.meanStdDev(lab, mask=mask)  # float64 accumulation like numpy's, several times faster
     return lab, mean.ravel(), std.ravel()
 
 
@@ -597,7 +674,7 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
     """
     image = _check_image(image)
     ref = reference if reference is not None else default_reinhard_reference()
-    lab, mean, std = _lab_with_statistics(image)
+    lab, mean, std = _lab_with_statistics(image, region=ref.region)
     scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
     out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
     np.clip(out[..., 0], 0.0, 100.0, out=out[..., 0])
