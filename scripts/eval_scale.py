@@ -24,8 +24,8 @@ RBC count error against the annotations and against the detector's own count on 
 (BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
 exactness, the recall of annotated red cells at the counting thresholds (cells cut by their field's
 edge apart from the others: on a 2x2 mosaic they sit at seams) and the estimated scale factor. Writes ``metrics_x<factor>.json`` and ``per_mosaic_x<factor>.csv``
-(``..._val`` with ``--split val``: the 87 val fields, 21 mosaics, for choosing between detectors; the shipped
-detectors saw these fields in training, at their own scale).
+(``_single`` with ``--tiles 1``; ``_val`` with ``--split val``: the val fields, 21 mosaics of 84 of the 87, for
+choosing between detectors; the shipped detectors saw these fields in training, at their own scale).
 """
 
 from __future__ import annotations
@@ -52,14 +52,16 @@ BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
 SLIDE_FIELDS = PipelineConfig().slide_scale_fields
 
 
-def edge_cut(box, shape: tuple[int, ...], margin: float = 2.0) -> bool:
-    """Whether a VOC box touches its field's border (a cell cut by the field's edge)."""
+def edge_cut(box, shape: tuple[int, ...], margin: float = 1.0) -> bool:
+    """Whether a VOC box (1-based pixel coordinates, 1..W) reaches within ``margin`` px of its field's border:
+    a cell cut by the field's edge."""
     h, w = shape[:2]
-    return box.xmin <= margin or box.ymin <= margin or box.xmax >= w - 1 - margin or box.ymax >= h - 1 - margin
+    return box.xmin <= 1 + margin or box.ymin <= 1 + margin or box.xmax >= w - margin or box.ymax >= h - margin
 
 
 def matched(gts: list[tuple[float, ...]], preds: list[tuple[float, ...]], iou: float = 0.5) -> list[bool]:
-    """For each ground-truth box, whether a prediction (each used once, greedily by IoU) overlaps it by ``iou``."""
+    """For each ground-truth box in turn, whether a prediction not yet taken overlaps it by ``iou`` (it takes the
+    one of highest IoU): a greedy matching in ground-truth order."""
     import torch
     from ultralytics.utils.metrics import box_iou
 
@@ -76,6 +78,12 @@ def matched(gts: list[tuple[float, ...]], preds: list[tuple[float, ...]], iou: f
 
 
 Placement = tuple[float, float, float, float]  # x0, y0, sx, sy: field pixel (x, y) -> canvas (x * sx + x0, y * sy + y0)
+
+
+def add_rbc_recall(hits: dict[str, list[bool]], rbc_gt: list, boxes: list[tuple[float, ...]]) -> None:
+    """Append, per annotated red cell, whether a counted box matches it, under "edge_cut" or "other"."""
+    for gt, hit in zip(rbc_gt, matched([gt[0] for gt in rbc_gt], boxes), strict=True):
+        hits["edge_cut" if gt[2] else "other"].append(hit)
 
 
 def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tuple[float, ...], int, bool]],
@@ -154,16 +162,11 @@ def main() -> None:
     for group, (canvas, gts, fields, placements), est in zip(groups, mosaics, estimates, strict=True):
         targets += [g[1] for g in gts]
         rbc_gt = [g for g in gts if DETECTION_CLASSES[g[1]] == "RBC"]
-
-        def record_rbc_recall(mode: str, boxes: list[tuple[float, ...]], rbc_gt=rbc_gt) -> None:
-            for g, hit in zip(rbc_gt, matched([g[0] for g in rbc_gt], boxes), strict=True):
-                rbc_hits[mode]["edge_cut" if g[2] else "other"].append(hit)
-
         native = [det.predict(f) for f in fields]
         native_counts = [d.label for dets in native for d in dets]
-        record_rbc_recall("native", [(d.box[0] * sx + x0, d.box[1] * sy + y0, d.box[2] * sx + x0, d.box[3] * sy + y0)
-                                     for dets, (x0, y0, sx, sy) in zip(native, placements, strict=True)
-                                     for d in dets if d.label == "RBC"])
+        add_rbc_recall(rbc_hits["native"], rbc_gt, [
+            (d.box[0] * sx + x0, d.box[1] * sy + y0, d.box[2] * sx + x0, d.box[3] * sy + y0)
+            for dets, (x0, y0, sx, sy) in zip(native, placements, strict=True) for d in dets if d.label == "RBC"])
         factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est, tolerance=0.0)  # as the pipeline
         slide_factor = target / slide_est
         sizes = {"as_is": None,
@@ -183,7 +186,7 @@ def main() -> None:
             stats[m].append((tp, np.array([p[1] for p in preds]), np.array([p[2] for p in preds])))
             counted_dets = det.predict(canvas, imgsz=sizes[m])  # the counting thresholds, as in the pipeline
             counted = [d.label for d in counted_dets]
-            record_rbc_recall(m, [d.box for d in counted_dets if d.label == "RBC"])
+            add_rbc_recall(rbc_hits[m], rbc_gt, [d.box for d in counted_dets if d.label == "RBC"])
             row[f"{m}_WBC"] = counted.count("WBC")
             row[f"{m}_RBC"] = counted.count("RBC")
         rows.append(row)

@@ -4,7 +4,8 @@ Usage:
   python scripts/prior_adaptation.py reports/cross_lab/<model>/bccd_all_crops/predictions.csv [--out FILE.json]
 
 The protocol model was trained with class rebalancing (as if every class were equally common); BCCD is
-59 % neutrophils. Saerens et al. (Neural Computation 2002) re-estimate the new lab's class priors from the
+60 % neutrophils. "all_crops" has 351 crops: the 348 of BCCD train/val/test fields and 3 from Kaggle images
+that are not in BCCD. Saerens et al. (Neural Computation 2002) re-estimate the new lab's class priors from the
 model's own probabilities on unlabelled crops (EM) and re-weight each crop's probabilities by
 new prior / training prior. Estimated on the crops of BCCD train/val fields ("dev", labels unused) and
 applied to those of test fields, as a lab would calibrate on earlier slides; transductive numbers

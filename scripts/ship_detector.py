@@ -89,7 +89,9 @@ def main() -> None:
     init = Path(config["model"])
     from_scratch = init.suffix in (".yaml", ".yml")
     train_folder = yaml.safe_load(Path(config["data"]).read_text())["train"]
-    n_train = sum(1 for _ in (Path(config["data"]).parent / train_folder).iterdir())
+    lowres = "lowres" in Path(train_folder).name  # scripts/train_default_detector.py --lowres-copies names it so
+    n_train = sum(1 for f in (Path(config["data"]).parent / train_folder).iterdir() if f.suffix != ".cache")
+    init_path = init if init.is_absolute() else REPO / init  # train_default_detector runs from the repository root
     # red-cell ruler at the training scale: median field estimate over the training fields
     import numpy as np
 
@@ -121,7 +123,7 @@ def main() -> None:
             "training": {
                 "data": "BCCD (Shenggan/BCCD_Dataset d272fb1), VOC converted by smearpipe.datasets.voc_to_yolo",
                 "train_split": "ImageSets/Main/trainval.txt (292 fields)" + (
-                    "" if n_train == 292 else f" and low-resolution copies of the train fields ({train_folder}: {n_train} "
+                    "" if not lowres else f" and low-resolution copies of the train fields ({train_folder}: {n_train} "
                                               "images; scripts/train_default_detector.py --lowres-copies)"),
                 **({"inference_only_preprocessing": "the network was trained on unnormalised fields; the record's "
                                                     "field Reinhard normalisation is applied at inference only"}
@@ -129,7 +131,8 @@ def main() -> None:
                 "val_split_for_monitoring": "ImageSets/Main/val.txt (87 fields; part of trainval, so val numbers are optimistic)",
                 "test_split": "ImageSets/Main/test.txt (72 fields; never used for training or selection)",
                 "from_scratch": from_scratch,
-                **({} if from_scratch else {"fine_tuned_from": {"file": init.name, "sha256": sha256_file(REPO / init if not init.is_absolute() else init)}}),
+                **({} if from_scratch else {"fine_tuned_from": {
+                    "file": init.name, **({"sha256": sha256_file(init_path)} if init_path.is_file() else {})}}),
                 "checkpoint": f"{args.checkpoint}.pt (chosen before looking at test)",
                 "epochs": len(rows),
                 "ultralytics_args": {k: train_args[k] for k in ("epochs", "imgsz", "batch", "optimizer", "cos_lr", "close_mosaic",

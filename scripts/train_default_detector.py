@@ -1,7 +1,8 @@
 """Train a default detector: ``detector-bccd-yolov8n-v1``'s recipe, optionally on Reinhard-normalised fields.
 
 Usage: python scripts/train_default_detector.py [--epochs 55] [--imgsz 512] [--out runs/detector] [--field-reinhard]
-                                               [--init WEIGHTS.pt] [--lowres-copies MIN MAX] [--lr0 LR]
+                                               [--reinhard-region {all,stained}] [--init WEIGHTS.pt]
+                                               [--lowres-copies MIN MAX] [--lr0 LR] [--close-mosaic 10]
 Then:  python scripts/ship_detector.py runs/detector/<run> --name detector-bccd-yolov8n-vN
 
 ``--field-reinhard``: every field (training, validation and, through the record, at inference) is
@@ -19,7 +20,8 @@ reach the detector at the training size, but with less detail. One extra copy of
 field (not val: val stays a check of the original network's fields) is shrunk by a factor drawn
 uniformly from [MIN, MAX] (seed 0, INTER_AREA) and enlarged back (INTER_LINEAR) to its own size, with
 the same boxes. ``--init`` fine-tunes a local detector (e.g. ``weights/detector-bccd-yolov8n-v1.pt``)
-instead of training from scratch; ``--lr0`` then sets AdamW's learning rate.
+instead of training from scratch; ``--lr0`` sets AdamW's learning rate, with one warm-up epoch instead of
+ultralytics' three.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def add_lowres_copies(yolo_dir: Path, split: str, low: float, high: float) -> No
     for sub, d in tmp.items():
         shutil.rmtree(final[sub], ignore_errors=True)
         d.rename(final[sub])
+
 
 if __name__ == "__main__":
     main()

@@ -241,8 +241,11 @@ def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):
 
     np.testing.assert_array_equal(z["tr_x"][0], first("train", 37, Preprocessing()))  # cached as cut: not normalised
     np.testing.assert_array_equal(z["va_x"][0], first("val", 32, Preprocessing(steps=("reinhard",)).resolved()))  # as at inference
+    from smearpipe.preprocess import field_reinhard_reference
+
+    stained = Preprocessing(steps=("reinhard",), reinhard_reference=field_reinhard_reference("stained"))
     for bad in (dict(preprocessing=Preprocessing(steps=("median", "reinhard"))), dict(augment=False),
-                dict(preprocess_resized=False)):
+                dict(preprocess_resized=False), dict(preprocessing=stained)):
         with pytest.raises(ValueError, match="normalize_after_augment"):
             train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                              normalize_after_augment=True, **bad)

@@ -380,7 +380,7 @@ def test_reinhard_reference_validates(bad):
         ReinhardReference.from_dict(bad)
 
 
-def _on_canvas(field: np.ndarray, factor: float, fill) -> np.ndarray:
+def _on_canvas(field: np.ndarray, factor: float, fill) -> tuple[np.ndarray, tuple[slice, slice], np.ndarray]:
     """The field shrunk by ``factor`` at the centre of a field-sized canvas of colour ``fill``."""
     h, w = field.shape[:2]
     small = cv2.resize(field, (round(w / factor), round(h / factor)), interpolation=cv2.INTER_AREA)
@@ -426,7 +426,7 @@ def test_reinhard_region_round_trip_and_refusals(bccd_field):
     p = Preprocessing(steps=("reinhard",), reinhard_reference=ref)
     assert Preprocessing.from_json(p.to_json()) == p
     assert "region" not in field_reinhard_reference().to_dict()  # records from before regions are unchanged
-    mean, std = lab_statistics(bccd_field, region="stained")
+    mean, _ = lab_statistics(bccd_field, region="stained")
     assert not np.allclose(mean, lab_statistics(bccd_field)[0], atol=1)
     blank = np.full((20, 20, 3), 200, np.uint8)  # nothing stained: statistics of all pixels, no crash
     np.testing.assert_allclose(lab_statistics(blank, region="stained")[0], lab_statistics(blank)[0])

@@ -485,7 +485,7 @@ class ReinhardReference:
     background colour, :func:`estimate_background`, by a colour distance of at least 10 and are not
     black; see :func:`stained_mask`). With ``"stained"``, how much bare glass or padding a field shows
     (a sparse area of the smear, a black field stop, a shrunk field on a canvas) no longer changes the
-    mapping.
+    mapping. An image with fewer than 1 % stained pixels (a blank one) uses the statistics of all its pixels.
     """
 
     mean: tuple[float, float, float]
@@ -535,6 +535,7 @@ _REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
 _REINHARD_MIN_STD = 1.0
 
 
+@lru_cache(maxsize=4)
 def _packaged_reinhard_reference(filename: str) -> ReinhardReference:
     text = resources.files("smearpipe").joinpath("data", filename).read_text()
     return ReinhardReference.from_dict(json.loads(text)["reference"])
@@ -550,7 +551,6 @@ _FIELD_REFERENCE_FILES = {"all": "reinhard_reference_bccd_fields.json",
                           "stained": "reinhard_reference_bccd_fields_stained.json"}
 
 
-@lru_cache(maxsize=2)
 def field_reinhard_reference(region: str = "all") -> ReinhardReference:
     """The average BCCD training field (whole 640x480 fields, not crops), the detector's reference.
 
@@ -566,6 +566,11 @@ def field_reinhard_reference(region: str = "all") -> ReinhardReference:
     Returns
     -------
     ReinhardReference
+
+    Raises
+    ------
+    ValueError
+        For another ``region``.
 
     Examples
     --------
@@ -584,8 +589,22 @@ def field_reinhard_reference(region: str = "all") -> ReinhardReference:
 def lab_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of an RGB uint8 image in CIE L*a*b* (L* 0-100).
 
-    ``region``: ``"all"`` pixels, or ``"stained"`` ones only (:func:`stained_mask`), as
-    :class:`ReinhardReference` ``region`` defines them.
+    Parameters
+    ----------
+    image : (H, W, 3) uint8 ndarray
+        RGB.
+    region : {"all", "stained"}
+        All pixels, or the stained ones only (:func:`stained_mask`; all pixels when fewer than 1 % are
+        stained), as :class:`ReinhardReference` ``region`` defines them.
+
+    Returns
+    -------
+    mean, std : (3,) float64 ndarray
+
+    Raises
+    ------
+    ValueError
+        For another ``region``.
     """
     if region not in _REINHARD_REGIONS:
         raise ValueError(f"region must be one of {_REINHARD_REGIONS}, got {region!r}")
@@ -617,8 +636,12 @@ def stained_mask(image: np.ndarray) -> np.ndarray:
     100
     """
     image = _check_image(image)
-    lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
-    return _stained(image, lab)
+    return _stained(image, _to_lab(image))
+
+
+def _to_lab(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 CIE L*a*b* (L* 0-100) of an RGB uint8 image."""
+    return cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
 
 
 def _stained(image: np.ndarray, lab: np.ndarray) -> np.ndarray:
@@ -631,7 +654,7 @@ def _stained(image: np.ndarray, lab: np.ndarray) -> np.ndarray:
 def _lab_with_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation
     over ``region`` (all pixels, or the stained ones when there are enough)."""
-    lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
+    lab = _to_lab(image)
     mask = None
     if region == "stained":
         stained = _stained(image, lab)
