@@ -809,7 +809,9 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     This step evens that out the way Reinhard normalisation evens out colour: an unsharp mask
     ``image + a * (image - gaussian(image, sigma))`` with the smallest amount ``a`` (in steps of 0.05,
     at most ``max_amount``) that brings the sharpness (before rounding to uint8) to at least ``target``.
-    It never blurs.
+    It never blurs: where rounding to 0-255 would leave the result less sharp than the image (tiny or
+    nearly black images), the image is returned unchanged. The torch twin
+    (:func:`~smearpipe.augment.match_sharpness_batch`, no rounding) does not need that check.
 
     Parameters
     ----------
@@ -851,7 +853,8 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     x = img.astype(np.float32)
     grey = x.mean(axis=2)
     lap = cv2.Laplacian(grey, cv2.CV_32F)
-    if _sharpness_of_grey(grey, lap) >= target:
+    before = _sharpness_of_grey(grey, lap)
+    if before >= target:
         return img.copy()
     k = _gaussian_ksize(sigma)
     detail = x - cv2.GaussianBlur(x, (k, k), sigma)
@@ -860,7 +863,9 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     amount = float(_sharpening_amounts(np.array([_second_moments(lap, lap_detail)]),
                                        np.array([_second_moments(grey, grey_detail)]), target=target,
                                        max_amount=max_amount)[0])
-    return np.clip(np.rint(x + amount * detail), 0, 255).astype(np.uint8)
+    out = np.clip(np.rint(x + amount * detail), 0, 255).astype(np.uint8)
+    # rounding to 0-255 can undo a small amount on a tiny or nearly black image: never return it less sharp
+    return out if _sharpness_of_grey(out.astype(np.float32).mean(axis=2)) >= before else img.copy()
 
 
 # ----------------------------------------------------------------------------- config
