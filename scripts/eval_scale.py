@@ -9,10 +9,9 @@ its input size, so a shrunk 640x480 field is enlarged back and the cells are see
 scale again. Here the 72 BCCD test fields are shrunk by ``--factor`` and tiled 2x2 (four different
 fields, 18 mosaics, each field used once) on a 640x480 canvas of the slide's background colour; the
 ground truth is the union of their VOC boxes, scaled and shifted. ``--tiles 1`` places each shrunk field
-alone at the centre of the canvas (72 images): the 2x2 tiling puts red cells cut by one field's edge next
-to another field's cells, at seams a real lower-magnification field does not have, and the detector
-misses more of them there (BCCD val, detector v2: recall of edge-cut red cells 0.72 at the native scale,
-0.60 on the mosaics; of the others 0.72 and 0.70).
+alone at the centre of the canvas (72 images). On a canvas, a red cell cut by its field's edge borders
+another field or the canvas instead of the image's edge, and the detector finds fewer of them
+(``rbc_recall_at_counting_threshold`` below).
 
 For each mosaic, the detector runs (a) as is, at its training input size, and (b) at the input size
 chosen from the field's red-cell diameter (:func:`smearpipe.scale.rescale_factor` +
@@ -23,7 +22,7 @@ AP@0.5 and AP@0.5:0.95 per class (ultralytics' ``ap_per_class`` on predictions a
 RBC count error against the annotations and against the detector's own count on the unshrunk fields
 (BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
 exactness, the recall of annotated red cells at the counting thresholds (cells cut by their field's
-edge apart from the others: on a 2x2 mosaic they sit at seams) and the estimated scale factor. Writes ``metrics_x<factor>.json`` and ``per_mosaic_x<factor>.csv``
+edge apart from the others) and the estimated scale factor. Writes ``metrics_x<factor>.json`` and ``per_mosaic_x<factor>.csv``
 (``_single`` with ``--tiles 1``; ``_val`` with ``--split val``: the val fields, 21 mosaics of 84 of the 87, for
 choosing between detectors; the shipped detectors saw these fields in training, at their own scale).
 """
