@@ -1,14 +1,16 @@
 """End-to-end evaluation of analyze_smear on the BCCD test fields (72), shipped weights by default.
 
 Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME]
-       [--rescale [field|slide]]
+       [--rescale auto|off|field|slide] [--split test|val]
 
 Per field: predicted vs annotated WBC / RBC / platelet counts; for fields whose labels.csv row is a
 single WBC type (and that have exactly one annotated WBC), whether the predicted type of the field's
-WBC(s) matches. Writes metrics.json and per_field.csv (``_rescale_field`` / ``_rescale_slide`` suffix with
---rescale: the red-cell ruler measured on each field, or once on the slide's first fields as analyze_fields
-does; at BCCD's own magnification it should change nothing). Magnification changes are tested by
-scripts/eval_scale.py.
+WBC(s) matches. ``--rescale``: ``auto`` (the default pipeline: the detector's red-cell boxes decide),
+``off``, or the image's red-cell ruler measured on each field (``field``) or once on the slide's first
+fields as analyze_fields does (``slide``); at BCCD's own magnification none should change much. Writes
+metrics.json and per_field.csv, with a ``_rescale_<mode>`` suffix for modes other than ``auto`` and a
+``_val`` suffix for ``--split val`` (BCCD val: part of the detector's training fields). Magnification
+changes are tested by scripts/eval_scale.py.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "reports" / "end_to_end"))
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
-    ap.add_argument("--rescale", nargs="?", const="field", choices=("field", "slide"), default=None,
-                    help="red-cell ruler: measured per field (analyze_smear) or once for the slide (analyze_fields)")
+    ap.add_argument("--rescale", choices=("auto", "off", "field", "slide"), default="auto",
+                    help="PipelineConfig.rescale 'auto' (default) or False, or the red-cell ruler (True) measured per "
+                         "field (analyze_smear) or once for the slide (analyze_fields)")
+    ap.add_argument("--split", choices=("test", "val"), default="test")
     args = ap.parse_args()
-    pipe = load_pipeline(detector=args.detector, classifier=args.classifier,
-                         config=PipelineConfig(rescale=args.rescale is not None))
+    rescale = {"auto": "auto", "off": False, "field": True, "slide": True}[args.rescale]
+    pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(rescale=rescale))
     labels = read_bccd_subtype_labels(SHARED / "bccd_wbc_subtypes" / "labels.csv")
-    stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()
+    stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
     rows = []
     slide = {}
     if args.rescale == "slide":  # the test fields as one slide, as `smearpipe analyze --rescale` does
@@ -60,7 +64,8 @@ def main() -> None:
             typed = bool(pred_types) and all(t == field_label[0] for t in pred_types)
         rows.append({"field": stem, **{f"true_{k}": v for k, v in true.items()}, **{f"pred_{k}": v for k, v in r.counts.items()},
                      "label": ",".join(field_label or []), "pred_types": ",".join(d.wbc_type for d in r.wbcs),
-                     "type_correct": typed, "scale_factor": r.scale_factor, "ms": round(r.timings_ms["total"], 1)})
+                     "type_correct": typed, "scale_factor": r.scale_factor, "detector_imgsz": r.detector_imgsz or "",
+                     "ms": round(r.timings_ms["total"], 1)})
     n = len(rows)
     wbc_exact = np.mean([r["true_WBC"] == r["pred_WBC"] for r in rows])
     typed_rows = [r for r in rows if r["type_correct"] is not None]
@@ -72,7 +77,8 @@ def main() -> None:
     for r in typed_rows:
         by_label.setdefault(r["label"].split(",")[0], []).append(r["type_correct"])
     metrics = {
-        "fields": n, "rescale": args.rescale, "models": pipe.models,
+        "fields": n, "split": args.split, "rescale": args.rescale, "models": pipe.models,
+        "fields_rescaled": sum(r["detector_imgsz"] != "" for r in rows),
         "wbc_count_exact_fraction": float(wbc_exact),
         "wbc_type_accuracy": float(type_acc), "wbc_type_fields": len(typed_rows),
         "wbc_type_accuracy_per_label": {k: {"correct": int(sum(v)), "fields": len(v)} for k, v in sorted(by_label.items())},
@@ -83,7 +89,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_rescale_{args.rescale}" if args.rescale else ""
+    suffix = ("" if args.rescale == "auto" else f"_rescale_{args.rescale}") + ("" if args.split == "test" else "_val")
     (out / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / f"per_field{suffix}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

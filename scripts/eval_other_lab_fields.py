@@ -1,7 +1,7 @@
 """The whole pipeline on another lab's fields: PBC images (Hospital Clinic Barcelona, CellaVision DM96).
 
 Usage: python scripts/eval_other_lab_fields.py [--split val|test] [--n N] [--out reports/cross_lab/fields_pbc]
-       [--detector NAME] [--classifier NAME] [--wbc-max-overlap X|none] [--rescale]
+       [--detector NAME] [--classifier NAME] [--wbc-max-overlap X|none] [--rescale auto|ruler|off]
 
 The detector has only seen BCCD fields (another microscope, camera and stain). A PBC image is a small
 field (360x363 px) with one annotated white cell at its centre, red cells and platelets around it, and
@@ -39,11 +39,12 @@ def main() -> None:
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--wbc-max-overlap", default=None, help="PipelineConfig.wbc_max_overlap ('none' to keep every box)")
-    ap.add_argument("--rescale", action="store_true", help="red-cell ruler measured on each field")
+    ap.add_argument("--rescale", choices=("auto", "ruler", "off"), default="auto",
+                    help="PipelineConfig.rescale: 'auto' (the default), 'ruler' (True: measured on each field) or 'off'")
     args = ap.parse_args()
     if args.n is not None and args.n < 1:
         ap.error("--n must be >= 1")
-    overrides = {"rescale": args.rescale}
+    overrides = {"rescale": {"auto": "auto", "ruler": True, "off": False}[args.rescale]}
     if args.wbc_max_overlap is not None:
         overrides["wbc_max_overlap"] = None if args.wbc_max_overlap == "none" else float(args.wbc_max_overlap)
     pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(**overrides))
@@ -68,7 +69,8 @@ def evaluate(pipe: Pipeline, split: str, *, n: int | None = None) -> tuple[dict,
         best = max(centre, key=lambda c: c.score) if centre else None
         rows.append({"image": item["path"], "label": item["class"], "wbc_boxes": len(r.wbcs), "centre_found": best is not None,
                      "pred_type": best.wbc_type if best else "", "type_correct": bool(best and best.wbc_type == item["class"]),
-                     "extra_wbc_boxes": len(r.wbcs) - (best is not None)})
+                     "extra_wbc_boxes": len(r.wbcs) - (best is not None), "scale_factor": round(r.scale_factor, 3),
+                     "detector_imgsz": r.detector_imgsz or ""})
     total = len(rows)
     per_class = {}
     for c in WBC_CLASSES:
@@ -82,6 +84,7 @@ def evaluate(pipe: Pipeline, split: str, *, n: int | None = None) -> tuple[dict,
         "type_accuracy_where_found": sum(r["type_correct"] for r in rows) / max(1, sum(r["centre_found"] for r in rows)),
         "images_without_wbc_box": sum(r["wbc_boxes"] == 0 for r in rows),
         "extra_wbc_boxes": sum(r["extra_wbc_boxes"] for r in rows),
+        "rescaled_images": sum(r["detector_imgsz"] != "" for r in rows),
         "per_class": per_class,
         "confusions": _confusions(rows),
     }

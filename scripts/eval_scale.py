@@ -16,8 +16,10 @@ another field or the canvas instead of the image's edge, and the detector finds 
 For each mosaic, the detector runs (a) as is, at its training input size, and (b) at the input size
 chosen from the field's red-cell diameter (:func:`smearpipe.scale.rescale_factor` +
 :func:`smearpipe.scale.detector_input_size`, what ``analyze_smear`` does with ``PipelineConfig(rescale=True)``),
-and (c) ``rescaled_slide``: at the input size from one diameter for all mosaics, the median over the first
-``slide_scale_fields`` mosaics, what ``analyze_fields`` does with ``rescale=True``. Reported:
+(c) ``rescaled_slide``: at the input size from one diameter for all mosaics, the median over the first
+``slide_scale_fields`` mosaics, what ``analyze_fields`` does with ``rescale=True``, and (d) ``auto``: at the
+input size the default ``rescale="auto"`` ends at (the detector's own red-cell boxes measure the mosaic).
+Reported:
 AP@0.5 and AP@0.5:0.95 per class (ultralytics' ``ap_per_class`` on predictions at conf 0.001), the
 RBC count error against the annotations and against the detector's own count on the unshrunk fields
 (BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
@@ -42,7 +44,7 @@ import numpy as np
 from smearpipe.datasets import DETECTION_CLASSES, normalize_detection_class, read_voc
 from smearpipe.detect import Detector
 from smearpipe.io import read_image
-from smearpipe.pipeline import PipelineConfig
+from smearpipe.pipeline import PipelineConfig, _auto_rescale
 from smearpipe.preprocess import estimate_background
 from smearpipe.scale import detector_input_size, estimate_rbc_diameter, rescale_factor
 
@@ -149,7 +151,7 @@ def main() -> None:
     stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
     per = args.tiles ** 2
     groups = [stems[i:i + per] for i in range(0, len(stems) - per + 1, per)]
-    modes = ("as_is", "rescaled", "rescaled_slide")
+    modes = ("as_is", "rescaled", "rescaled_slide", "auto")
     stats: dict[str, list] = {m: [] for m in modes}
     targets: list[int] = []
     rows = []
@@ -172,10 +174,12 @@ def main() -> None:
                  "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
                                                  train_long_side=long_side),
                  "rescaled_slide": detector_input_size(canvas.shape, factor=slide_factor, input_size=det.record.input_size,
-                                                       train_long_side=long_side)}
+                                                       train_long_side=long_side),
+                 # what analyze_smear's default rescale="auto" chooses from the detector's own red-cell boxes
+                 "auto": _auto_rescale(det, canvas, det.predict(canvas), PipelineConfig())[1]}
         row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "expected_rbc_diameter": round(target / args.factor, 1),
                "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
-               "imgsz_rescaled_slide": sizes["rescaled_slide"],
+               "imgsz_rescaled_slide": sizes["rescaled_slide"], "imgsz_auto": sizes["auto"],
                "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
                "native_pred_WBC": native_counts.count("WBC"), "native_pred_RBC": native_counts.count("RBC")}
         for m in modes:

@@ -156,8 +156,8 @@ def test_default_pipeline_on_bundled_fields():
 
 
 def test_rescaling_finds_a_small_cell_in_original_pixels():
-    """A BCCD field shrunk 2.5x (a lower magnification) on a 640x480 canvas: with the red-cell ruler the WBC
-    is found, and its box is in the canvas's pixels."""
+    """A BCCD field shrunk 2.5x (a lower magnification) on a 640x480 canvas: with the red-cell ruler, and by
+    default, the WBC is found, and its box is in the canvas's pixels."""
     import cv2
 
     from smearpipe import analyze_smear, load_pipeline
@@ -172,11 +172,21 @@ def test_rescaling_finds_a_small_cell_in_original_pixels():
     canvas[:] = np.round(estimate_background(img)).astype(np.uint8)  # the slide's empty glass around it
     canvas[100:292, 200:456] = small
     expected = (gt[0] / 2.5 + 200, gt[1] / 2.5 + 100, gt[2] / 2.5 + 200, gt[3] / 2.5 + 100)
-    r = analyze_smear(canvas, pipeline=load_pipeline(), config=PipelineConfig(rescale=True))
-    assert r.scale_factor == pytest.approx(2.5, rel=0.2)
-    wbcs = [d for d in r.detections if d.label == "WBC"]
-    assert len(wbcs) == 1
-    assert _iou(wbcs[0].box, expected) > 0.6
+    pipe = load_pipeline()
+    unscaled = analyze_smear(canvas, pipeline=pipe, config=PipelineConfig(rescale=False))
+    for config in (PipelineConfig(rescale=True), None):  # the image's ruler; the default, rescale="auto"
+        r = analyze_smear(canvas, pipeline=pipe, config=config)
+        assert r.scale_factor == pytest.approx(2.5, rel=0.2)
+        wbcs = [d for d in r.detections if d.label == "WBC"]
+        assert len(wbcs) == 1
+        assert _iou(wbcs[0].box, expected) > 0.6
+        # v2: 3 red cells for both, 0 unscaled, 6 on the unshrunk field (crowded: 17 annotated; README, magnification)
+        assert r.counts["RBC"] > unscaled.counts["RBC"], config
+    # the field at its own scale: "auto" keeps the first detection, exactly as without rescaling
+    r = analyze_smear(img, pipeline=pipe)
+    assert r.scale_factor == 1.0 and r.detector_imgsz is None
+    off = analyze_smear(img, pipeline=pipe, config=PipelineConfig(rescale=False))
+    assert [(d.box, d.label) for d in r.detections] == [(d.box, d.label) for d in off.detections]
 
 
 def test_default_pipeline_on_another_labs_fields(pbc_root):

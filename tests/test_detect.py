@@ -25,6 +25,11 @@ def test_smoke_training_writes_weights_and_record(smoke_run):
     assert rec["input_size"] == 96 and rec["preprocessing"]["steps"] == []
     assert rec["training"]["stats"]["train"]["images"] == 4
     assert len(rec["sha256"]) == 64
+    # the training scale, for rescaling: BCCD fields are 640 px wide, their red cells ~88 px by the image ruler
+    assert rec["train_long_side_px"] == 640 and 60 < rec["rbc_diameter_px"] < 120
+    assert "4 training fields" in rec["scale_note"]
+    # one epoch finds no red cells yet: the box ruler is left out rather than guessed
+    assert rec.get("rbc_box_px") is None or 40 < rec["rbc_box_px"] < 200
 
 
 def test_second_run_gets_new_folder(tiny_data, smoke_run):

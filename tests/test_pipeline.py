@@ -5,9 +5,11 @@ The shipped default weights are exercised in test_default_weights.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -228,19 +230,98 @@ def test_rescaling_sets_the_detector_input_size(pipe):
     # known pixel size: 7.5 um / 0.075 um = 100 px = training scale -> the training input size
     r2 = analyze_smear(img, pipeline=stub, config=PipelineConfig(pixel_size_um=0.075))
     assert r2.scale_factor == 1.0 and det.imgsz == r2.detector_imgsz == 512
-    r3 = analyze_smear(img, pipeline=stub)
+    r3 = analyze_smear(img, pipeline=stub, config=PipelineConfig(rescale=False))
     assert det.imgsz is None and r3.detector_imgsz is None  # no rescaling asked: the detector's own default
     assert SmearResult.from_json(r.to_json()).detector_imgsz == 1280
     with pytest.raises(ValueError, match="not both"):
         PipelineConfig(rbc_diameter_px=40.0, pixel_size_um=0.1)
     from smearpipe.errors import WeightsError
 
+    load_pipeline(detector=pipe.detector, classifier=pipe.classifier, config=PipelineConfig(rescale=True))  # train_detector recorded its scale
+    old = copy.copy(pipe.detector)
+    old.record = dataclasses.replace(pipe.detector.record, metadata={})  # e.g. a record written before it did
     with pytest.raises(WeightsError, match="train_long_side_px"):  # at load time, not per field
-        load_pipeline(detector=pipe.detector, classifier=pipe.classifier, config=PipelineConfig(rescale=True))
+        load_pipeline(detector=old, classifier=pipe.classifier, config=PipelineConfig(rescale=True))
     bare = dataclasses.replace(pipe.detector.record, metadata={})
     with pytest.raises(ValueError, match="rbc_diameter_px / train_long_side_px"):
         analyze_smear(img, pipeline=Pipeline(StubDetector([], bare), pipe.classifier), config=PipelineConfig(rescale=True))
 
+
+
+class MagnifiedDetector(StubDetector):
+    """A field whose red cells are ``cell_px`` wide: the same boxes at every input size (as a detector that finds
+    them); remembers every input size it was asked for."""
+
+    def __init__(self, record, cell_px, n_rbc=6):
+        super().__init__([], record)
+        self.cell_px, self.n_rbc, self.sizes = cell_px, n_rbc, []
+
+    def predict(self, image, *, conf=None, iou=None, imgsz=None):
+        self.sizes.append(imgsz)
+        s = float(self.cell_px)
+        n = self.n_rbc if isinstance(self.n_rbc, int) else self.n_rbc[len(self.sizes) - 1]  # or per call
+        rbcs = [Detection((20.0 + 1.2 * s * k, 20.0, 20.0 + 1.2 * s * k + s, 20.0 + s), "RBC", 0.9) for k in range(n)]
+        return [*rbcs, Detection((10.0, 200.0, 110.0, 300.0), "WBC", 0.95)]
+
+
+def _auto_record(pipe, **meta):
+    return dataclasses.replace(pipe.detector.record, input_size=512,
+                               metadata={**pipe.detector.record.metadata, "train_long_side_px": 640, **meta})
+
+
+@pytest.mark.parametrize(("shape", "cell_px", "sizes", "factor"), [
+    ((480, 640), 100, [None], 1.0),          # training scale: one pass, nothing changed
+    ((480, 640), 88, [None], 1.0),           # within the 1.25x tolerance
+    ((480, 640), 40, [None, 1280], 2.5),     # 2.5x lower magnification: seen again at 2.5x, measured, kept
+    ((363, 360), 80, [None, 352], 1.25),     # a small field (letterboxed up 1.76x) with large cells: seen smaller
+])
+def test_auto_rescale_from_the_detectors_red_cells(pipe, shape, cell_px, sizes, factor):
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), cell_px)
+    r = analyze_smear(np.full((*shape, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    assert PipelineConfig().rescale == "auto"
+    assert det.sizes == sizes
+    assert r.scale_factor == pytest.approx(factor) and r.detector_imgsz == sizes[-1]
+    assert r.counts["RBC"] == 6
+
+
+def test_auto_rescale_without_enough_red_cell_boxes(pipe):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 40, n_rbc=2)
+    analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None]  # too few to measure and no image ruler recorded: kept as it is
+    # with the image ruler recorded, it decides (here: red cells 2.5x smaller than at training)
+    ruler = 2.5 * estimate_rbc_diameter(img)
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=2)
+    r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5)
+    # the ruler says 2.5x, the boxes of the second look say training scale: back to the first detection
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 100, n_rbc=[2, 6])
+    r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == 1.0 and r.detector_imgsz is None
+    assert r.counts["RBC"] == 2  # the first detection's
+    blank = np.full((480, 640, 3), 230, np.uint8)  # nothing to measure at all: as it is, no error
+    det.sizes.clear()
+    assert analyze_smear(blank, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0 and det.sizes == [None]
+
+
+def test_auto_rescale_needs_the_box_ruler_in_the_record(pipe):
+    bare = copy.copy(pipe.detector)
+    bare.record = dataclasses.replace(pipe.detector.record, metadata={
+        k: v for k, v in pipe.detector.record.metadata.items() if k != "rbc_box_px"})
+    with pytest.warns(UserWarning, match="rbc_box_px"):
+        load_pipeline(detector=bare, classifier=pipe.classifier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pipeline(detector=bare, classifier=pipe.classifier, config=PipelineConfig(rescale=False))
+    det = MagnifiedDetector(pipe.detector.record, 40)
+    assert analyze_smear(read_image(SAMPLES / "BloodImage_00007.jpg"), pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0
+    assert det.sizes == [None]  # seen as it is
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "AUTO"])
+def test_rescale_values(bad):
+    with pytest.raises(ValueError, match="rescale"):
+        PipelineConfig(rescale=bad)
 
 
 def test_slide_scale_is_the_median_of_the_first_fields(pipe, tmp_path):

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
 
 from smearpipe.io import read_image
-from smearpipe.scale import ScaleEstimationError, detector_input_size, estimate_rbc_diameter, rescale_factor
+from smearpipe.scale import (
+    ScaleEstimationError,
+    detector_input_size,
+    estimate_rbc_diameter,
+    measure_rbc_box_px,
+    rbc_box_diameter,
+    rescale_factor,
+)
 
 
 def synthetic_field(diameter: float, *, seed: int = 0, size=(480, 640), n: int | None = None, overlap: bool = True) -> np.ndarray:
@@ -79,3 +88,44 @@ def test_detector_input_size():
     for bad in (0.0, float("inf"), float("nan")):
         with pytest.raises(ValueError):
             detector_input_size((480, 640), factor=bad, input_size=512, train_long_side=640)
+
+
+def _boxes(*boxes, label="RBC"):
+    return [SimpleNamespace(label=label, box=b) for b in boxes]
+
+
+def test_rbc_box_diameter():
+    inside = _boxes((10, 10, 50, 40), (100, 100, 130, 140), (200, 50, 240, 90))  # 35, 35, 40 px
+    assert rbc_box_diameter(inside, (300, 300, 3)) == pytest.approx(35.0)
+    cut = _boxes((0, 10, 30, 40), (270, 270, 300, 300), (2.9, 100, 40, 140))  # at or within 3 px of the border
+    wbc = _boxes((60, 60, 160, 160), (150, 150, 250, 250), label="WBC")
+    assert rbc_box_diameter(inside + cut + wbc, (300, 300, 3)) == pytest.approx(35.0)
+    assert rbc_box_diameter(inside[:2] + cut, (300, 300, 3)) is None  # fewer than 3 usable
+    assert rbc_box_diameter(inside[:2], (300, 300, 3), min_cells=2) == pytest.approx(35.0)
+    with pytest.raises(ValueError, match="min_cells"):
+        rbc_box_diameter(inside, (300, 300, 3), min_cells=0)
+
+
+def test_measure_rbc_box_px(tmp_path):
+    class Fixed:
+        def __init__(self):
+            self.calls = []
+
+        def predict(self, image):
+            self.calls.append(image.shape)
+            s = 20.0 if image.shape[0] == 100 else 30.0
+            return _boxes(*[(10 + 1.5 * s * k, 10, 10 + 1.5 * s * k + s, 10 + s) for k in range(3)])
+
+    path = tmp_path / "field.png"
+    cv2.imwrite(str(path), np.full((120, 200, 3), 200, np.uint8))
+    det = Fixed()
+    fields = [np.zeros((100, 200, 3), np.uint8), path, np.zeros((120, 200, 3), np.uint8)]
+    assert measure_rbc_box_px(det, fields) == pytest.approx(30.0)  # median of 20, 30, 30
+    assert det.calls == [(100, 200, 3), (120, 200, 3), (120, 200, 3)]  # a path is read once
+
+    class Nothing:
+        def predict(self, image):
+            return []
+
+    with pytest.raises(ScaleEstimationError, match="enough red-cell boxes"):
+        measure_rbc_box_px(Nothing(), fields)

@@ -117,7 +117,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
     paths = _image_paths(args.paths)
-    config = PipelineConfig(det_conf=args.conf, rescale=args.rescale, pixel_size_um=args.pixel_size_um,
+    rescale = {"auto": "auto", "ruler": True, "off": False}[args.rescale]
+    config = PipelineConfig(det_conf=args.conf, rescale=rescale, pixel_size_um=args.pixel_size_um,
                             rbc_diameter_px=args.rbc_diameter_px)
     pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
     results, errors = [], []
@@ -217,7 +218,7 @@ def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .framing import FRAMINGS
-    from .pipeline import PipelineConfig
+    from .pipeline import AUTO_RESCALE_TOLERANCE, PipelineConfig
 
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--rescale", action="store_true",
-                       help="another magnification: measure the red cells (median over the slide's first "
-                            f"{PipelineConfig().slide_scale_fields} measurable fields) and show each field to the "
-                            "detector at its training scale")
+    scale.add_argument("--rescale", nargs="?", choices=("auto", "ruler", "off"), default="auto", const="ruler",
+                       help="showing fields at the detector's training scale: 'auto' (default) from the detector's own "
+                            "red-cell boxes, field by field, only where a field's scale differs by more than "
+                            f"{AUTO_RESCALE_TOLERANCE}x; 'ruler' (also plain --rescale) always, from the red cells "
+                            f"measured on the image (median over the slide's first {PipelineConfig().slide_scale_fields} "
+                            "measurable fields); 'off': fields as they are")
     scale.add_argument("--pixel-size-um", type=float, default=None, help="known pixel size in micrometres (rescales)")
     scale.add_argument("--rbc-diameter-px", type=float, default=None, help="known red-cell diameter in pixels (rescales)")
     p.set_defaults(func=_cmd_analyze)

@@ -28,6 +28,7 @@ from .io import ImageLike, load_image, require_image_list
 
 __all__ = [
     "PipelineConfig",
+    "AUTO_RESCALE_TOLERANCE",
     "Pipeline",
     "load_pipeline",
     "CellResult",
@@ -62,18 +63,32 @@ class PipelineConfig:
         A box within this many pixels of the image edge is flagged (the cell may be cut).
     crop_scale : float, optional
         Crop side relative to the WBC box (None: the classifier record's ``crop_scale``).
-    rescale : bool
-        Show each field to the detector at its training scale: the red-cell diameter (a ruler of
-        ~7.5 um everywhere, :mod:`smearpipe.scale`) sets the network input size, so fields of another
-        magnification or camera size are seen like the training fields. Boxes are reported in the
-        original image's pixels. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the detector
-        record. Off by default: the estimate costs ~50-100 ms per 640x480 field here, and fields like the training
-        ones (BCCD, 640x480) do not need it.
+    rescale : {"auto", True, False}
+        Show each field to the detector at its training scale, so that fields of another magnification
+        or camera are seen like the training fields: red cells (~7.5 um everywhere, :mod:`smearpipe.scale`)
+        are the ruler, and the network input size is set from their size. Boxes are always reported in
+        the original image's pixels.
+
+        - ``"auto"`` (default): the detector's own red-cell boxes measure the field
+          (:func:`~smearpipe.scale.rbc_box_diameter`, at least 3 boxes clear of the border). A field whose
+          scale is within a factor of 1.25 of the training fields' (all BCCD val fields) keeps the first
+          detection and costs nothing more; another one is detected again at the input size of its
+          measured scale, measured again, and at most once more detected (so at most three passes). Where
+          the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
+          most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
+          ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is.
+          Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
+          seen as they are (``load_pipeline`` warns).
+        - ``True``: the red-cell diameter comes from ``rbc_diameter_px`` / ``pixel_size_um`` or else from
+          :func:`~smearpipe.scale.estimate_rbc_diameter` on the image alone (no detector; ~50-100 ms per
+          640x480 field; single-field estimates scatter, see ``slide_scale_fields``), and every field is
+          detected once at that scale. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the record.
+        - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
-        implies ``rescale``; otherwise the diameter is estimated from the field.
+        implies ``rescale=True``; otherwise the diameter is estimated from the field.
     slide_scale_fields : int
-        With ``rescale`` and neither of the above, :func:`analyze_fields` / :func:`iter_fields` measure
+        With ``rescale=True`` and neither of the above, :func:`analyze_fields` / :func:`iter_fields` measure
         the red cells of the first this-many fields of the slide whose red cells can be measured (looking
         at most 4x as many) and use their median for every field, including blank ones (one microscope
         per slide): estimates from single fields scatter (BCCD test fields: median 86 px, 5-95 % range
@@ -88,12 +103,14 @@ class PipelineConfig:
     review_probability: float = 0.7
     border_margin: float = 2.0
     crop_scale: float | None = None
-    rescale: bool = False
+    rescale: bool | str = "auto"
     rbc_diameter_px: float | None = None
     pixel_size_um: float | None = None
     slide_scale_fields: int = 8
 
     def __post_init__(self) -> None:
+        if not (self.rescale is True or self.rescale is False or self.rescale == "auto"):
+            raise ValueError(f"rescale must be 'auto', True or False, got {self.rescale!r}")
         if self.rbc_diameter_px is not None and self.pixel_size_um is not None:
             raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
         for name in ("rbc_diameter_px", "pixel_size_um"):
@@ -152,11 +169,65 @@ def load_pipeline(
     config = config or PipelineConfig()
     if _rescaling(config):
         _scale_metadata(det)  # fail at load time, not on every field
+    elif config.rescale == "auto" and _auto_metadata(det) is None:
+        warnings.warn(f"detector {det.record.name!r} records no rbc_box_px / train_long_side_px: rescale='auto' sees "
+                      "every field as it is (add them to its record, see smearpipe.scale.measure_rbc_box_px, or pass "
+                      "rescale=False)", stacklevel=2)
     return Pipeline(det, clf, config)
 
 
 def _rescaling(cfg: PipelineConfig) -> bool:
-    return cfg.rescale or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None
+    """Whether the red-cell ruler of ``rescale=True`` (or a known scale) sets the detector input."""
+    return cfg.rescale is True or cfg.rbc_diameter_px is not None or cfg.pixel_size_um is not None
+
+
+#: ``rescale="auto"``: a field whose red-cell boxes put it within this factor of the training scale is kept
+#: as detected (BCCD val fields at their native scale: 0.84-1.14).
+AUTO_RESCALE_TOLERANCE = 1.25
+_AUTO_PASSES = 2  # detections after the first, at most
+
+
+def _auto_metadata(detector: Any) -> dict[str, float] | None:
+    meta = detector.record.metadata
+    if meta.get("rbc_box_px") is None or meta.get("train_long_side_px") is None:
+        return None
+    return {k: float(meta[k]) for k in ("rbc_box_px", "train_long_side_px", "rbc_diameter_px") if meta.get(k) is not None}
+
+
+def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfig) -> tuple[float, int | None, list]:
+    """``rescale="auto"``: (scale factor, input size, detections); ``(1.0, None, dets)`` when the field is kept."""
+    from .scale import ScaleEstimationError, detector_input_size, estimate_rbc_diameter, rbc_box_diameter
+
+    meta = _auto_metadata(detector)
+    if meta is None:
+        return 1.0, None, dets
+    # the scale the detector's own input size showed this field at (1 for a field as large as the training ones)
+    seen = meta["train_long_side_px"] / max(rgb.shape[:2])
+    factor, imgsz, first = 1.0, None, dets
+    for k in range(_AUTO_PASSES):
+        diameter = rbc_box_diameter(dets, rgb.shape)
+        if diameter is not None:
+            need = meta["rbc_box_px"] / diameter
+        elif k == 0 and meta.get("rbc_diameter_px"):
+            # too few red-cell boxes to measure: at a much lower magnification the detector misses most red
+            # cells, so the image's own ruler decides whether to look again (a blank field stays as it is)
+            try:
+                need = meta["rbc_diameter_px"] / estimate_rbc_diameter(rgb)
+            except ScaleEstimationError:
+                break
+        else:
+            break
+        if abs(np.log(need / seen)) <= np.log(AUTO_RESCALE_TOLERANCE):
+            break
+        size = detector_input_size(rgb.shape, factor=need, input_size=detector.record.input_size,
+                                   train_long_side=meta["train_long_side_px"])
+        if size == imgsz:
+            break
+        if size == detector.record.input_size:
+            return 1.0, None, first  # back at the first detection's input size
+        factor, imgsz, seen = need, size, need
+        dets = detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=size)
+    return factor, imgsz, dets
 
 
 def _scale_metadata(detector: Any) -> dict[str, float]:
@@ -216,8 +287,8 @@ class SmearResult:
     models: dict[str, dict[str, str]]
     timings_ms: dict[str, float]
     source: str | None = None
-    scale_factor: float = 1.0  # red-cell ratio training / this field (1.0 when rescaling is off)
-    detector_imgsz: int | None = None  # network input size the red-cell ruler chose (None: the detector's default)
+    scale_factor: float = 1.0  # red-cell ratio training / this field (1.0 when the field was not rescaled)
+    detector_imgsz: int | None = None  # network input size rescaling chose (None: the detector's default)
 
     @property
     def differential_percent(self) -> dict[str, float]:
@@ -304,6 +375,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t1 = time.perf_counter()
     # the field is letterboxed to imgsz (its training scale; None: the detector's own); boxes come back in its pixels
     dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
+    if cfg.rescale == "auto" and not _rescaling(cfg):
+        factor, imgsz, dets = _auto_rescale(p.detector, rgb, dets, cfg)
     if cfg.wbc_max_overlap is not None:
         dets = suppress_nested(dets, label="WBC", max_overlap=cfg.wbc_max_overlap)
     t2 = time.perf_counter()
@@ -429,7 +502,7 @@ def iter_fields(
     pipeline : Pipeline, optional
         From :func:`load_pipeline`; None uses the shipped default weights.
     config : PipelineConfig, optional
-        Overrides ``pipeline.config``. With ``rescale`` and no known diameter or pixel size, the slide's
+        Overrides ``pipeline.config``. With ``rescale=True`` and no known diameter or pixel size, the slide's
         red-cell diameter is the median over its first ``slide_scale_fields`` measurable fields (read
         twice; at most ``4 * slide_scale_fields`` fields are held back for it, as paths or arrays).
     progress : bool
@@ -457,7 +530,7 @@ def iter_fields(
         except SmearpipeError as exc:
             return source, exc
 
-    if cfg.rescale and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
+    if cfg.rescale is True and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
         from .scale import ScaleEstimationError, estimate_rbc_diameter
 
         first: list[tuple[int, ImageLike]] = []

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -322,8 +322,48 @@ def train_detector(
         folder=str(run_dir),
     )
     record_path = record.write(run_dir / "detector.json", overwrite=True)
+    scale = _training_scale(weights, cfg)
+    if scale:
+        record = replace(record, metadata={**record.metadata, **scale})
+        record.write(record_path, overwrite=True)
     (run_dir / "train_summary.json").write_text(json.dumps({"run_dir": str(run_dir), **record.to_dict()}, indent=2))
     return DetectorTrainResult(run_dir=run_dir, weights=weights, record=record_path, metrics=metrics)
+
+
+_SCALE_FIELDS = 100  # training fields measured for the scale keys of a detector's record
+
+
+def _training_scale(weights: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The record keys rescaling needs, measured on (at most ``_SCALE_FIELDS``, evenly spaced) training fields:
+    ``train_long_side_px``, ``rbc_diameter_px`` (the image ruler) and ``rbc_box_px`` (the trained detector's own
+    red-cell boxes); a key that cannot be measured (e.g. a detector that finds no red cells yet) is left out.
+    ``weights``: the trained detector, its record beside it."""
+    from .detect import Detector
+    from .scale import ScaleEstimationError, estimate_rbc_diameter, measure_rbc_box_px
+
+    img_dir, _ = _split_dirs(cfg, Path(cfg["_root"]), "train")
+    files = sorted(f for f in img_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = files[:: max(1, -(-len(files) // _SCALE_FIELDS))]
+    if not files:
+        return {}
+    images = [read_image(f) for f in files]
+    out: dict[str, Any] = {"train_long_side_px": round(float(np.median([max(im.shape[:2]) for im in images])))}
+    diameters = []
+    for im in images:
+        try:
+            diameters.append(estimate_rbc_diameter(im))
+        except ScaleEstimationError:
+            pass
+    if diameters:
+        out["rbc_diameter_px"] = round(float(np.median(diameters)), 1)
+    try:
+        out["rbc_box_px"] = round(measure_rbc_box_px(Detector.load(weights), images), 1)
+    except ScaleEstimationError:
+        pass
+    out["scale_note"] = (f"medians over {len(files)} training fields at their native scale: long side, "
+                         "smearpipe.scale.estimate_rbc_diameter (rbc_diameter_px) and measure_rbc_box_px of this "
+                         "detector (rbc_box_px); used by PipelineConfig(rescale=...)")
+    return out
 
 
 # ============================================================================ classifier
