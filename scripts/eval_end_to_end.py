@@ -1,16 +1,17 @@
 """End-to-end evaluation of analyze_smear on the BCCD test fields (72), shipped weights by default.
 
-Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end] [--detector NAME] [--classifier NAME]
-       [--rescale auto|off|field|slide] [--split test|val]
+Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end/<classifier>] [--detector NAME]
+       [--classifier NAME] [--rescale auto|off|field|slide] [--split test|val]
 
 Per field: predicted vs annotated WBC / RBC / platelet counts; for fields whose labels.csv row is a
 single WBC type (and that have exactly one annotated WBC), whether the predicted type of the field's
 WBC(s) matches. ``--rescale``: ``auto`` (the default pipeline: the detector's red-cell boxes decide),
 ``off``, or the image's red-cell ruler measured on each field (``field``) or once on the slide's first
 fields as analyze_fields does (``slide``); at BCCD's own magnification none should change much. Writes
-metrics.json and per_field.csv, with a ``_rescale_<mode>`` suffix for modes other than ``auto`` and a
-``_val`` suffix for ``--split val`` (BCCD val: part of the detector's training fields). Magnification
-changes are tested by scripts/eval_scale.py.
+``metrics_rescale_<mode>.json`` and ``per_field_rescale_<mode>.csv``, with a ``_val`` suffix for ``--split
+val`` (BCCD val: part of the detector's training fields), to ``reports/end_to_end/<classifier name>/`` by
+default (older reports there without ``_rescale_``: no rescaling). Magnification changes are tested by
+scripts/eval_scale.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ BCCD = SHARED / "bccd" / "BCCD"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(REPO / "reports" / "end_to_end"))
+    ap.add_argument("--out", default=None, help="default: reports/end_to_end/<classifier name>")
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--rescale", choices=("auto", "off", "field", "slide"), default="auto",
@@ -87,9 +88,9 @@ def main() -> None:
         "platelet_count_exact_fraction": float(np.mean([r["true_Platelets"] == r["pred_Platelets"] for r in rows])),
         "median_ms_per_field": float(np.median([r["ms"] for r in rows])),
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else REPO / "reports" / "end_to_end" / pipe.classifier.record.name
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if args.rescale == "auto" else f"_rescale_{args.rescale}") + ("" if args.split == "test" else "_val")
+    suffix = f"_rescale_{args.rescale}" + ("" if args.split == "test" else "_val")
     (out / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / f"per_field{suffix}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -44,7 +44,7 @@ import numpy as np
 from smearpipe.datasets import DETECTION_CLASSES, normalize_detection_class, read_voc
 from smearpipe.detect import Detector
 from smearpipe.io import read_image
-from smearpipe.pipeline import PipelineConfig, _auto_rescale
+from smearpipe.pipeline import PipelineConfig, analyze_smear, load_pipeline
 from smearpipe.preprocess import estimate_background
 from smearpipe.scale import detector_input_size, estimate_rbc_diameter, rescale_factor
 
@@ -146,6 +146,7 @@ def main() -> None:
     from ultralytics.utils.metrics import ap_per_class
 
     det = Detector.load(args.detector)
+    pipe = load_pipeline(detector=det)  # default config: rescale="auto"
     meta = det.record.metadata
     target, long_side = float(meta["rbc_diameter_px"]), float(meta["train_long_side_px"])
     stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
@@ -175,8 +176,8 @@ def main() -> None:
                                                  train_long_side=long_side),
                  "rescaled_slide": detector_input_size(canvas.shape, factor=slide_factor, input_size=det.record.input_size,
                                                        train_long_side=long_side),
-                 # what analyze_smear's default rescale="auto" chooses from the detector's own red-cell boxes
-                 "auto": _auto_rescale(det, canvas, det.predict(canvas), PipelineConfig())[1]}
+                 # what analyze_smear's default rescale="auto" ends at (the detector's own red-cell boxes decide)
+                 "auto": analyze_smear(canvas, pipeline=pipe).detector_imgsz}
         row = {"fields": " ".join(group), "rbc_diameter_est": round(est, 1), "expected_rbc_diameter": round(target / args.factor, 1),
                "scale_factor": round(factor, 3), "imgsz_rescaled": sizes["rescaled"],
                "imgsz_rescaled_slide": sizes["rescaled_slide"], "imgsz_auto": sizes["auto"],

@@ -33,7 +33,22 @@ cells = [
        "`analyze_fields` streams the fields (constant memory) and reports unreadable files instead of stopping."),
     code("slide = analyze_fields(sorted(SAMPLES.glob('*.jpg')), pipeline=pipe, progress=False)\n"
          "print(slide.summary.table())\nprint('errors:', slide.errors)"),
-    md("## 3. Train the detector on your own annotated fields\n\n"
+    md("## 3. Another magnification\n\n"
+       "Labs differ in objective and camera: the same cells can be 2-4x smaller or larger in pixels. Red cells "
+       "(~7.5 um everywhere) are the ruler. By default (`rescale='auto'`) the detector's own red-cell boxes measure "
+       "each field, and a field whose scale differs from the training fields' by more than 1.25x is detected again "
+       "at the training scale; boxes stay in the field's pixels. Here a sample field is shrunk 2.5x onto an empty "
+       "canvas, as a lower magnification would show it. With a known pixel size, pass "
+       "`PipelineConfig(pixel_size_um=...)` instead."),
+    code("import cv2\nimport numpy as np\nfrom smearpipe.pipeline import PipelineConfig\n"
+         "from smearpipe.preprocess import estimate_background\n\n"
+         "canvas = np.empty_like(field)\ncanvas[:] = np.round(estimate_background(field)).astype(np.uint8)  # empty glass\n"
+         "canvas[144:336, 192:448] = cv2.resize(field, (256, 192), interpolation=cv2.INTER_AREA)\n"
+         "for config in (PipelineConfig(rescale=False), None):  # None: the pipeline's default, rescale='auto'\n"
+         "    r = analyze_smear(canvas, pipeline=pipe, config=config)\n"
+         "    print('rescale=False' if config else 'default', '| scale factor', round(r.scale_factor, 2), "
+         "'| detector input', r.detector_imgsz, '| counts', r.counts)"),
+    md("## 4. Train the detector on your own annotated fields\n\n"
        "Convert Pascal VOC annotations (BCCD layout: `Annotations/`, `JPEGImages/`, `ImageSets/Main/<split>.txt`) "
        "to the YOLO layout, train, evaluate. Here: the bundled fields, 1 epoch at 64 px (a smoke run, not a model)."),
     code("import shutil, tempfile\nfrom smearpipe.datasets import voc_to_yolo\nfrom smearpipe.train import train_detector\n"
@@ -50,7 +65,7 @@ cells = [
          "print(det_run.weights, det_run.record)\n"
          "m = evaluate_detector(work / 'yolo' / 'data.yaml', detector=det_run.weights, split='val', out_dir=work / 'eval_det')\n"
          "print('mAP@0.5 (meaningless after 1 epoch):', round(m['map50'], 3))"),
-    md("## 4. Train the WBC classifier on your own crops\n\n"
+    md("## 5. Train the WBC classifier on your own crops\n\n"
        "Cut labelled WBC crops from annotated fields (a field's label from a BCCD-style `labels.csv`), or use any "
        "ImageFolder tree `root/<class>/<image>`. Here: the bundled fields' crops for both training and validation "
        "(never do that for a real model), 1 epoch at 32 px."),
@@ -62,7 +77,9 @@ cells = [
          "                           input_size=32, epochs=1, batch_size=2, out_dir=work / 'runs', name='my_classifier', num_workers=0)\n"
          "ev = evaluate_classifier(work / 'crops', classifier=clf_run.weights, out_dir=work / 'eval_clf')\n"
          "print('figures:', ev['figures'])"),
-    md("## 5. Use your own models in the pipeline"),
+    md("## 6. Use your own models in the pipeline\n\n"
+       "`train_detector` records the scale of its training fields. A detector that finds no red cells yet (as "
+       "after one epoch here) cannot measure fields; the pipeline then warns and sees fields as they are."),
     code("mine = load_pipeline(detector=det_run.weights, classifier=clf_run.weights)\n"
          "r = analyze_smear(SAMPLES / 'BloodImage_00007.jpg', pipeline=mine)\n"
          "print(r.models)\nshutil.rmtree(work)"),

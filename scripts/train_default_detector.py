@@ -15,7 +15,7 @@ of trainval: its numbers are optimistic), AdamW (ultralytics 'auto'), cosine LR,
 close_mosaic=10, batch 16, seed 0, CPU. Measured here: ~88 s per epoch at imgsz 512 on 2 cores.
 
 ``--lowres-copies MIN MAX``: low-resolution augmentation for fields from a lower magnification. The
-pipeline's red-cell ruler enlarges such a field (``PipelineConfig(rescale=True)``) so that its cells
+pipeline's rescaling (``PipelineConfig.rescale``, "auto" by default) enlarges such a field so that its cells
 reach the detector at the training size, but with less detail. One extra copy of each BCCD *train*
 field (not val: val stays a check of the original network's fields) is shrunk by a factor drawn
 uniformly from [MIN, MAX] (seed 0, INTER_AREA) and enlarged back (INTER_LINEAR) to its own size, with

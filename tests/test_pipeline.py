@@ -258,8 +258,9 @@ class MagnifiedDetector(StubDetector):
 
     def predict(self, image, *, conf=None, iou=None, imgsz=None):
         self.sizes.append(imgsz)
-        s = float(self.cell_px)
-        n = self.n_rbc if isinstance(self.n_rbc, int) else self.n_rbc[len(self.sizes) - 1]  # or per call
+        call = len(self.sizes) - 1  # cell_px and n_rbc: one value, or one per call
+        s = float(self.cell_px if np.isscalar(self.cell_px) else self.cell_px[call])
+        n = self.n_rbc if isinstance(self.n_rbc, int) else self.n_rbc[call]
         rbcs = [Detection((20.0 + 1.2 * s * k, 20.0, 20.0 + 1.2 * s * k + s, 20.0 + s), "RBC", 0.9) for k in range(n)]
         return [*rbcs, Detection((10.0, 200.0, 110.0, 300.0), "WBC", 0.95)]
 
@@ -282,6 +283,21 @@ def test_auto_rescale_from_the_detectors_red_cells(pipe, shape, cell_px, sizes, 
     assert det.sizes == sizes
     assert r.scale_factor == pytest.approx(factor) and r.detector_imgsz == sizes[-1]
     assert r.counts["RBC"] == 6
+
+
+def test_auto_rescale_measures_again_at_most_once(pipe):
+    record = _auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None)
+    # first look: 40 px (2.5x); at 1280 the boxes read 55 px (1.82x): a third look at that scale, not measured again
+    det = MagnifiedDetector(record, [40, 55, 70])
+    r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280, 928] and r.scale_factor == pytest.approx(100 / 55) and r.detector_imgsz == 928
+    # low-score boxes do not count, whatever det_conf lets through (the record's RBC threshold: 0.25 here)
+    det = MagnifiedDetector(record, 40)
+    fragments = [Detection((300.0 + 12 * k, 300.0, 310.0 + 12 * k, 310.0), "RBC", 0.1) for k in range(20)]
+    det.predict = lambda image, _p=det.predict, **kw: _p(image, **kw) + fragments
+    r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier),
+                      config=PipelineConfig(det_conf=0.05))
+    assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5)
 
 
 def test_auto_rescale_without_enough_red_cell_boxes(pipe):
@@ -313,7 +329,7 @@ def test_auto_rescale_needs_the_box_ruler_in_the_record(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pipeline(detector=bare, classifier=pipe.classifier, config=PipelineConfig(rescale=False))
-    det = MagnifiedDetector(pipe.detector.record, 40)
+    det = MagnifiedDetector(bare.record, 40)
     assert analyze_smear(read_image(SAMPLES / "BloodImage_00007.jpg"), pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0
     assert det.sizes == [None]  # seen as it is
 
@@ -368,9 +384,13 @@ def test_cli_known_scale(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: one way of giving the scale at a time
         cli_main(args + ["--pixel-size-um", "0.1", "--overwrite"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
-    assert cli_main(args[:-2] + ["--rescale", "--overwrite"]) == 0  # measured from the field itself
+    # measured from the field itself; the paths may follow the flag
+    assert cli_main(["analyze", "--rescale", *args[1:-2], "--overwrite"]) == 0
     measured = json.loads((out / "BloodImage_00007.json").read_text())["scale_factor"]
     assert measured == pytest.approx(shipped / estimate_rbc_diameter(read_image(SAMPLES / "BloodImage_00007.jpg")))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args[:-2] + ["--rescale", "--no-rescale", "--overwrite"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
 def test_duplicate_wbc_boxes_are_dropped(pipe):

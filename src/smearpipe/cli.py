@@ -241,12 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--rescale", nargs="?", choices=("auto", "ruler", "off"), default="auto", const="ruler",
-                       help="showing fields at the detector's training scale: 'auto' (default) from the detector's own "
-                            "red-cell boxes, field by field, only where a field's scale differs by more than "
-                            f"{AUTO_RESCALE_TOLERANCE}x; 'ruler' (also plain --rescale) always, from the red cells "
-                            f"measured on the image (median over the slide's first {PipelineConfig().slide_scale_fields} "
-                            "measurable fields); 'off': fields as they are")
+    p.set_defaults(rescale="auto")  # the default: the detector's own red-cell boxes decide, field by field
+    scale.add_argument("--rescale", dest="rescale", action="store_const", const="ruler",
+                       help="always show fields at the detector's training scale, measured by the image's red cells "
+                            f"(median over the slide's first {PipelineConfig().slide_scale_fields} measurable fields) "
+                            "instead of the default: the detector's own red-cell boxes, field by field, where a "
+                            f"field's scale differs by more than {AUTO_RESCALE_TOLERANCE}x")
+    scale.add_argument("--no-rescale", dest="rescale", action="store_const", const="off",
+                       help="show every field to the detector as it is")
     scale.add_argument("--pixel-size-um", type=float, default=None, help="known pixel size in micrometres (rescales)")
     scale.add_argument("--rbc-diameter-px", type=float, default=None, help="known red-cell diameter in pixels (rescales)")
     p.set_defaults(func=_cmd_analyze)

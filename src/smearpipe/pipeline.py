@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -72,8 +72,10 @@ class PipelineConfig:
         - ``"auto"`` (default): the detector's own red-cell boxes measure the field
           (:func:`~smearpipe.scale.rbc_box_diameter`, at least 3 boxes clear of the border). A field whose
           scale is within a factor of 1.25 of the training fields' (all BCCD val fields) keeps the first
-          detection and costs nothing more; another one is detected again at the input size of its
-          measured scale, measured again, and at most once more detected (so at most three passes). Where
+          detection and its ``scale_factor`` is 1.0; another one is detected again at the input size of
+          its measured scale, measured again, and at most once more detected (at most three passes; the
+          third is not measured again). Boxes count from the record's red-cell threshold, whatever
+          ``det_conf`` is. Where
           the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is.
@@ -103,7 +105,7 @@ class PipelineConfig:
     review_probability: float = 0.7
     border_margin: float = 2.0
     crop_scale: float | None = None
-    rescale: bool | str = "auto"
+    rescale: bool | Literal["auto"] = "auto"
     rbc_diameter_px: float | None = None
     pixel_size_um: float | None = None
     slide_scale_fields: int = 8
@@ -182,16 +184,20 @@ def _rescaling(cfg: PipelineConfig) -> bool:
 
 
 #: ``rescale="auto"``: a field whose red-cell boxes put it within this factor of the training scale is kept
-#: as detected (BCCD val fields at their native scale: 0.84-1.14).
+#: as detected (BCCD val fields at their native scale: 0.89-1.12, ``reports/scale/ruler_spread.json``).
 AUTO_RESCALE_TOLERANCE = 1.25
 _AUTO_PASSES = 2  # detections after the first, at most
 
 
 def _auto_metadata(detector: Any) -> dict[str, float] | None:
+    """What ``rescale="auto"`` needs from the detector record (None: it cannot measure fields), and the score
+    a red-cell box needs to count, as when ``rbc_box_px`` was measured (the record's counting threshold)."""
     meta = detector.record.metadata
     if meta.get("rbc_box_px") is None or meta.get("train_long_side_px") is None:
         return None
-    return {k: float(meta[k]) for k in ("rbc_box_px", "train_long_side_px", "rbc_diameter_px") if meta.get(k) is not None}
+    out = {k: float(meta[k]) for k in ("rbc_box_px", "train_long_side_px", "rbc_diameter_px") if meta.get(k) is not None}
+    out["rbc_score"] = float((meta.get("class_conf") or {}).get("RBC", meta.get("default_conf", 0.25)))
+    return out
 
 
 def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfig) -> tuple[float, int | None, list]:
@@ -205,7 +211,8 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
     seen = meta["train_long_side_px"] / max(rgb.shape[:2])
     factor, imgsz, first = 1.0, None, dets
     for k in range(_AUTO_PASSES):
-        diameter = rbc_box_diameter(dets, rgb.shape)
+        # measured at the record's threshold whatever the caller's det_conf: low-score fragments would read small
+        diameter = rbc_box_diameter([d for d in dets if d.score >= meta["rbc_score"]], rgb.shape)
         if diameter is not None:
             need = meta["rbc_box_px"] / diameter
         elif k == 0 and meta.get("rbc_diameter_px"):
@@ -287,7 +294,7 @@ class SmearResult:
     models: dict[str, dict[str, str]]
     timings_ms: dict[str, float]
     source: str | None = None
-    scale_factor: float = 1.0  # red-cell ratio training / this field (1.0 when the field was not rescaled)
+    scale_factor: float = 1.0  # red-cell ratio training / this field (1.0: seen as it is, also when "auto" kept it)
     detector_imgsz: int | None = None  # network input size rescaling chose (None: the detector's default)
 
     @property

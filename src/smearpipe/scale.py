@@ -106,28 +106,35 @@ def estimate_rbc_diameter(image: np.ndarray, *, min_diameter: float = 6.0, max_p
 
 def rbc_box_diameter(detections: Sequence[Any], image_shape: tuple[int, ...], *, margin: float = 3.0,
                      min_cells: int = 3) -> float | None:
-    """Median red-cell diameter of a field from a detector's boxes: the mean of width and height of each
-    ``"RBC"`` box that keeps ``margin`` pixels from the image border (cells cut by the border are smaller).
+    """Median red-cell diameter of a field from a detector's red-cell boxes, in pixels.
 
-    A detector trained at one scale still boxes the red cells it finds at their true size over a wide
-    range of scales, so its boxes measure a field's magnification (BCCD val fields: the factor from
-    boxes lies within 0.84-1.14 of the training fields', from :func:`estimate_rbc_diameter` within
-    0.54-1.19 at the 5th-95th percentiles). Used by the pipeline's ``rescale="auto"``.
+    Each ``"RBC"`` box that keeps ``margin`` pixels from the image border (cells cut by the border look
+    smaller) counts with the mean of its width and height. Used by the pipeline's ``rescale="auto"``,
+    against the same measure on the detector's training fields (:func:`measure_rbc_box_px`). A detector
+    finds and boxes red cells well over a range of scales around its training scale; far from it, it
+    finds few and boxes them a little larger than they are (BCCD fields shrunk 2.5x read as 2.15x:
+    ``reports/scale/ruler_spread.json``), so the pipeline measures again after rescaling.
 
     Parameters
     ----------
     detections : sequence of objects with ``label`` and ``box`` (x1, y1, x2, y2)
-        E.g. :class:`~smearpipe.detect.Detection` in the pixels of the image of ``image_shape``.
+        E.g. :class:`~smearpipe.detect.Detection`, in the pixels of the image of ``image_shape``.
     image_shape : tuple
-        ``(H, W, ...)``.
+        ``(H, W, ...)`` of that image.
     margin : float
-        Boxes closer than this to the border are left out.
+        Boxes closer than this to the border are left out, and so are boxes without area.
     min_cells : int
-        Fewer usable red-cell boxes than this give None (too few to measure).
+        Fewer usable boxes than this give None.
 
     Returns
     -------
     float or None
+        The median diameter, or None when there are too few red-cell boxes to measure.
+
+    Raises
+    ------
+    ValueError
+        ``min_cells`` < 1, or ``image_shape`` without a positive height and width.
 
     Examples
     --------
@@ -140,34 +147,62 @@ def rbc_box_diameter(detections: Sequence[Any], image_shape: tuple[int, ...], *,
     """
     if min_cells < 1:
         raise ValueError(f"min_cells must be >= 1, got {min_cells}")
+    if len(image_shape) < 2 or min(image_shape[:2]) < 1:
+        raise ValueError(f"image_shape must start with a positive height and width, got {image_shape!r}")
     h, w = image_shape[:2]
     sizes = [((x2 - x1) + (y2 - y1)) / 2 for d in detections if d.label == "RBC"
-             for x1, y1, x2, y2 in [d.box] if x1 > margin and y1 > margin and x2 < w - margin and y2 < h - margin]
+             for x1, y1, x2, y2 in [d.box]
+             if x2 > x1 and y2 > y1 and x1 > margin and y1 > margin and x2 < w - margin and y2 < h - margin]
     return float(np.median(sizes)) if len(sizes) >= min_cells else None
 
 
-def measure_rbc_box_px(detector: Any, fields: Iterable[Any]) -> float:
-    """A detector's training red-cell box diameter: the median over ``fields`` (its training fields at their
-    native scale, paths or arrays) of :func:`rbc_box_diameter` of its predictions at its own input size.
+def measure_rbc_box_px(detector: Any, fields: Iterable[Any], *, min_fraction: float = 0.5) -> float:
+    """A detector's training red-cell box diameter (``rbc_box_px`` in its record), in pixels.
 
-    Record the result as ``rbc_box_px`` in the detector's weights record (with ``train_long_side_px``)
-    to enable the pipeline's ``rescale="auto"`` for it.
+    Record the result as ``rbc_box_px`` in the detector's weights record (with ``train_long_side_px``) to
+    enable the pipeline's ``rescale="auto"`` for it; :func:`~smearpipe.train.train_detector` does so.
+
+    Parameters
+    ----------
+    detector : object with ``predict(image)``
+        E.g. :class:`~smearpipe.detect.Detector`; it predicts at its own input size and thresholds.
+    fields : iterable of paths or RGB uint8 arrays
+        Its training fields at their native scale; read one at a time. Unreadable ones are skipped.
+    min_fraction : float
+        At least this fraction of the fields must have enough red-cell boxes (:func:`rbc_box_diameter`),
+        else the detector is not trusted to measure (e.g. one barely trained).
+
+    Returns
+    -------
+    float
+        The median over the measurable fields of their :func:`rbc_box_diameter`.
 
     Raises
     ------
     ScaleEstimationError
-        No field had enough red-cell boxes to measure.
+        Too few fields could be measured.
+
+    Examples
+    --------
+    >>> from smearpipe.detect import Detector                              # doctest: +SKIP
+    >>> measure_rbc_box_px(Detector.load(), training_field_paths)          # doctest: +SKIP
+    105.4
     """
+    from .errors import SmearpipeError
     from .io import load_image
 
-    per_field = []
+    per_field, n = [], 0
     for f in fields:
-        image = load_image(f)
+        try:
+            image = load_image(f)
+        except SmearpipeError:
+            continue
+        n += 1
         d = rbc_box_diameter(detector.predict(image), image.shape)
         if d is not None:
             per_field.append(d)
-    if not per_field:
-        raise ScaleEstimationError("no field had enough red-cell boxes to measure")
+    if not per_field or len(per_field) < min_fraction * n:
+        raise ScaleEstimationError(f"only {len(per_field)} of {n} fields had enough red-cell boxes to measure")
     return float(np.median(per_field))
 
 

@@ -334,33 +334,41 @@ _SCALE_FIELDS = 100  # training fields measured for the scale keys of a detector
 
 
 def _training_scale(weights: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The record keys rescaling needs, measured on (at most ``_SCALE_FIELDS``, evenly spaced) training fields:
-    ``train_long_side_px``, ``rbc_diameter_px`` (the image ruler) and ``rbc_box_px`` (the trained detector's own
-    red-cell boxes); a key that cannot be measured (e.g. a detector that finds no red cells yet) is left out.
-    ``weights``: the trained detector, its record beside it."""
+    """The record keys rescaling needs, measured on (at most ``_SCALE_FIELDS``, evenly spaced) training fields.
+
+    ``train_long_side_px``, ``rbc_diameter_px`` (the image ruler) and ``rbc_box_px`` (the trained detector's
+    own red-cell boxes, ``weights`` with its record beside it). A key that cannot be measured is left out
+    (``rbc_box_note`` says why for the box ruler, e.g. a detector that finds no red cells yet); unreadable
+    fields are skipped, so a finished training run is never lost here.
+    """
     from .detect import Detector
+    from .errors import SmearpipeError
     from .scale import ScaleEstimationError, estimate_rbc_diameter, measure_rbc_box_px
 
     img_dir, _ = _split_dirs(cfg, Path(cfg["_root"]), "train")
     files = sorted(f for f in img_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     files = files[:: max(1, -(-len(files) // _SCALE_FIELDS))]
-    if not files:
-        return {}
-    images = [read_image(f) for f in files]
-    out: dict[str, Any] = {"train_long_side_px": round(float(np.median([max(im.shape[:2]) for im in images])))}
-    diameters = []
-    for im in images:
+    sides, diameters = [], []
+    for f in files:  # one image in memory at a time
         try:
-            diameters.append(estimate_rbc_diameter(im))
+            image = read_image(f)
+        except SmearpipeError:
+            continue
+        sides.append(max(image.shape[:2]))
+        try:
+            diameters.append(estimate_rbc_diameter(image))
         except ScaleEstimationError:
             pass
+    if not sides:
+        return {}
+    out: dict[str, Any] = {"train_long_side_px": round(float(np.median(sides)))}
     if diameters:
         out["rbc_diameter_px"] = round(float(np.median(diameters)), 1)
     try:
-        out["rbc_box_px"] = round(measure_rbc_box_px(Detector.load(weights), images), 1)
-    except ScaleEstimationError:
-        pass
-    out["scale_note"] = (f"medians over {len(files)} training fields at their native scale: long side, "
+        out["rbc_box_px"] = round(measure_rbc_box_px(Detector.load(weights), files), 1)
+    except ScaleEstimationError as exc:
+        out["rbc_box_note"] = f"not recorded: {exc} (rescale='auto' sees fields as they are with this detector)"
+    out["scale_note"] = (f"medians over {len(sides)} training fields at their native scale: long side, "
                          "smearpipe.scale.estimate_rbc_diameter (rbc_diameter_px) and measure_rbc_box_px of this "
                          "detector (rbc_box_px); used by PipelineConfig(rescale=...)")
     return out
