@@ -12,8 +12,8 @@ box, extra WBC boxes besides the centre one (some are real neighbouring cells, s
 The classifier has been trained on PBC train, so on PBC the type accuracy mostly measures the detector
 and the crops it cuts; the classifier's own cross-lab number is scripts/cross_lab_protocol.py's.
 Recipe choices are made on ``--split val``; ``test`` is for the report. Writes
-``<out>/<detector name>/<split>_rescale-<mode>/metrics.json`` and ``per_image.csv`` (older reports in
-``<split>/`` folders: without rescaling).
+``<out>/<classifier name>/<detector name>/<split>_rescale-<mode>/metrics.json`` and ``per_image.csv``
+(older reports in ``<split>/`` folders: without rescaling).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def main() -> None:
     pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(**overrides))
     metrics, rows = evaluate(pipe, args.split, n=args.n)
     metrics["config"] = overrides
-    write(Path(args.out) / pipe.detector.record.name / f"{args.split}_rescale-{args.rescale}", metrics, rows)
+    write(Path(args.out) / pipe.classifier.record.name / pipe.detector.record.name / f"{args.split}_rescale-{args.rescale}",
+          metrics, rows)
     print(json.dumps({k: v for k, v in metrics.items() if k != "models"}, indent=1))
 
 

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +67,17 @@ def main() -> None:
             g = None
         return (box_ref / d if d else None), g, long_side / max(image.shape[:2])
 
-    sets: dict[str, list[np.ndarray]] = {}
+    sets: dict[str, Iterator[np.ndarray]] = {}  # images read one at a time
     for split in ("val", "test"):
         stems = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
-        sets[f"bccd_{split}_native"] = [read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in stems]
+        sets[f"bccd_{split}_native"] = (read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in stems)
     with (PBC / "splits.csv").open() as f:
-        sets["pbc_val"] = [read_image(PBC / "PBC_dataset_normal_DIB" / r["path"]) for r in csv.DictReader(f) if r["split"] == "val"]
+        pbc_val = [r["path"] for r in csv.DictReader(f) if r["split"] == "val"]
+    sets["pbc_val"] = (read_image(PBC / "PBC_dataset_normal_DIB" / p) for p in pbc_val)
     val = (BCCD / "ImageSets" / "Main" / "val.txt").read_text().split()
-    sets["bccd_val_x2.5_mosaics_first_detection"] = [mosaic(val[i:i + 4], 2.5)[0] for i in range(0, len(val) - 3, 4)]
+    sets["bccd_val_x2.5_mosaics_first_detection"] = (mosaic(val[i:i + 4], 2.5)[0] for i in range(0, len(val) - 3, 4))
     report = {"detector": {"name": det.record.name, "rbc_box_px": box_ref, "rbc_diameter_px": ruler_ref},
-              "tolerance": AUTO_RESCALE_TOLERANCE, "note": __doc__.split("\n\n", 1)[1].strip()}
+              "tolerance": AUTO_RESCALE_TOLERANCE, "note": __doc__.split("\n\n", 2)[2].strip()}
     for name, images in sets.items():
         rows = [factors(im) for im in images]
         report[name] = {"box": summary([r[0] for r in rows], [r[2] for r in rows]), "image": summary([r[1] for r in rows])}

@@ -29,7 +29,7 @@ def test_smoke_training_writes_weights_and_record(smoke_run):
     assert rec["train_long_side_px"] == 640 and 60 < rec["rbc_diameter_px"] < 120
     assert "4 training fields" in rec["scale_note"]
     # the box ruler: measured, or left out with the reason (a one-epoch detector finds few red cells)
-    assert ("rbc_box_px" in rec) != ("rbc_box_note" in rec)
+    assert ("rbc_box_px" in rec) != ("rbc_box_missing" in rec)
 
 
 def test_training_scale_records_only_what_it_can_measure(tiny_data, monkeypatch):
@@ -46,10 +46,10 @@ def test_training_scale_records_only_what_it_can_measure(tiny_data, monkeypatch)
     monkeypatch.setattr(Detector, "load", lambda *args, **kwargs: Finds(3))
     out = train._training_scale(Path("detector.pt"), cfg)
     assert out["rbc_box_px"] == 50.0 and out["train_long_side_px"] == 640 and 60 < out["rbc_diameter_px"] < 120
-    assert "4 training fields" in out["scale_note"] and "rbc_box_note" not in out
+    assert "4 training fields" in out["scale_note"] and "rbc_box_missing" not in out
     monkeypatch.setattr(Detector, "load", lambda *args, **kwargs: Finds(2))  # too few boxes on every field
     out = train._training_scale(Path("detector.pt"), cfg)
-    assert "rbc_box_px" not in out and "not recorded: only 0 of 4 fields" in out["rbc_box_note"]
+    assert "rbc_box_px" not in out and "only 0 of 4 fields" in out["rbc_box_missing"]
 
 
 def test_second_run_gets_new_folder(tiny_data, smoke_run):

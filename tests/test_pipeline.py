@@ -391,6 +391,8 @@ def test_cli_known_scale(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(args[:-2] + ["--rescale", "--no-rescale", "--overwrite"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--no-rescale", "--overwrite"]) == 0
+    assert json.loads((out / "BloodImage_00007.json").read_text())["detector_imgsz"] is None
 
 
 def test_duplicate_wbc_boxes_are_dropped(pipe):

@@ -8,7 +8,7 @@ checks (smearpipe never downloads anything for detection).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from .io import ImageLike, load_image, require_image_list
 from .preprocess import Preprocessing
 from .weights import DEFAULT_DETECTOR, WeightsRecord, resolve, sha256_file
 
-__all__ = ["Detection", "Detector", "import_ultralytics", "suppress_nested"]
+__all__ = ["Detection", "Detector", "counting_threshold", "import_ultralytics", "suppress_nested"]
 
 
 def import_ultralytics() -> Any:
@@ -71,6 +71,18 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"box": list(self.box), "label": self.label, "score": self.score}
+
+
+def counting_threshold(metadata: Mapping[str, Any], label: str) -> float:
+    """The score a box of ``label`` needs to be kept by :meth:`Detector.predict` at its default thresholds.
+
+    From a detector record's metadata: its ``class_conf`` entry for the label, else the smallest ``class_conf``,
+    else ``default_conf`` (0.25 when the record has none).
+    """
+    class_conf = metadata.get("class_conf") or {}
+    if label in class_conf:
+        return float(class_conf[label])
+    return float(min(class_conf.values())) if class_conf else float(metadata.get("default_conf", 0.25))
 
 
 class Detector:

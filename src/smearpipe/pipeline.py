@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .datasets import DETECTION_CLASSES, square_crop
-from .detect import suppress_nested
+from .detect import counting_threshold, suppress_nested
 from .errors import SmearpipeError, WeightsError
 from .io import ImageLike, load_image, require_image_list
 
@@ -71,12 +71,12 @@ class PipelineConfig:
 
         - ``"auto"`` (default): the detector's own red-cell boxes measure the field
           (:func:`~smearpipe.scale.rbc_box_diameter`, at least 3 boxes clear of the border). A field whose
-          scale is within a factor of 1.25 of the training fields' (all BCCD val fields) keeps the first
+          scale is within a factor of 1.25 of the training fields' (BCCD val fields: 0.93-1.07) keeps the first
           detection and its ``scale_factor`` is 1.0; another one is detected again at the input size of
           its measured scale, measured again, and at most once more detected (at most three passes; the
           third is not measured again). Boxes count from the record's red-cell threshold, whatever
-          ``det_conf`` is. Where
-          the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
+          ``det_conf`` is.
+          Where the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is.
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
@@ -196,7 +196,7 @@ def _auto_metadata(detector: Any) -> dict[str, float] | None:
     if meta.get("rbc_box_px") is None or meta.get("train_long_side_px") is None:
         return None
     out = {k: float(meta[k]) for k in ("rbc_box_px", "train_long_side_px", "rbc_diameter_px") if meta.get(k) is not None}
-    out["rbc_score"] = float((meta.get("class_conf") or {}).get("RBC", meta.get("default_conf", 0.25)))
+    out["rbc_score"] = counting_threshold(meta, "RBC")
     return out
 
 

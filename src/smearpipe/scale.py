@@ -167,7 +167,7 @@ def measure_rbc_box_px(detector: Any, fields: Iterable[Any], *, min_fraction: fl
     detector : object with ``predict(image)``
         E.g. :class:`~smearpipe.detect.Detector`; it predicts at its own input size and thresholds.
     fields : iterable of paths or RGB uint8 arrays
-        Its training fields at their native scale; read one at a time. Unreadable ones are skipped.
+        Its training fields at their native scale; read one at a time. Unreadable files are skipped.
     min_fraction : float
         At least this fraction of the fields must have enough red-cell boxes (:func:`rbc_box_diameter`),
         else the detector is not trusted to measure (e.g. one barely trained).
@@ -181,6 +181,10 @@ def measure_rbc_box_px(detector: Any, fields: Iterable[Any], *, min_fraction: fl
     ------
     ScaleEstimationError
         Too few fields could be measured.
+    ValueError
+        ``min_fraction`` outside [0, 1].
+    InvalidImageError
+        An array that is not an image.
 
     Examples
     --------
@@ -188,14 +192,16 @@ def measure_rbc_box_px(detector: Any, fields: Iterable[Any], *, min_fraction: fl
     >>> measure_rbc_box_px(Detector.load(), training_field_paths)          # doctest: +SKIP
     105.4
     """
-    from .errors import SmearpipeError
+    from .errors import ImageReadError
     from .io import load_image
 
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
     per_field, n = [], 0
     for f in fields:
         try:
             image = load_image(f)
-        except SmearpipeError:
+        except ImageReadError:
             continue
         n += 1
         d = rbc_box_diameter(detector.predict(image), image.shape)

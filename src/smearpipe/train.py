@@ -338,11 +338,10 @@ def _training_scale(weights: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     ``train_long_side_px``, ``rbc_diameter_px`` (the image ruler) and ``rbc_box_px`` (the trained detector's
     own red-cell boxes, ``weights`` with its record beside it). A key that cannot be measured is left out
-    (``rbc_box_note`` says why for the box ruler, e.g. a detector that finds no red cells yet); unreadable
+    (``rbc_box_missing`` says why for the box ruler, e.g. a detector that finds no red cells yet); unreadable
     fields are skipped, so a finished training run is never lost here.
     """
     from .detect import Detector
-    from .errors import SmearpipeError
     from .scale import ScaleEstimationError, estimate_rbc_diameter, measure_rbc_box_px
 
     img_dir, _ = _split_dirs(cfg, Path(cfg["_root"]), "train")
@@ -352,7 +351,7 @@ def _training_scale(weights: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
     for f in files:  # one image in memory at a time
         try:
             image = read_image(f)
-        except SmearpipeError:
+        except ImageReadError:
             continue
         sides.append(max(image.shape[:2]))
         try:
@@ -360,14 +359,14 @@ def _training_scale(weights: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
         except ScaleEstimationError:
             pass
     if not sides:
-        return {}
+        return {"scale_note": f"none of {len(files)} training fields could be read: scale not recorded"}
     out: dict[str, Any] = {"train_long_side_px": round(float(np.median(sides)))}
     if diameters:
         out["rbc_diameter_px"] = round(float(np.median(diameters)), 1)
     try:
         out["rbc_box_px"] = round(measure_rbc_box_px(Detector.load(weights), files), 1)
     except ScaleEstimationError as exc:
-        out["rbc_box_note"] = f"not recorded: {exc} (rescale='auto' sees fields as they are with this detector)"
+        out["rbc_box_missing"] = f"{exc} (rescale='auto' sees fields as they are with this detector)"
     out["scale_note"] = (f"medians over {len(sides)} training fields at their native scale: long side, "
                          "smearpipe.scale.estimate_rbc_diameter (rbc_diameter_px) and measure_rbc_box_px of this "
                          "detector (rbc_box_px); used by PipelineConfig(rescale=...)")
