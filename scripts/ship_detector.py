@@ -52,6 +52,20 @@ def copy_test_report(eval_dir: Path, report: Path) -> None:
     shutil.copyfile(eval_dir / "counts.csv", report / "counts_test.csv")
 
 
+def rbc_box_keys(detector_name_or_path: str | Path) -> dict[str, object]:
+    """``rbc_box_px`` (what ``PipelineConfig(rescale="auto")`` needs) for a shipped record: the detector, with the
+    preprocessing and thresholds its record applies, measured on the BCCD trainval fields at their native scale."""
+    from smearpipe.detect import Detector
+    from smearpipe.scale import measure_rbc_box_px
+
+    trainval = (BCCD / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    fields = [BCCD / "JPEGImages" / f"{s}.jpg" for s in trainval]  # read one at a time
+    return {"rbc_box_px": round(measure_rbc_box_px(Detector.load(detector_name_or_path), fields), 1),
+            "rbc_box_note": f"median over the {len(fields)} training fields at their native scale of "
+                            "smearpipe.scale.rbc_box_diameter of this detector's own red-cell boxes "
+                            "(smearpipe.scale.measure_rbc_box_px, default thresholds); used by rescale='auto'"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -151,7 +165,7 @@ def main() -> None:
     record.write(tmp_record)
     metrics = evaluate_detector(data_yaml, detector=target, split="test", out_dir=REPO / "runs" / f"eval_{args.name}", overwrite=True)
     val_metrics = {k: last_row[k] for k in last_row if k.startswith("metrics/")}
-    final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, "metrics": {
+    final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, **rbc_box_keys(target), "metrics": {
         "bccd_test": {k: metrics[k] for k in ("images", "map50", "map50_95", "per_class", "counting_thresholds", "counting")},
         "bccd_val_last_epoch_optimistic": val_metrics,
     }}})

@@ -30,7 +30,7 @@ from smearpipe.weights import WeightsRecord, resolve, weights_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_other_lab_fields  # noqa: E402  (sibling scripts)
-from ship_detector import bccd_yolo_data, copy_test_report  # noqa: E402
+from ship_detector import bccd_yolo_data, copy_test_report, rbc_box_keys  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +47,8 @@ def main() -> None:
     if Path(base.folder).resolve() != weights_dir().resolve():
         raise SystemExit(f"the base's file must be in the registry folder {weights_dir()}, not {base.folder}")
     prep = Preprocessing(steps=("reinhard",), reinhard_reference=field_reinhard_reference()) if args.field_reinhard else base.preprocessing
-    meta = {k: v for k, v in base.metadata.items() if k != "metrics"}
+    # the box ruler depends on the preprocessing and thresholds: measured again below, not inherited
+    meta = {k: v for k, v in base.metadata.items() if k not in ("metrics", "rbc_box_px", "rbc_box_note")}
     changes = [f"network: the weight file of {base.name} ({base.file}), unchanged (not retrained)"]
     if args.field_reinhard:
         changes.append("every field is Reinhard-normalised onto the average BCCD trainval field before detection "
@@ -74,7 +75,7 @@ def main() -> None:
     metrics["pbc_fields_note"] = ("PBC images (another lab) analysed as fields with the default classifier "
                                   f"{pipe.classifier.record.name}: centre WBC found and typed as labelled "
                                   "(scripts/eval_other_lab_fields.py)")
-    final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, "metrics": metrics}})
+    final = WeightsRecord(**{**record.__dict__, "metadata": {**record.metadata, **rbc_box_keys(args.name), "metrics": metrics}})
     final.write(target, overwrite=True)
     report = REPO / "reports" / args.name
     report.mkdir(parents=True, exist_ok=True)
