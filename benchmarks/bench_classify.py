@@ -15,6 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
+from _machine import describe  # benchmarks/_machine.py, beside this script
+
 from smearpipe.classify import Classifier
 from smearpipe.datasets import read_voc, square_crop
 from smearpipe.io import read_image
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    print(describe())
     clf = Classifier.load(args.weights)
     crops = []
     for xml in sorted((REPO / "datasets" / "bccd_samples").glob("*.xml")):

@@ -22,6 +22,7 @@ from itertools import cycle, islice
 from pathlib import Path
 
 import cv2
+from _machine import describe  # benchmarks/_machine.py, beside this script
 
 from smearpipe.io import read_image
 from smearpipe.pipeline import PipelineConfig, analyze_fields, analyze_smear, iter_fields, load_pipeline
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--fields", type=int, default=72)
     ap.add_argument("--memory-fields", type=int, default=1000)
     args = ap.parse_args()
+    print(describe())
     stems = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.fields]
     paths = [BCCD / "JPEGImages" / f"{s}.jpg" for s in stems]
     pipe = load_pipeline()

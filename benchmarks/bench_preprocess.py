@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from _machine import describe  # benchmarks/_machine.py, beside this script
 
 from smearpipe.io import read_image
 from smearpipe.preprocess import MacenkoNormalizer, clahe, median_filter
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--reference", default=None, help="PBC crop to fit both normalisers on (default: first PBC train neutrophil)")
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
+    print(describe())
 
     field = read_image(args.field)
     if args.reference:
