@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
                     help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
+    ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
+    ap.add_argument("--workers", type=int, default=1, help="data-loading processes (1 on the 2-core project machine)")
     args = ap.parse_args()
     out = Path(args.out)
     pbc_root = str(SHARED / "pbc" / "PBC_dataset_normal_DIB")
@@ -139,8 +141,8 @@ def main() -> None:
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1]),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema,
-                              cache_scale=1.5, pretrained=args.init, record_name=args.record_name, num_workers=1,
-                              resume=args.resume, **preprocessing(args))
+                              cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
+                              num_workers=args.workers, device=args.device, resume=args.resume, **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
 
 

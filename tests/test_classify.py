@@ -487,3 +487,32 @@ def test_train_ema_refuses(tiny_crops, tmp_path, bad, error):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path, ema=bad)
     assert not (tmp_path / "train").exists()  # refused before a run folder is made
 
+
+
+@pytest.mark.parametrize("bad", ["gpu", None, 3, "cuda:999"])
+def test_train_device_refuses(tiny_crops, tmp_path, bad):
+    with pytest.raises(ValueError, match="device"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         device=bad)
+    assert not (tmp_path / "train").exists()  # refused before a run folder is made
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_train_num_workers_refuses(tiny_crops, tmp_path, bad):
+    with pytest.raises(ValueError, match="num_workers"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         num_workers=bad)
+    assert not (tmp_path / "train").exists()
+
+
+def test_training_device_is_recorded(tiny_run):
+    assert json.loads(tiny_run.record.read_text())["training"]["device"] == "cpu"
+
+
+def test_cli_train_classifier_unknown_device(tiny_crops, tmp_path, capsys):
+    from smearpipe.cli import main as cli_main
+
+    code = cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
+                     "--epochs", "1", "--input-size", "32", "--out", str(tmp_path), "--device", "gpu"])
+    assert code == 2 and "device" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

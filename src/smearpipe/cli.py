@@ -203,7 +203,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
                            framing=args.framing, normalize_after_augment=args.normalize_after_augment,
-                           ema=args.ema)
+                           ema=args.ema, device=args.device, num_workers=args.workers)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0,
                    help="validate and save an exponential moving average of the weights with this decay (e.g. 0.998; "
                         "0: off)")
+    p.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:N, mps (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = sub.add_parser("evaluate-classifier", help="classification report and figures on labelled crops")
