@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -516,3 +517,16 @@ def test_cli_train_classifier_unknown_device(tiny_crops, tmp_path, capsys):
                      "--epochs", "1", "--input-size", "32", "--out", str(tmp_path), "--device", "gpu"])
     assert code == 2 and "device" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_forced_bf16_warns_where_the_cpu_lacks_it(tiny_run, monkeypatch):
+    import smearpipe.classify as classify
+
+    monkeypatch.setattr(classify, "_bf16_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match="bf16"):
+        assert Classifier.load(tiny_run.weights, precision="bf16").use_bf16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not Classifier.load(tiny_run.weights).use_bf16  # "auto": float32 here, no warning
+    monkeypatch.setattr(classify, "_bf16_supported", lambda: True)
+    assert Classifier.load(tiny_run.weights).use_bf16
