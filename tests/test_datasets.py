@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from smearpipe.datasets import normalize_detection_class, read_voc, read_yolo_labels, voc_to_yolo
+from smearpipe.datasets import extract_wbc_crops, normalize_detection_class, read_voc, read_yolo_labels, voc_to_yolo
 from smearpipe.errors import DatasetError
+from smearpipe.train import CropSource, center_crop
 
 from .conftest import SAMPLES, make_voc
 
@@ -30,6 +34,11 @@ def test_bccd_conversion_full(bccd_root, tmp_path):
     assert report.unknown_labels == {}
     saved = json.loads((tmp_path / "yolo" / "conversion_report.json").read_text())
     assert saved["boxes"] == report.boxes
+    # every converted label file reads back: real boxes pass the within-image and non-zero-size checks
+    label_files = sorted((tmp_path / "yolo" / "labels").rglob("*.txt"))
+    assert len(label_files) == 205 + 87 + 72
+    read_back = [read_yolo_labels(f, num_classes=3, image_size=(640, 480)) for f in label_files]
+    assert sum(len(b) for b in read_back) == 4888 - 2
     # round trip of one file against the XML
     (w, h), boxes = read_voc(bccd_root / "Annotations" / "BloodImage_00000.xml")
     labels = read_yolo_labels(tmp_path / "yolo" / "labels" / "val" / "BloodImage_00000.txt", image_size=(w, h))
@@ -129,3 +138,147 @@ def test_exact_custom_class_names(bccd_root, tmp_path):
     xml.write_text(xml.read_text().replace("<name>WBC</name>", "<name>wbc</name>"))
     report = voc_to_yolo(voc, tmp_path / "o", splits=("train",), classes=("wbc", "RBC", "Platelets"))
     assert report.boxes.get("wbc") == 1 and report.unknown_labels == {}
+
+
+def _files(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def sample_voc(tmp_path) -> Path:
+    """The six sample fields as a VOC dataset with one split, ``train``."""
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for xml in SAMPLES.glob("*.xml"):
+        shutil.copy(xml, voc / "Annotations")
+        shutil.copy(xml.with_suffix(".jpg"), voc / "JPEGImages")
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("\n".join(p.stem for p in SAMPLES.glob("*.xml")) + "\n")
+    return voc
+
+
+@pytest.mark.parametrize("where", ["source", "inside", "parent"])
+@pytest.mark.parametrize("convert", ["crops", "yolo"])
+def test_out_dir_overlapping_source_refused_and_source_kept(sample_voc, where, convert):
+    out = {"source": sample_voc, "inside": sample_voc / "JPEGImages" / "out", "parent": sample_voc.parent}[where]
+    before = _files(sample_voc)
+    with pytest.raises(DatasetError, match="outside the source"):
+        if convert == "crops":
+            extract_wbc_crops(sample_voc, out, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
+        else:
+            voc_to_yolo(sample_voc, out, splits=("train",), overwrite=True)
+    assert _files(sample_voc) == before
+
+
+def test_overwrite_only_replaces_own_output(sample_voc, tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "images").mkdir(parents=True)
+    (foreign / "images" / "keep.jpg").write_bytes(b"x")
+    (foreign / "labels").mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = _files(foreign)
+    with pytest.raises(DatasetError, match="not an earlier output"):
+        extract_wbc_crops(sample_voc, foreign, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
+    with pytest.raises(DatasetError, match="not an earlier output"):
+        voc_to_yolo(sample_voc, foreign, splits=("train",), overwrite=True)
+    assert _files(foreign) == before
+    # a folder written earlier by the same function is replaced, stale files included
+    crops = tmp_path / "crops"
+    first = extract_wbc_crops(sample_voc, crops, labels_csv=SAMPLES / "labels.csv", split=None)
+    (crops / "neutrophil" / "stale.png").write_bytes(b"x")
+    again = extract_wbc_crops(sample_voc, crops, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
+    assert again.written == first.written and sum(first.written.values()) > 0
+    assert not (crops / "neutrophil" / "stale.png").exists()
+    yolo = tmp_path / "yolo"
+    voc_to_yolo(sample_voc, yolo, splits=("train",))
+    voc_to_yolo(sample_voc, yolo, splits=("train",), overwrite=True)
+    assert len(list((yolo / "labels" / "train").glob("*.txt"))) == 6
+
+
+def test_out_dir_that_is_a_file_refused(sample_voc, tmp_path):
+    file = tmp_path / "out.txt"
+    file.write_text("x")
+    with pytest.raises(DatasetError, match="is an existing file"):
+        extract_wbc_crops(sample_voc, file, labels_csv=SAMPLES / "labels.csv", split=None)
+    with pytest.raises(DatasetError, match="is an existing file"):
+        voc_to_yolo(sample_voc, file, splits=("train",))
+    assert file.read_text() == "x"
+
+
+def test_splits_argument(sample_voc, tmp_path):
+    with pytest.raises(ValueError, match="at least one split"):
+        voc_to_yolo(sample_voc, tmp_path / "o1", splits=())
+    report = voc_to_yolo(sample_voc, tmp_path / "o2", splits="train")  # a single name is one split
+    assert report.images == {"train": 6}
+    assert "train: images/train" in (tmp_path / "o2" / "data.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "tag, value, fragment",
+    [("width", "inf", "<width> must be a finite number, got 'inf'"), ("height", "nan", "<height> must be a finite number"),
+     ("xmin", "nan", "<xmin> must be a finite number, got 'nan'"), ("ymax", "-inf", "<ymax> must be a finite number"),
+     ("ymax", "abc", "<ymax> must be a finite number"), ("width", None, "<width> must be a finite number, got None")],
+)
+def test_non_finite_voc_numbers_refused(sample_voc, tmp_path, tag, value, fragment):
+    xml = sample_voc / "Annotations" / "BloodImage_00007.xml"
+    field = "" if value is None else f"<{tag}>{value}</{tag}>"  # None: the field is left out
+    xml.write_text(re.sub(f"<{tag}>[^<]*</{tag}>", field, xml.read_text(), count=1))
+    with pytest.raises(DatasetError, match="BloodImage_00007.xml") as info:
+        read_voc(xml)
+    assert fragment in str(info.value)
+    with pytest.raises(DatasetError, match=f"<{tag}> must be a finite number"):
+        voc_to_yolo(sample_voc, tmp_path / "out", splits=("train",))
+    assert not (tmp_path / "out").exists()  # nothing written, no `nan` in a label file
+
+
+def test_voc_path_that_is_a_folder(tmp_path):
+    with pytest.raises(DatasetError, match="cannot read annotation file"):
+        read_voc(tmp_path)
+
+
+def test_binary_yolo_label_file(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    with pytest.raises(DatasetError, match="not a text file"):
+        read_yolo_labels(f)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [("0 0.99 0.5 0.5 0.5", "box extends outside the image"), ("0 0.01 0.5 0.1 0.1", "box extends outside the image"),
+     ("0 0.5 0.9 0.1 0.4", "box extends outside the image"), ("0 0.5 0.5 0 0.1", "box has zero width or height"),
+     ("0 0.5 0.5 0.1 0.0", "box has zero width or height")],
+)
+def test_yolo_boxes_outside_image_or_empty_refused(tmp_path, content, fragment):
+    f = tmp_path / "x.txt"
+    f.write_text("0 0.5 0.5 0.1 0.1\n" + content + "\n")
+    with pytest.raises(DatasetError, match=f"x.txt:2: {fragment}"):
+        read_yolo_labels(f, image_size=(640, 480))
+
+
+def test_yolo_box_rounding_overshoot_clipped(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("1 0.9 0.5 0.2005 0.5\n")  # right edge 1.00025: 6-decimal rounding, within 1e-3
+    boxes = read_yolo_labels(f, image_size=(640, 480))
+    np.testing.assert_allclose(boxes, [[1, 0.79975 * 640, 0.25 * 480, 640, 0.75 * 480]], rtol=1e-12)
+
+
+def test_crop_source_missing_splits_file(tmp_path):
+    (tmp_path / "neutrophil").mkdir()
+    src = CropSource(str(tmp_path), splits_csv=str(tmp_path / "missing.csv"), split="test")
+    with pytest.raises(DatasetError, match="splits file not found: .*missing.csv"):
+        src.samples(("neutrophil",))
+
+
+@pytest.mark.parametrize("fraction", [float("nan"), float("inf"), 0.0, -0.5, 1.5])
+def test_center_fraction_out_of_range_refused(fraction):
+    with pytest.raises(ValueError, match=r"center_fraction must be in \(0, 1\]"):
+        CropSource("crops", center_fraction=fraction)
+    with pytest.raises(ValueError, match=r"center fraction must be in \(0, 1\]"):
+        center_crop(np.zeros((10, 10, 3), np.uint8), fraction)
+
+
+def test_center_crop_fractions():
+    img = np.arange(100, dtype=np.uint8).reshape(10, 10, 1).repeat(3, axis=2)
+    assert center_crop(img, 1.0) is img
+    np.testing.assert_array_equal(center_crop(img, 0.5), img[2:7, 2:7])

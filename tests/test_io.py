@@ -128,3 +128,20 @@ def test_write_image_bad_extension(tmp_path):
     with pytest.raises(ValueError, match="extension"):
         write_image(tmp_path / "x.xyz", np.zeros((2, 2, 3), np.uint8))
     assert not (tmp_path / "x.xyz").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_read_float_tiff(tmp_path, dtype):
+    bgr = cv2.imread(str(SAMPLES / "BloodImage_00007.jpg"))
+    path = tmp_path / "f.tif"
+    assert cv2.imwrite(str(path), bgr.astype(dtype) / 255)
+    np.testing.assert_array_equal(read_image(path), bgr[:, :, ::-1])  # same rules as float arrays
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_signed_integer_tiff_refused(tmp_path, dtype, channels):
+    path = tmp_path / "s.tif"
+    assert cv2.imwrite(str(path), np.full((5, 6, channels), 7, dtype))
+    with pytest.raises(ImageReadError, match=f"s.tif .*dtype {np.dtype(dtype).name}"):
+        read_image(path)

@@ -7,6 +7,7 @@ into a non-empty one unless asked).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -74,39 +75,50 @@ class VocBox:
     ymax: float
 
 
+def _voc_number(xml_path: Path, parent: ET.Element | None, tag: str) -> float:
+    """The finite number in ``parent/<tag>``, or :class:`DatasetError` naming the file and the field."""
+    text = None if parent is None else parent.findtext(tag)
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise DatasetError(f"malformed VOC annotation {xml_path}: <{tag}> must be a finite number, got {text!r}")
+    return value
+
+
 def read_voc(xml_path: str | os.PathLike) -> tuple[tuple[int, int], list[VocBox]]:
     """Read a Pascal VOC annotation: ((width, height), boxes).
 
     Raises
     ------
     DatasetError
-        If the file is missing, not XML, or lacks size / box fields.
+        If the file is missing, not a file, not XML, or lacks size / box fields, or a size or box
+        field is not a finite number (``nan``, ``inf``); the message names the file and the field.
     """
     xml_path = Path(xml_path)
     try:
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
         raise DatasetError(f"annotation file not found: {xml_path}") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read annotation file {xml_path}: {exc}") from None
     except ET.ParseError as exc:
         raise DatasetError(f"cannot parse VOC XML {xml_path}: {exc}") from None
-    try:
-        size = root.find("size")
-        width = int(float(size.findtext("width")))  # type: ignore[union-attr,arg-type]
-        height = int(float(size.findtext("height")))  # type: ignore[union-attr,arg-type]
-        boxes = []
-        for obj in root.iter("object"):
-            bb = obj.find("bndbox")
-            boxes.append(
-                VocBox(
-                    label=(obj.findtext("name") or "").strip(),
-                    xmin=float(bb.findtext("xmin")),  # type: ignore[union-attr,arg-type]
-                    ymin=float(bb.findtext("ymin")),  # type: ignore[union-attr,arg-type]
-                    xmax=float(bb.findtext("xmax")),  # type: ignore[union-attr,arg-type]
-                    ymax=float(bb.findtext("ymax")),  # type: ignore[union-attr,arg-type]
-                )
+    size = root.find("size")
+    width, height = int(_voc_number(xml_path, size, "width")), int(_voc_number(xml_path, size, "height"))
+    boxes = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        boxes.append(
+            VocBox(
+                label=(obj.findtext("name") or "").strip(),
+                xmin=_voc_number(xml_path, bb, "xmin"),
+                ymin=_voc_number(xml_path, bb, "ymin"),
+                xmax=_voc_number(xml_path, bb, "xmax"),
+                ymax=_voc_number(xml_path, bb, "ymax"),
             )
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise DatasetError(f"malformed VOC annotation {xml_path}: {exc}") from None
+        )
     if width <= 0 or height <= 0:
         raise DatasetError(f"VOC annotation {xml_path} has invalid image size {width}x{height}")
     return (width, height), boxes
@@ -142,6 +154,36 @@ def _read_split_file(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def _check_out_dir(voc_root: Path, out_dir: Path, *, overwrite: bool, report_name: str) -> None:
+    """Refuse an output folder that overlaps the source or holds files the converter did not write.
+
+    ``out_dir`` must be a folder (or not exist yet), must not be ``voc_root``, lie inside it or contain
+    it, and must be empty unless ``overwrite=True``. Even then, a non-empty ``out_dir`` is only
+    replaced when it holds ``report_name``, the report that the converter writes there.
+
+    Raises
+    ------
+    DatasetError
+        Naming the folder and what to do.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"output folder {out_dir} is an existing file; pass the path of a folder")
+    src, out = voc_root.resolve(), out_dir.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise DatasetError(
+            f"out_dir {out_dir} must be outside the source dataset {voc_root} and must not contain it "
+            "(the source is never modified)"
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True to replace it)")
+        if not (out_dir / report_name).is_file():
+            raise DatasetError(
+                f"output folder {out_dir} is not empty and holds no {report_name}, so it is not an earlier output of "
+                "this function; overwrite=True only replaces those (choose a new folder or empty this one yourself)"
+            )
+
+
 def voc_to_yolo(
     voc_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -167,9 +209,10 @@ def voc_to_yolo(
     voc_root : path
         Folder holding ``Annotations``, ``JPEGImages`` and ``ImageSets/Main``.
     out_dir : path
-        Output folder; must not exist or be empty unless ``overwrite=True``.
-    splits : sequence of str
-        Split names whose ``ImageSets/Main/<split>.txt`` lists are honoured.
+        Output folder, outside ``voc_root``; must not exist or be empty unless ``overwrite=True``.
+    splits : str or sequence of str
+        Split names whose ``ImageSets/Main/<split>.txt`` lists are honoured (a single string is one
+        split); at least one.
     classes : sequence of str
         Canonical class names, in class-id order.
     class_map : mapping, optional
@@ -178,7 +221,9 @@ def voc_to_yolo(
         Unknown class names raise :class:`DatasetError` (listing them) or are skipped and
         counted in the report.
     overwrite : bool
-        Allow writing into an existing, non-empty ``out_dir`` (its ``images``/``labels`` are replaced).
+        Allow writing into an existing, non-empty ``out_dir`` written by an earlier conversion (it holds
+        ``conversion_report.json``); its ``images``/``labels`` are replaced. Other non-empty folders
+        are never written into.
     link_images : bool
         Symlink images instead of copying them (falls back to copying where links fail).
     allow_overlap : bool
@@ -188,18 +233,26 @@ def voc_to_yolo(
     Returns
     -------
     ConversionReport
+
+    Raises
+    ------
+    DatasetError
+        Missing or malformed source files, leaking splits, unknown class names, or an ``out_dir``
+        that is a file, overlaps ``voc_root`` or holds files of something else.
+    ValueError
+        If ``splits`` is empty or ``on_unknown`` is not one of the two choices.
     """
     voc_root, out_dir = Path(voc_root), Path(out_dir)
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    if not splits:
+        raise ValueError("splits must name at least one split, e.g. ('train', 'val', 'test')")
     if on_unknown not in ("error", "skip"):
         raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
     ann_dir, img_dir, set_dir = voc_root / "Annotations", voc_root / "JPEGImages", voc_root / "ImageSets" / "Main"
     for d in (ann_dir, img_dir, set_dir):
         if not d.is_dir():
             raise DatasetError(f"VOC folder not found: {d} (expected Annotations/, JPEGImages/, ImageSets/Main/ under {voc_root})")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    if out_dir.resolve() == voc_root.resolve() or voc_root.resolve() in out_dir.resolve().parents:
-        raise DatasetError("out_dir must be outside the source dataset (the source is never modified)")
+    _check_out_dir(voc_root, out_dir, overwrite=overwrite, report_name="conversion_report.json")
     class_ids = {name: i for i, name in enumerate(classes)}
     extra = {" ".join(k.strip().lower().split()): v for k, v in (class_map or {}).items()}
 
@@ -303,19 +356,26 @@ def read_yolo_labels(
     """Read a YOLO label file into an ``(N, 5)`` float array ``[class, x1, y1, x2, y2]``.
 
     Coordinates are normalised (0-1) unless ``image_size=(width, height)`` is given, in which
-    case they are pixels. An empty file gives an ``(0, 5)`` array.
+    case they are pixels. Boxes lie within the image: a box that extends past an image edge by
+    at most 1e-3 (rounding of the 6-decimal labels that :func:`voc_to_yolo` writes) is clipped to it.
+    An empty file gives an ``(0, 5)`` array.
 
     Raises
     ------
     DatasetError
-        Missing file, wrong number of fields, non-numeric values, class ids out of range,
-        coordinates outside [0, 1].
+        Missing or non-text file, wrong number of fields, non-numeric values, class ids out of
+        range, coordinates outside [0, 1], zero-size boxes, or boxes (``centre +- size / 2``) that
+        extend more than 1e-3 outside the image. The message names the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"label file not found: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError(f"label file {path} is not a text file (expected lines 'class cx cy w h')") from None
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -331,7 +391,14 @@ def read_yolo_labels(
             raise DatasetError(f"{path}:{lineno}: invalid class id {parts[0]!r}")
         if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
             raise DatasetError(f"{path}:{lineno}: coordinates must be normalised to [0, 1], got {line.strip()!r}")
-        rows.append([cls, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        if w == 0 or h == 0:
+            raise DatasetError(f"{path}:{lineno}: box has zero width or height: {line.strip()!r}")
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        if min(box) < -1e-3 or max(box) > 1 + 1e-3:
+            raise DatasetError(
+                f"{path}:{lineno}: box extends outside the image (cx +- w/2 or cy +- h/2 outside [0, 1]): {line.strip()!r}"
+            )
+        rows.append([cls, *np.clip(box, 0.0, 1.0)])
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     if image_size is not None:
         arr[:, [1, 3]] *= image_size[0]
@@ -471,25 +538,35 @@ def extract_wbc_crops(
     ----------
     voc_root : path
         VOC folder (``Annotations``, ``JPEGImages``, ``ImageSets/Main``).
+    out_dir : path
+        Output folder, outside ``voc_root``; must not exist or be empty unless ``overwrite=True``.
     labels_csv : path
         BCCD-style labels file (see :func:`read_bccd_subtype_labels`).
     split : str or None
         Only fields in ``ImageSets/Main/<split>.txt``; None for all annotated fields.
     scale : float
         Crop side relative to the box (see :func:`square_crop`).
+    overwrite : bool
+        Replace an existing, non-empty ``out_dir`` written by an earlier extraction (it holds
+        ``crop_report.json``). Other non-empty folders are never deleted.
+
+    Raises
+    ------
+    DatasetError
+        Missing or malformed source files, or an ``out_dir`` that is a file, overlaps ``voc_root``
+        or holds files of something else.
     """
     from .io import read_image, write_image
 
     voc_root, out_dir = Path(voc_root), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise DatasetError(f"output folder {out_dir} exists and is not empty (pass overwrite=True)")
-        shutil.rmtree(out_dir)  # no stale crops of an earlier extraction mixed in
+    _check_out_dir(voc_root, out_dir, overwrite=overwrite, report_name="crop_report.json")
     labels = read_bccd_subtype_labels(labels_csv)
     if split is None:
         stems = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
     else:
         stems = _read_split_file(voc_root / "ImageSets" / "Main" / f"{split}.txt")
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)  # no stale crops of an earlier extraction mixed in
     report = CropReport()
     for stem in stems:
         (_, _), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")

@@ -110,13 +110,15 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB uint8 ``(H, W, 3)``.
 
-    Any format OpenCV decodes (JPEG, PNG incl. 16-bit and RGBA, TIFF, BMP) is accepted
-    and converted with the rules of :func:`to_rgb_uint8`.
+    Any format OpenCV decodes (JPEG, PNG incl. 16-bit and RGBA, TIFF incl. float32/float64,
+    BMP) is accepted and converted with the rules of :func:`to_rgb_uint8`.
 
     Raises
     ------
     ImageReadError
-        If the file does not exist, is not a file, or cannot be decoded. The message names the path.
+        If the file does not exist, is not a file, cannot be decoded, or its samples do not follow
+        the rules of :func:`to_rgb_uint8` (e.g. signed integers, float outside [0, 1]). The message
+        names the path (and the sample type).
     """
     path = Path(path)
     if not path.exists():
@@ -130,11 +132,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if decoded is None:
         raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
+    # BGR(A) -> RGB(A) by indexing: cv2.cvtColor refuses float64 and signed samples, which
+    # to_rgb_uint8 converts or rejects with a clear message.
     if decoded.ndim == 3:
         if decoded.shape[2] == 3:
-            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+            decoded = decoded[:, :, ::-1]
         elif decoded.shape[2] == 4:
-            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA)
+            decoded = decoded[:, :, [2, 1, 0, 3]]
     try:
         return to_rgb_uint8(decoded, name=f"image file {path}")
     except InvalidImageError as exc:
@@ -142,11 +146,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def require_image_list(images: object, *, caller: str, hint: str) -> None:
-    """Raise TypeError when a single path or a single (H, W, 3) array is passed where a list is expected.
+    """Raise TypeError when a single path or a single (H, W[, 3]) array is passed where a list is expected.
 
     Iterating a path string or an image array would otherwise silently yield characters or rows.
     """
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
         raise TypeError(f"{caller} takes a list of images or paths, not a single one; {hint}")
 
 

@@ -382,8 +382,13 @@ class CropSource:
 
     ``root`` is an ImageFolder tree (``root/<class>/<image>``). With ``splits_csv`` (columns
     ``path, class, split``; paths relative to ``root``, as PBC's ``splits.csv``), only rows of
-    ``split`` are used. ``center_fraction`` < 1 keeps the central part of each image (PBC images are
-    framed wider than detector crops). ``weight`` multiplies this source's sampling probability.
+    ``split`` are used. ``center_fraction`` in (0, 1]; < 1 keeps the central part of each image (PBC
+    images are framed wider than detector crops). ``weight`` multiplies this source's sampling probability.
+
+    Raises
+    ------
+    ValueError
+        If ``center_fraction`` is not a number in (0, 1] (NaN included).
     """
 
     root: str
@@ -393,12 +398,22 @@ class CropSource:
     weight: float = 1.0
     name: str = ""
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.center_fraction <= 1.0:
+            raise ValueError(f"CropSource center_fraction must be in (0, 1], got {self.center_fraction!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"root": str(self.root), "split": self.split, "splits_csv": self.splits_csv,
                 "center_fraction": self.center_fraction, "weight": self.weight, "name": self.name}
 
     def samples(self, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-        """``(path, class index)`` pairs; raises :class:`DatasetError` for unknown classes or empty sets."""
+        """``(path, class index)`` pairs.
+
+        Raises
+        ------
+        DatasetError
+            Missing crop folder or splits file, unknown classes or an empty set.
+        """
         import csv
 
         from .datasets import normalize_wbc_class
@@ -409,6 +424,8 @@ class CropSource:
         index = {c: i for i, c in enumerate(classes)}
         out: list[tuple[Path, int]] = []
         if self.splits_csv:
+            if not Path(self.splits_csv).is_file():
+                raise DatasetError(f"splits file not found: {self.splits_csv} (columns path, class, split)")
             with open(self.splits_csv, newline="") as f:
                 for row in csv.DictReader(f):
                     if self.split is not None and row["split"] != self.split:
@@ -435,11 +452,17 @@ class CropSource:
 
 
 def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
-    """Central ``fraction`` of an image (both sides), at least one pixel."""
-    if fraction >= 1.0:
+    """Central ``fraction`` (in (0, 1]) of an image (both sides), at least one pixel.
+
+    Raises
+    ------
+    ValueError
+        If ``fraction`` is not in (0, 1] (NaN included).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"center fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0:
         return image
-    if fraction <= 0:
-        raise ValueError(f"center fraction must be > 0, got {fraction}")
     h, w = image.shape[:2]
     ch, cw = max(1, int(round(h * fraction))), max(1, int(round(w * fraction)))
     return image[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
