@@ -530,3 +530,14 @@ def test_forced_bf16_warns_where_the_cpu_lacks_it(tiny_run, monkeypatch):
         assert not Classifier.load(tiny_run.weights).use_bf16  # "auto": float32 here, no warning
     monkeypatch.setattr(classify, "_bf16_supported", lambda: True)
     assert Classifier.load(tiny_run.weights).use_bf16
+
+
+def test_predict_proba_names_the_bad_crop_across_batches(tiny_run):
+    clf = Classifier.load(tiny_run.weights)
+    crop = np.full((40, 40, 3), 180, np.uint8)
+    with pytest.raises(InvalidImageError, match="crop 40 "):
+        clf.predict_proba([crop] * 40 + [np.zeros((0, 5, 3), np.uint8)])
+    with pytest.raises(TypeError, match="list of RGB crops"):
+        clf.predict_proba(None)
+    with pytest.raises(InvalidImageError, match="wrap a single crop"):
+        clf.predict_proba(np.zeros((40, 40), np.uint8))

@@ -21,7 +21,7 @@ from smearpipe.detect import Detection
 from smearpipe.errors import ImageReadError, InvalidImageError
 from smearpipe.io import read_image
 from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize
-from smearpipe.scale import estimate_rbc_diameter
+from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter
 
 from .conftest import SAMPLES
 
@@ -322,6 +322,41 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
     assert analyze_smear(blank, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0 and det.sizes == [None]
 
 
+@pytest.mark.parametrize(("shape", "cell_px"), [((480, 640), 20), ((2000, 3000), 500)])  # 5x, 0.2x: outside RESCALE_RANGE
+def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe, shape, cell_px):
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), cell_px)
+    with pytest.warns(UserWarning, match="outside the 0.25-4.0x"):
+        r = analyze_smear(np.full((*shape, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None] and r.scale_factor == 1.0
+
+
+def test_noise_is_not_measured_as_red_cells(pipe):
+    # random noise reads as ~10 px red cells to the image ruler: neither "auto" nor True follows it
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    ruler = pipe.detector.record.metadata["rbc_diameter_px"]
+    assert ruler / estimate_rbc_diameter(noise) > 4  # the premise
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 100, n_rbc=0)
+    with pytest.warns(UserWarning, match="not rescaled"):
+        assert analyze_smear(noise, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0
+    assert det.sizes == [None]
+    with pytest.raises(ScaleEstimationError, match="rbc_diameter_px"):
+        analyze_smear(noise, pipeline=pipe, config=PipelineConfig(rescale=True))
+    good = read_image(SAMPLES / "BloodImage_00007.jpg")
+    cfg = PipelineConfig(rescale=True, det_conf=0.001)
+    alone = analyze_fields([good], pipeline=pipe, config=cfg, progress=False).fields[0].scale_factor
+    slide = analyze_fields([good, noise, noise], pipeline=pipe, config=cfg, progress=False)
+    # the noise fields do not move the slide's median, and are analysed at the slide's scale (one microscope)
+    assert [f.scale_factor for f in slide.fields] == pytest.approx([alone] * 3)
+
+
+def test_tiny_fields_are_refused(pipe):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    for cut in (img[:5, :5], img[:31, :200], img[:1, :2000]):
+        with pytest.raises(InvalidImageError, match="at least 32 px"):
+            analyze_smear(cut, pipeline=pipe)
+    assert analyze_smear(img[:32, :32], pipeline=pipe).image_size == (32, 32)
+
+
 def test_auto_rescale_needs_the_box_ruler_in_the_record(pipe):
     bare = copy.copy(pipe.detector)
     bare.record = dataclasses.replace(pipe.detector.record, metadata={
@@ -412,3 +447,29 @@ def test_duplicate_wbc_boxes_are_dropped(pipe):
 def test_wbc_max_overlap_must_be_a_fraction(bad):
     with pytest.raises(ValueError, match="wbc_max_overlap"):
         PipelineConfig(wbc_max_overlap=bad)
+
+
+def test_result_json_that_is_not_a_result():
+    for text in ("{}", "[]", '{"detections": [{"box": [1, 2, 3]}]}', '{"detections": [{"box": [0, 0, "nan", 4]}]}'):
+        with pytest.raises(ValueError, match="not a smearpipe field result|a box is 4 finite"):
+            SmearResult.from_json(text)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, 1000])
+def test_draw_thickness(pipe, bad):
+    r = analyze_smear(SAMPLES / "BloodImage_00007.jpg", pipeline=pipe)
+    with pytest.raises(ValueError, match="thickness"):
+        draw(r, SAMPLES / "BloodImage_00007.jpg", thickness=bad)
+
+
+def test_analyze_fields_refuses_one_grey_image(pipe):
+    with pytest.raises(TypeError, match="list of images"):
+        analyze_fields(np.zeros((480, 640), np.uint8), pipeline=pipe, progress=False)
+
+
+def test_detector_conf_checks_and_box_cap(pipe):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    with pytest.raises(ValueError, match="conf must be a number"):
+        pipe.detector.predict(img, conf=True)
+    with pytest.warns(UserWarning, match="the most one image returns"):
+        assert len(pipe.detector.predict(img, conf=0.0, imgsz=640)) == 1000

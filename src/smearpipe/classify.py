@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def load_imagenet_features(*, batch_norm: bool = True) -> dict:
 
 def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Preprocessing,
                   preprocess_resized: bool, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD, framing: Framing | str) -> np.ndarray:
+                  std: Sequence[float] = IMAGENET_STD, framing: Framing | str, first_index: int = 0) -> np.ndarray:
     """Crops (any size, RGB uint8) -> ``(N, 3, size, size)`` float32, preprocessed and normalised.
 
     ``preprocess_resized`` (required, the order is part of what a model was trained with: pass
@@ -151,13 +151,13 @@ def prepare_crops(crops: Sequence[np.ndarray], *, size: int, preprocessing: Prep
     ``train_classifier(preprocess_resized=True)``; much cheaper on large crops). Otherwise preprocess
     at the crop's own size, then resize. ``framing`` (required too: pass ``Classifier.framing``;
     ``"as_given"`` for models recorded without one) is applied first. :meth:`Classifier.predict_proba`
-    does all this for you.
+    does all this for you. ``first_index``: the index of ``crops[0]`` in the caller's list, for error messages.
     """
     out = np.empty((len(crops), 3, size, size), np.float32)
     m = np.asarray(mean, np.float32)[:, None, None] * 255
     s = np.asarray(std, np.float32)[:, None, None] * 255
     for i, crop in enumerate(crops):
-        rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {i}"), size=size, preprocessing=preprocessing,
+        rgb = resize_preprocessed(to_rgb_uint8(crop, name=f"crop {first_index + i}"), size=size, preprocessing=preprocessing,
                                   preprocess_resized=preprocess_resized, framing=framing)
         out[i] = (rgb.transpose(2, 0, 1).astype(np.float32) - m) / s
     return out
@@ -178,9 +178,11 @@ def resize_preprocessed(rgb: np.ndarray, *, size: int, preprocessing: Preprocess
 
 
 def _crop_list(crops: Sequence[np.ndarray], *, caller: str) -> list[np.ndarray]:
-    """``crops`` as a list; one (H, W, 3) array is refused (iterating it would give H rows, not crops)."""
-    if isinstance(crops, np.ndarray) and crops.ndim == 3:
+    """``crops`` as a list; one (H, W[, 3]) array is refused (iterating it would give H rows, not crops)."""
+    if isinstance(crops, np.ndarray) and crops.ndim in (2, 3):
         raise InvalidImageError(f"{caller} takes a list of crops; wrap a single crop as [crop]")
+    if isinstance(crops, (str, bytes, os.PathLike)) or not isinstance(crops, Iterable):
+        raise TypeError(f"{caller} takes a list of RGB crops (arrays), got {type(crops).__name__}")
     return list(crops)
 
 
@@ -309,7 +311,8 @@ class Classifier:
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
                                                    preprocessing=self.preprocessing, mean=self.mean, std=self.std,
-                                                   preprocess_resized=self.preprocess_resized, framing=self.framing))
+                                                   preprocess_resized=self.preprocess_resized, framing=self.framing,
+                                                   first_index=i))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)

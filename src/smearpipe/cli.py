@@ -7,10 +7,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import SmearpipeError
 
 __all__ = ["main"]
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it cannot be read as JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -20,6 +29,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     steps = tuple(s for s in args.steps.split(",") if s)
     prep = Preprocessing(steps=steps, macenko_on_failure=args.on_failure).resolved()
     out_dir = Path(args.out)
+    record = out_dir / "preprocessing.json"
+    if record.exists() and not args.overwrite and _read_json(record) != json.loads(json.dumps(prep.to_dict())):
+        # images made with other settings are already there: one record cannot describe both
+        print(f"error: {record} records other preprocessing than --steps {args.steps!r}; use another --out or "
+              "--overwrite", file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     used: set[str] = set()
@@ -38,9 +53,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             failures += 1
             continue
         print(f"{path} -> {target}")
-    record = out_dir / "preprocessing.json"
-    if not record.exists() or args.overwrite:
-        record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
+    record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
     return 1 if failures else 0
 
 
@@ -117,12 +130,20 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
     paths = _image_paths(args.paths)
+    if not paths:
+        print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
     rescale = {"auto": "auto", "ruler": True, "off": False}[args.rescale]
     config = PipelineConfig(det_conf=args.conf, rescale=rescale, pixel_size_um=args.pixel_size_um,
                             rbc_diameter_px=args.rbc_diameter_px)
     pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
+    try:  # before any field is analysed: an --out that cannot be a folder fails now, not after the slide
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot use --out {out_dir} as the output folder: {exc}", file=sys.stderr)
+        return 2
     results, errors = [], []
-    stems: set[str] = set()
+    stems = {p.stem for p in summary_paths}  # a field called slide_summary.jpg must not overwrite the summary
     for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
         if not isinstance(out, Exception):
             base = stem = Path(source).stem
@@ -134,6 +155,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
             except FileExistsError as exc:
                 errors.append((source, str(exc)))
+                print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
                 continue
             results.append(out)
             diff = ", ".join(f"{k} {v}" for k, v in out.differential.items() if v) or "-"
@@ -143,7 +165,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             errors.append((source, str(out)))
             print(f"error: {source}: {out}", file=sys.stderr)
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
                "fields": [r.source for r in results]}
     summary_paths[0].write_text(json.dumps(payload, indent=2) + "\n")

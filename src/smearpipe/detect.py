@@ -8,6 +8,7 @@ checks (smearpipe never downloads anything for detection).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,10 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"box": list(self.box), "label": self.label, "score": self.score}
+
+
+#: The most boxes one image returns (ultralytics' ``max_det``); a field holds a few hundred cells at most.
+MAX_DETECTIONS = 1000
 
 
 def counting_threshold(metadata: Mapping[str, Any], label: str) -> float:
@@ -213,6 +218,9 @@ class Detector:
     ) -> list[list[Detection]]:
         """:meth:`predict` for several fields at once."""
         require_image_list(images, caller="predict_batch", hint="use predict() for one image")
+        for name, v in (("conf", conf), ("iou", iou)):
+            if isinstance(v, bool):
+                raise ValueError(f"{name} must be a number, got {v!r}")
         per_class = self.class_conf if conf is None else {}
         conf = (min(per_class.values()) if per_class else self.conf) if conf is None else float(conf)
         iou = self.iou if iou is None else float(iou)
@@ -227,12 +235,15 @@ class Detector:
         if not bgrs:
             return []
         results = self.model.predict(
-            source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=1000
+            source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=MAX_DETECTIONS
         )
         out = []
         for res, rgb in zip(results, rgbs, strict=True):
             h, w = rgb.shape[:2]
             boxes = res.boxes
+            if len(boxes) >= MAX_DETECTIONS:
+                warnings.warn(f"{MAX_DETECTIONS} boxes, the most one image returns: boxes of lower scores were dropped "
+                              f"(conf {conf} is low; split a large image into tiles)", stacklevel=3)
             xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from .datasets import DETECTION_CLASSES, square_crop
 from .detect import counting_threshold, suppress_nested
-from .errors import SmearpipeError, WeightsError
+from .errors import InvalidImageError, SmearpipeError, WeightsError
 from .io import ImageLike, load_image, require_image_list
 
 __all__ = [
@@ -62,7 +63,7 @@ class PipelineConfig:
     border_margin : float
         A box within this many pixels of the image edge is flagged (the cell may be cut).
     crop_scale : float, optional
-        Crop side relative to the WBC box (None: the classifier record's ``crop_scale``).
+        Crop side relative to the WBC box, 0.5 to 8 (None: the classifier record's ``crop_scale``).
     rescale : {"auto", True, False}
         Show each field to the detector at its training scale, so that fields of another magnification
         or camera are seen like the training fields: red cells (~7.5 um everywhere, :mod:`smearpipe.scale`)
@@ -78,13 +79,16 @@ class PipelineConfig:
           ``det_conf`` is.
           Where the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
-          ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is.
+          ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is, and so is
+          one measured outside :data:`RESCALE_RANGE` (0.25-4x; a warning says so).
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
           seen as they are (``load_pipeline`` warns).
         - ``True``: the red-cell diameter comes from ``rbc_diameter_px`` / ``pixel_size_um`` or else from
           :func:`~smearpipe.scale.estimate_rbc_diameter` on the image alone (no detector; ~50-100 ms per
           640x480 field; single-field estimates scatter, see ``slide_scale_fields``), and every field is
-          detected once at that scale. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the record.
+          detected once at that scale. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the record. A
+          measured scale outside :data:`RESCALE_RANGE` raises ``ScaleEstimationError`` (a slide's median leaves
+          such fields out); a given diameter or pixel size is always followed.
         - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
@@ -117,19 +121,23 @@ class PipelineConfig:
             raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
         for name in ("rbc_diameter_px", "pixel_size_um"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
+            if v is not None and not (_is_real(v) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if self.wbc_max_overlap is not None and not 0.0 < self.wbc_max_overlap <= 1.0:
             raise ValueError(f"wbc_max_overlap must be in (0, 1] or None, got {self.wbc_max_overlap!r}")
         if not 0.0 <= self.review_probability <= 1.0:
             raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
-        if self.border_margin < 0:
-            raise ValueError(f"border_margin must be >= 0, got {self.border_margin}")
+        if not (_is_real(self.border_margin) and 0 <= self.border_margin < math.inf):
+            raise ValueError(f"border_margin must be a finite number >= 0, got {self.border_margin!r}")
         if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, numbers.Integral) \
                 or self.slide_scale_fields < 0:
             raise ValueError(f"slide_scale_fields must be an integer >= 0, got {self.slide_scale_fields!r}")
-        if self.crop_scale is not None and self.crop_scale <= 0:
-            raise ValueError(f"crop_scale must be > 0, got {self.crop_scale}")
+        if self.crop_scale is not None and not (_is_real(self.crop_scale) and 0.5 <= self.crop_scale <= 8):
+            raise ValueError(f"crop_scale must be a number from 0.5 to 8 (crop side / WBC box side), got {self.crop_scale!r}")
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,12 @@ def _rescaling(cfg: PipelineConfig) -> bool:
 #: ``rescale="auto"``: a field whose red-cell boxes put it within this factor of the training scale is kept
 #: as detected (BCCD val fields at their native scale: 0.89-1.12, ``reports/scale/ruler_spread.json``).
 AUTO_RESCALE_TOLERANCE = 1.25
+#: Smallest field side analysed: a 5x5 image letterboxed to the network input is a blur the detector calls a WBC.
+MIN_FIELD_SIDE = 32
+#: Scale factors (training red-cell size / the field's) that a measured ruler is followed over: magnification
+#: differs 2-4x between labs. A measurement outside is taken for noise or texture (random noise reads as red
+#: cells of ~10 px, 8.6x) and not followed; a known ``rbc_diameter_px`` / ``pixel_size_um`` always is.
+RESCALE_RANGE = (0.25, 4.0)
 _AUTO_PASSES = 2  # detections after the first, at most
 
 
@@ -223,6 +237,11 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
             except ScaleEstimationError:
                 break
         else:
+            break
+        if not RESCALE_RANGE[0] <= need <= RESCALE_RANGE[1]:
+            warnings.warn(f"red cells measured at {need:.2f}x the detector's training scale, outside the "
+                          f"{RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that rescale='auto' follows: not rescaled (pass "
+                          "rbc_diameter_px or pixel_size_um if the field's scale is known)", stacklevel=3)
             break
         if abs(np.log(need / seen)) <= np.log(AUTO_RESCALE_TOLERANCE):
             break
@@ -278,7 +297,10 @@ class CellResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellResult:
-        return cls(box=tuple(d["box"]), label=d["label"], score=d["score"], wbc_type=d.get("wbc_type"),  # type: ignore[arg-type]
+        box = tuple(float(v) for v in d["box"])
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            raise ValueError(f"a box is 4 finite numbers (x1, y1, x2, y2), got {d['box']!r}")
+        return cls(box=box, label=d["label"], score=d["score"], wbc_type=d.get("wbc_type"),  # type: ignore[arg-type]
                    wbc_probability=d.get("wbc_probability"), probabilities=d.get("probabilities"),
                    needs_review=d.get("needs_review", False), review_reasons=tuple(d.get("review_reasons", ())))
 
@@ -324,13 +346,22 @@ class SmearResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SmearResult:
-        return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
-                   differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
-                   models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
-                   scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
+        """Inverse of :meth:`to_dict`; ValueError naming what is missing or malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a smearpipe field result: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
+                       differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
+                       models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
+                       scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
+        except KeyError as exc:
+            raise ValueError(f"not a smearpipe field result: no {exc} entry") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a smearpipe field result: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> SmearResult:
+        """Read :meth:`to_json` output; ValueError for text that is not such a result."""
         return cls.from_dict(json.loads(text))
 
 
@@ -353,9 +384,10 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     Raises
     ------
     SmearpipeError
-        Unreadable or invalid image (``ImageReadError`` / ``InvalidImageError``), missing weights
-        (``WeightsError``, also for rescaling with a detector whose record lacks the training scale),
-        and, with rescaling from the field itself, a field without measurable red cells
+        Unreadable or invalid image (``ImageReadError`` / ``InvalidImageError``, also for a field under
+        :data:`MIN_FIELD_SIDE` px per side), missing weights (``WeightsError``, also for rescaling with a
+        detector whose record lacks the training scale), and, with ``rescale=True`` measured on the field
+        itself, a field without measurable red cells or whose measured scale is outside :data:`RESCALE_RANGE`
         (``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
 
     Examples
@@ -369,6 +401,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     rgb = load_image(image)
     source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
     h, w = rgb.shape[:2]
+    if min(h, w) < MIN_FIELD_SIDE:
+        raise InvalidImageError(f"{source or 'image'}: {w}x{h} px; a field needs at least {MIN_FIELD_SIDE} px per side "
+                                "(the detector would see noise enlarged as cells)")
     factor, imgsz = 1.0, None
     if _rescaling(cfg):
         from .scale import detector_input_size, rescale_factor
@@ -377,6 +412,13 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         # no snapping to 1.0: changing the input size costs nothing, unlike resampling the field
         factor = rescale_factor(rgb, target_rbc_diameter=meta["rbc_diameter_px"], rbc_diameter_px=cfg.rbc_diameter_px,
                                 pixel_size_um=cfg.pixel_size_um, tolerance=0.0)
+        if cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and not RESCALE_RANGE[0] <= factor <= RESCALE_RANGE[1]:
+            from .scale import ScaleEstimationError
+
+            raise ScaleEstimationError(
+                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px, {factor:.2f}x from the "
+                f"detector's training scale, outside the {RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x a measured ruler is "
+                "followed over (noise or texture?): pass rbc_diameter_px or pixel_size_um if the scale is known")
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
                                     train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()
@@ -540,12 +582,15 @@ def iter_fields(
     if cfg.rescale is True and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
         from .scale import ScaleEstimationError, estimate_rbc_diameter
 
+        target = _scale_metadata(p.detector)["rbc_diameter_px"]
         first: list[tuple[int, ImageLike]] = []
         diameters: list[float] = []
         for i, image in fields:
             first.append((i, image))
             try:
-                diameters.append(estimate_rbc_diameter(load_image(image)))
+                d = estimate_rbc_diameter(load_image(image))
+                if RESCALE_RANGE[0] <= target / d <= RESCALE_RANGE[1]:  # else noise or texture, not red cells
+                    diameters.append(d)
             except ScaleEstimationError:
                 pass  # blank: analysed at the slide's scale below
             except SmearpipeError:
@@ -597,6 +642,8 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
     """
     import cv2
 
+    if isinstance(thickness, bool) or not isinstance(thickness, numbers.Integral) or not 1 <= thickness <= 100:
+        raise ValueError(f"thickness must be an integer from 1 to 100 px, got {thickness!r}")
     rgb = load_image(image).copy()
     h, w = rgb.shape[:2]
     if (w, h) != tuple(result.image_size):

@@ -1,0 +1,72 @@
+"""Command-line behaviour around outputs: nothing silently overwritten, lost or left wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from smearpipe.cli import main as cli_main
+
+from .conftest import SAMPLES
+
+FIELD = SAMPLES / "BloodImage_00007.jpg"
+
+
+def _analyze(smoke_run, tiny_run, *args):
+    return cli_main(["analyze", *map(str, args), "--detector", str(smoke_run.weights), "--classifier",
+                     str(tiny_run.weights), "--conf", "0.01", "--quiet", "--no-rescale"])
+
+
+def test_preprocess_refuses_to_mix_settings_in_one_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(["preprocess", str(FIELD), "--steps", "median", "--out", str(out)]) == 0
+    assert json.loads((out / "preprocessing.json").read_text())["steps"] == ["median"]
+    other = tmp_path / "other.jpg"
+    shutil.copy(SAMPLES / "BloodImage_00135.jpg", other)
+    assert cli_main(["preprocess", str(other), "--steps", "clahe", "--out", str(out)]) == 2
+    assert "preprocessing.json" in capsys.readouterr().err
+    assert not (out / "other_preprocessed.png").exists()  # refused before any image was written
+    assert cli_main(["preprocess", str(other), "--steps", "median", "--out", str(out)]) == 0  # same settings: added
+    assert cli_main(["preprocess", str(other), "--steps", "clahe", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "preprocessing.json").read_text())["steps"] == ["clahe"]
+    (out / "preprocessing.json").write_text("not json")
+    assert cli_main(["preprocess", str(other), "--steps", "clahe", "--out", str(out)]) == 2
+
+
+def test_analyze_field_named_like_the_summary(smoke_run, tiny_run, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(FIELD, src / "slide_summary.jpg")
+    shutil.copy(SAMPLES / "BloodImage_00135.jpg", src / "a.jpg")
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, src, "--out", out) == 0
+    assert "summary" in json.loads((out / "slide_summary.json").read_text())
+    assert json.loads((out / "slide_summary_2.json").read_text())["source"].endswith("slide_summary.jpg")
+
+
+def test_analyze_refuses_an_output_folder_it_cannot_make(smoke_run, tiny_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", afile / "sub") == 2
+    assert "--out" in capsys.readouterr().err
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", afile) == 2
+    assert afile.read_text() == "x"
+
+
+def test_analyze_empty_folder(smoke_run, tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _analyze(smoke_run, tiny_run, tmp_path / "empty", "--out", tmp_path / "out") == 2
+    assert "no images found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyze_reports_a_field_whose_outputs_exist(smoke_run, tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out) == 0
+    (out / "slide_summary.json").unlink()
+    (out / "slide_summary.csv").unlink()
+    before = (out / "BloodImage_00007.json").read_text()
+    capsys.readouterr()
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out) == 2  # its only field could not be written
+    assert "BloodImage_00007" in capsys.readouterr().err
+    assert (out / "BloodImage_00007.json").read_text() == before
