@@ -16,6 +16,8 @@ from smearpipe.scale import (
     rescale_factor,
 )
 
+from .conftest import SAMPLES
+
 
 def synthetic_field(diameter: float, *, seed: int = 0, size=(480, 640), n: int | None = None, overlap: bool = True) -> np.ndarray:
     """Pink disks with a pale centre on a light background; touching/overlapping when ``overlap``."""
@@ -129,3 +131,18 @@ def test_measure_rbc_box_px(tmp_path):
 
     with pytest.raises(ScaleEstimationError, match="enough red-cell boxes"):
         measure_rbc_box_px(Nothing(), fields)
+
+
+def test_scale_functions_refuse_absurd_arguments():
+    rgb = read_image(SAMPLES / "BloodImage_00007.jpg")
+    for kw in ({"target_rbc_diameter": 0}, {"target_rbc_diameter": -1}, {"target_rbc_diameter": float("nan")},
+               {"target_rbc_diameter": 80, "rbc_diameter_px": float("inf")},
+               {"target_rbc_diameter": 80, "pixel_size_um": float("inf")}):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            rescale_factor(rgb, **kw)
+    for shape in ((0, 0), (-480, -640), ()):
+        with pytest.raises(ValueError, match="image_shape"):
+            detector_input_size(shape, factor=1.0, input_size=512, train_long_side=640)
+    for kw in ({"max_pixels": -1}, {"max_pixels": 10.5}, {"min_diameter": -5}, {"min_diameter": float("nan")}):
+        with pytest.raises(ValueError):
+            estimate_rbc_diameter(rgb, **kw)

@@ -9,6 +9,7 @@ size at which the field is seen at training scale (the pipeline's ``rescale`` op
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -82,9 +83,15 @@ def estimate_rbc_diameter(image: np.ndarray, *, min_diameter: float = 6.0, max_p
     ------
     ScaleEstimationError
         Blank field or no measurable cells.
+    ValueError
+        ``min_diameter`` below 2 px or not finite, ``max_pixels`` below 1024.
     """
     from .io import to_rgb_uint8
 
+    if not (isinstance(max_pixels, numbers.Integral) and max_pixels >= 1024):
+        raise ValueError(f"max_pixels must be an integer >= 1024, got {max_pixels!r}")
+    if not (isinstance(min_diameter, numbers.Real) and 2 <= min_diameter < np.inf):
+        raise ValueError(f"min_diameter must be a number >= 2 (pixels), got {min_diameter!r}")
     image = to_rgb_uint8(image)
     h, w = image.shape[:2]
     f = min(1.0, float(np.sqrt(max_pixels / (h * w))))
@@ -229,14 +236,14 @@ def rescale_factor(
     """
     if rbc_diameter_px is not None and pixel_size_um is not None:
         raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
+    for name, v in (("target_rbc_diameter", target_rbc_diameter), ("rbc_diameter_px", rbc_diameter_px),
+                    ("pixel_size_um", pixel_size_um)):
+        if v is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < np.inf):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     if pixel_size_um is not None:
-        if not pixel_size_um > 0:
-            raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
         rbc_diameter_px = RBC_DIAMETER_UM / pixel_size_um
     if rbc_diameter_px is None:
         rbc_diameter_px = estimate_rbc_diameter(image)
-    if not rbc_diameter_px > 0:
-        raise ValueError(f"rbc_diameter_px must be > 0, got {rbc_diameter_px}")
     factor = float(target_rbc_diameter) / float(rbc_diameter_px)
     return 1.0 if abs(factor - 1.0) <= tolerance else factor
 
@@ -287,6 +294,8 @@ def detector_input_size(
     values = (factor, input_size, train_long_side)
     if not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"factor, input_size and train_long_side must be finite and > 0, got {values}")
+    if len(image_shape) < 2 or min(image_shape[:2]) < 1:
+        raise ValueError(f"image_shape must start with a positive height and width, got {image_shape!r}")
     if stride < 1 or max_size < stride:
         raise ValueError(f"need 1 <= stride <= max_size, got stride={stride}, max_size={max_size}")
     long_side = max(image_shape[:2]) * factor * input_size / train_long_side
