@@ -11,6 +11,7 @@ import json
 import shutil
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 from scipy.stats import beta
@@ -473,3 +474,14 @@ def test_detector_conf_checks_and_box_cap(pipe):
         pipe.detector.predict(img, conf=True)
     with pytest.warns(UserWarning, match="the most one image returns"):
         assert len(pipe.detector.predict(img, conf=0.0, imgsz=640)) == 1000
+
+
+def test_a_wbc_box_without_a_nucleus_is_flagged(pipe):
+    field = np.full((480, 640, 3), (235, 215, 205), np.uint8)  # background only
+    cv2.circle(field, (500, 300), 30, (95, 60, 160), -1)         # one violet nucleus
+    boxes = [Detection((100.0, 100.0, 200.0, 200.0), "WBC", 0.9), Detection((450.0, 250.0, 550.0, 350.0), "WBC", 0.9)]
+    r = analyze_smear(field, pipeline=Pipeline(StubDetector(boxes, pipe.detector.record), pipe.classifier),
+                      config=PipelineConfig(rescale=False))
+    blank, cell = sorted(r.wbcs, key=lambda c: c.box[0])
+    assert "no nucleus found" in blank.review_reasons and blank.needs_review
+    assert "no nucleus found" not in cell.review_reasons

@@ -25,6 +25,7 @@ import numpy as np
 from .datasets import DETECTION_CLASSES, square_crop
 from .detect import counting_threshold, suppress_nested
 from .errors import InvalidImageError, SmearpipeError, WeightsError
+from .framing import nucleus_box
 from .io import ImageLike, load_image, require_image_list
 
 __all__ = [
@@ -59,7 +60,8 @@ class PipelineConfig:
         smaller box is dropped as a duplicate (:func:`~smearpipe.detect.suppress_nested`); None keeps
         every box the detector returns.
     review_probability : float
-        A WBC whose top type probability is below this is flagged ``needs_review``.
+        A WBC whose top type probability is below this is flagged ``needs_review`` (so is one whose box
+        touches the image border, or whose crop shows no violet nucleus, :func:`~smearpipe.framing.nucleus_box`).
     border_margin : float
         A box within this many pixels of the image edge is flagged (the cell may be cut).
     crop_scale : float, optional
@@ -437,6 +439,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t4 = time.perf_counter()
     classes = p.classifier.classes
     typed = {i: row for i, row in zip(wbc_idx, proba, strict=True)}
+    # every WBC crop of PBC val (1,030) and BCCD (351) shows one; a blank or red-cell crop is still typed (a constant
+    # crop as lymphocyte, 0.78), so it is flagged instead
+    no_nucleus = {i for i, crop in zip(wbc_idx, crops, strict=True) if nucleus_box(crop) is None}
     cells = []
     for i, d in enumerate(dets):
         x1, y1, x2, y2 = d.box
@@ -448,6 +453,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
             k = int(row.argmax())
             if row[k] < cfg.review_probability:
                 reasons.append(f"low type probability {row[k]:.2f}")
+            if i in no_nucleus:
+                reasons.append("no nucleus found")
             cells.append(CellResult(d.box, d.label, d.score, classes[k], float(row[k]),
                                     {c: float(v) for c, v in zip(classes, row, strict=True)}, bool(reasons), tuple(reasons)))
         else:
