@@ -58,6 +58,17 @@ def test_shape_dtype_preserved_on_pbc_crop(name, pbc_crops):
     assert out.shape == crop.shape and out.dtype == np.uint8
 
 
+def test_median_bad_ksize_names_the_limit():
+    """OpenCV's constant-time median of uint8 images counts in 16 bits: 257 can fail (k < 16) or be wrong."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    assert median_filter(img, ksize=255).shape == img.shape
+    for ksize in (257, 1001, 99999):
+        with pytest.raises(ValueError, match=r"odd integer in \[1, 255\]"):
+            median_filter(img, ksize=ksize)
+    with pytest.raises(ValueError, match="255"):
+        Preprocessing(median_ksize=257)
+
+
 def test_median_removes_salt_noise():
     img = np.full((32, 32, 3), 100, np.uint8)
     noisy = img.copy()
@@ -94,6 +105,16 @@ def test_clahe_raises_local_contrast_and_keeps_colour(bccd_field):
 def test_clahe_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         clahe(np.zeros((8, 8, 3), np.uint8), **kwargs)
+
+
+def test_clahe_tile_grid_limit():
+    img = np.zeros((8, 8, 3), np.uint8)
+    assert clahe(img, tile_grid=(256, 256)).shape == img.shape  # more tiles than pixels: OpenCV pads
+    for grid in ((8, 257), (100000, 100000), (float("inf"), 8)):
+        with pytest.raises(ValueError, match=r"tile_grid must be two integers in \[1, 256\]"):
+            clahe(img, tile_grid=grid)
+        with pytest.raises(ValueError, match=r"clahe_tile_grid must be two integers in \[1, 256\]"):
+            Preprocessing(clahe_tile_grid=grid)
 
 
 def test_background_estimate(bccd_field, pbc_crops):
@@ -191,6 +212,20 @@ def test_one_pixel_image():
     assert clahe(px).shape == (1, 1, 3)
     with pytest.raises(StainEstimationError):
         MacenkoNormalizer.default().transform(px)
+
+
+@pytest.mark.parametrize("fn", [
+    median_filter, clahe, reinhard_normalize, match_sharpness, sharpness, estimate_background, lab_statistics,
+    stained_mask, lambda im: MacenkoNormalizer.default().transform(im, on_failure="passthrough"),
+    lambda im: MacenkoNormalizer().fit(im),
+], ids=["median", "clahe", "reinhard", "sharpen", "sharpness", "background", "lab_statistics", "stained_mask",
+        "macenko_passthrough", "macenko_fit"])
+@pytest.mark.parametrize("shape", [(0, 0, 3), (0, 5, 3), (5, 0, 3)])
+def test_empty_images_rejected_with_our_error(fn, shape):
+    """An RGB uint8 array without pixels used to pass the fast path of the image check and crash in OpenCV
+    (cv2.error) or numpy (IndexError)."""
+    with pytest.raises(InvalidImageError, match="at least one pixel"):
+        fn(np.zeros(shape, np.uint8))
 
 
 def test_nan_input_rejected():
@@ -380,6 +415,16 @@ def test_reinhard_reference_validates(bad):
         ReinhardReference.from_dict(bad)
 
 
+def test_reinhard_reference_as_mapping_or_refused(bccd_field):
+    ref = field_reinhard_reference("stained")
+    np.testing.assert_array_equal(reinhard_normalize(bccd_field, reference=ref.to_dict()),
+                                  reinhard_normalize(bccd_field, reference=ref))
+    with pytest.raises(ValueError, match="Reinhard reference"):
+        reinhard_normalize(bccd_field, reference={"mean": [70, 0, 0]})
+    with pytest.raises(TypeError, match="ReinhardReference"):
+        reinhard_normalize(bccd_field, reference="stained")  # type: ignore[arg-type]
+
+
 def _on_canvas(field: np.ndarray, factor: float, fill) -> tuple[np.ndarray, tuple[slice, slice], np.ndarray]:
     """The field shrunk by ``factor`` at the centre of a field-sized canvas of colour ``fill``."""
     h, w = field.shape[:2]
@@ -487,6 +532,17 @@ def test_match_sharpness_stops_at_max_amount(crop64):
     assert Preprocessing(sharpen_sigma=np.float32(1.5)).sharpen_sigma == 1.5  # numpy scalars are numbers too
     with pytest.raises(InvalidImageError):
         match_sharpness(np.zeros((3, 20, 20), np.uint8))
+
+
+@pytest.mark.parametrize("sigma", [100.5, 1e6])
+def test_sharpening_sigma_limit(sigma):
+    """A huge sigma used to make OpenCV allocate a Gaussian kernel of 8 * sigma taps (std::bad_alloc)."""
+    soft = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8), (0, 0), 2.0)
+    assert match_sharpness(soft, sigma=100.0).shape == soft.shape
+    with pytest.raises(ValueError, match="sharpening sigma must be at most 100"):
+        match_sharpness(soft, sigma=sigma)
+    with pytest.raises(ValueError, match="sharpening sigma must be at most 100"):
+        Preprocessing(sharpen_sigma=sigma)
 
 
 def test_sharpen_step_in_preprocessing(crop64):

@@ -51,11 +51,17 @@ __all__ = [
 
 STEPS = ("median", "clahe", "macenko", "reinhard", "sharpen")
 
+# OpenCV's median filter of uint8 images counts window pixels in 16 bits: larger windows fail or are wrong
+_MAX_MEDIAN_KSIZE = 255
+# CLAHE tiles per side; OpenCV pads the image to a multiple of the grid and keeps a table per tile
+_MAX_CLAHE_TILES = 256
+
 
 def _check_image(image: np.ndarray) -> np.ndarray:
-    # Fast path: the public functions accept exactly the smearpipe convention, anything
-    # else goes through the converter, which raises InvalidImageError when it must.
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+    # Fast path: the public functions accept exactly the smearpipe convention (with at least one
+    # pixel), anything else goes through the converter, which raises InvalidImageError when it must.
+    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.size):
         return image
     return to_rgb_uint8(image)
 
@@ -68,7 +74,7 @@ def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
     image : (H, W, 3) uint8 ndarray
         RGB image.
     ksize : int, optional
-        Odd window size >= 1 (1 returns a copy).
+        Odd window size from 1 (returns a copy) to 255 (OpenCV's limit for uint8 images).
 
     Returns
     -------
@@ -77,7 +83,7 @@ def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``ksize`` is not an odd integer >= 1.
+        If ``ksize`` is not an odd integer in [1, 255].
     InvalidImageError
         If ``image`` is not RGB uint8 ``(H, W, 3)`` (or convertible, see :mod:`smearpipe.io`).
 
@@ -87,8 +93,9 @@ def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
     >>> median_filter(np.zeros((8, 8, 3), np.uint8), ksize=5).shape
     (8, 8, 3)
     """
-    if isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0:
-        raise ValueError(f"ksize must be an odd integer >= 1, got {ksize!r}")
+    if (isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0
+            or ksize > _MAX_MEDIAN_KSIZE):
+        raise ValueError(f"ksize must be an odd integer in [1, {_MAX_MEDIAN_KSIZE}], got {ksize!r}")
     image = _check_image(image)
     if ksize == 1:
         return image.copy()
@@ -110,7 +117,8 @@ def clahe(
     clip_limit : float, optional
         Contrast limit (OpenCV ``clipLimit``), > 0.
     tile_grid : (int, int), optional
-        Number of tiles (rows, columns), each >= 1.
+        Number of tiles (rows, columns), each from 1 to 256 (more tiles than pixels are allowed:
+        OpenCV pads the image).
 
     Returns
     -------
@@ -135,10 +143,10 @@ def clahe(
         raise ValueError(f"clip_limit must be a positive number, got {clip_limit!r}")
     try:
         grid = tuple(int(t) for t in tile_grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"tile_grid must be two integers >= 1, got {tile_grid!r}") from None
-    if len(grid) != 2 or min(grid) < 1:
-        raise ValueError(f"tile_grid must be two integers >= 1, got {tile_grid!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {tile_grid!r}") from None
+    if len(grid) != 2 or min(grid) < 1 or max(grid) > _MAX_CLAHE_TILES:
+        raise ValueError(f"tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {tile_grid!r}")
     image = _check_image(image)
     op = cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid[1], grid[0]))  # per call: cv2.CLAHE is stateful
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
@@ -664,7 +672,8 @@ def _lab_with_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.
     return lab, mean.ravel(), std.ravel()
 
 
-def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None = None) -> np.ndarray:
+def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | Mapping[str, Any] | None = None
+                       ) -> np.ndarray:
     """Map an image's colour statistics onto a reference's (Reinhard et al. 2001 [3]_).
 
     Each L*a*b* channel is shifted and scaled so that the image's mean and standard deviation become
@@ -678,13 +687,23 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
     ----------
     image : (H, W, 3) uint8 ndarray
         RGB.
-    reference : ReinhardReference, optional
-        Target statistics; the shipped PBC reference by default.
+    reference : ReinhardReference or mapping, optional
+        Target statistics (a mapping as :meth:`ReinhardReference.to_dict` writes it is read with
+        :meth:`ReinhardReference.from_dict`); the shipped PBC reference by default.
 
     Returns
     -------
     (H, W, 3) uint8 ndarray
         RGB, same shape.
+
+    Raises
+    ------
+    InvalidImageError
+        ``image`` is not an RGB uint8 array.
+    TypeError
+        ``reference`` is neither a ReinhardReference, a mapping nor None.
+    ValueError
+        ``reference`` is a malformed mapping.
 
     Examples
     --------
@@ -695,6 +714,11 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
     >>> bool(np.abs(a.astype(int) - b.astype(int)).mean() < 3)
     True
     """
+    if isinstance(reference, Mapping):
+        reference = ReinhardReference.from_dict(reference)
+    elif reference is not None and not isinstance(reference, ReinhardReference):
+        raise TypeError(f"reference must be a ReinhardReference, a mapping with its fields or None, "
+                        f"got {type(reference).__name__}")
     image = _check_image(image)
     ref = reference if reference is not None else default_reinhard_reference()
     lab, mean, std = _lab_with_statistics(image, region=ref.region)
@@ -709,14 +733,15 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | None
 # ----------------------------------------------------------------------------- sharpness
 
 _MAX_SHARPEN_AMOUNT = 20.0
+_MAX_SHARPEN_SIGMA = 100.0  # px; the Gaussian has 8 * sigma + 1 taps
 _AMOUNT_STEP = 0.05
 
 
 def _check_sharpen_args(target: Any, sigma: Any, max_amount: Any) -> tuple[float, float, float]:
     """Validate the parameters of :func:`match_sharpness` (and its torch twin); returns them as floats.
 
-    Raises TypeError for non-numbers, ValueError for values that are not finite and > 0 (``max_amount``
-    at most 20).
+    Raises TypeError for non-numbers, ValueError for values that are not finite and > 0 (``sigma`` at
+    most 100, ``max_amount`` at most 20).
     """
     out = []
     for name, value in (("target", target), ("sigma", sigma), ("max_amount", max_amount)):
@@ -726,6 +751,8 @@ def _check_sharpen_args(target: Any, sigma: Any, max_amount: Any) -> tuple[float
         if not (np.isfinite(value) and value > 0):
             raise ValueError(f"sharpening {name} must be finite and > 0, got {value!r}")
         out.append(value)
+    if out[1] > _MAX_SHARPEN_SIGMA:
+        raise ValueError(f"sharpening sigma must be at most {_MAX_SHARPEN_SIGMA} px, got {out[1]!r}")
     if out[2] > _MAX_SHARPEN_AMOUNT:
         raise ValueError(f"sharpening max_amount must be at most {_MAX_SHARPEN_AMOUNT}, got {out[2]!r}")
     return out[0], out[1], out[2]
@@ -821,7 +848,7 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
         Sharpness to reach; the default 0.45 lies between BCCD's and PBC's medians at 64 px
         (chosen on BCCD train/val-field crops, see the README).
     sigma : float
-        Standard deviation of the Gaussian of the unsharp mask, in pixels.
+        Standard deviation of the Gaussian of the unsharp mask, in pixels (at most 100).
     max_amount : float
         Largest amount applied (at most 20); images that even this leaves blurrier than ``target`` get it.
 
@@ -835,7 +862,7 @@ def match_sharpness(image: np.ndarray, *, target: float = 0.45, sigma: float = 2
     InvalidImageError
         ``image`` is not an RGB uint8 array.
     TypeError, ValueError
-        A parameter is not a number, or not finite and > 0.
+        A parameter is not a number, or not finite and > 0, or above its limit.
 
     Examples
     --------
@@ -916,21 +943,25 @@ class Preprocessing:
     def __post_init__(self) -> None:
         steps = tuple(self.steps) if not isinstance(self.steps, str) else (self.steps,)
         object.__setattr__(self, "steps", steps)
+        grid_error = f"clahe_tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {self.clahe_tile_grid!r}"
         try:
             object.__setattr__(self, "clahe_tile_grid", tuple(int(t) for t in self.clahe_tile_grid))
-        except (TypeError, ValueError):
-            raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(grid_error) from None
         unknown = [s for s in steps if s not in STEPS]
         if unknown:
             raise ValueError(f"unknown preprocessing step(s) {unknown}; known steps are {list(STEPS)}")
         if len(set(steps)) != len(steps):
             raise ValueError(f"each preprocessing step may appear once, got {list(steps)}")
-        if isinstance(self.median_ksize, bool) or not isinstance(self.median_ksize, (int, np.integer)) or self.median_ksize < 1 or self.median_ksize % 2 == 0:
-            raise ValueError(f"median_ksize must be an odd integer >= 1, got {self.median_ksize!r}")
+        if (isinstance(self.median_ksize, bool) or not isinstance(self.median_ksize, (int, np.integer))
+                or self.median_ksize < 1 or self.median_ksize % 2 == 0 or self.median_ksize > _MAX_MEDIAN_KSIZE):
+            raise ValueError(f"median_ksize must be an odd integer in [1, {_MAX_MEDIAN_KSIZE}], "
+                             f"got {self.median_ksize!r}")
         if isinstance(self.clahe_clip_limit, bool) or not isinstance(self.clahe_clip_limit, (int, float)) or not self.clahe_clip_limit > 0:
             raise ValueError(f"clahe_clip_limit must be > 0, got {self.clahe_clip_limit!r}")
-        if len(self.clahe_tile_grid) != 2 or min(self.clahe_tile_grid) < 1:
-            raise ValueError(f"clahe_tile_grid must be two integers >= 1, got {self.clahe_tile_grid!r}")
+        grid = self.clahe_tile_grid
+        if len(grid) != 2 or min(grid) < 1 or max(grid) > _MAX_CLAHE_TILES:
+            raise ValueError(grid_error)
         if self.macenko_on_failure not in ("raise", "passthrough"):
             raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
         checked = _check_sharpen_args(self.sharpen_target, self.sharpen_sigma, self.sharpen_max_amount)
