@@ -1,7 +1,7 @@
 """The machine a benchmark ran on, for its first output line: timings mean little without it.
 
-The classifier runs in bfloat16 only where oneDNN supports it (AVX512-BF16 or AMX); elsewhere it runs in
-float32, about 2.5x slower per crop. The line says which.
+The classifier runs in bfloat16 only where oneDNN supports it on the CPU (AVX-512; native with AVX512-BF16
+or AMX); elsewhere it runs in float32. The line says which.
 """
 
 from __future__ import annotations

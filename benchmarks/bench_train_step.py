@@ -5,7 +5,7 @@ Usage: python benchmarks/bench_train_step.py [--input-size 64] [--batch 32] [--s
 One step is what ``train_classifier`` does per batch once the batch is augmented: forward, cross-entropy,
 backward and an AdamW step of VGG16-BN with the 256-unit head, channels-last, on random tensors (so data
 loading and augmentation are not counted). bf16 is timed only where the device supports it (on a CPU,
-oneDNN's bf16 kernels: AVX512-BF16 or AMX; elsewhere autocast falls back to kernels tens of times slower).
+oneDNN's bf16 support, which needs AVX-512; elsewhere autocast falls back to far slower kernels).
 Multiply by the steps per epoch (training crops / batch) for an epoch's network time.
 """
 
@@ -18,8 +18,8 @@ import time
 import torch
 from _machine import describe
 
-from smearpipe.classify import _bf16_supported, build_vgg16
-from smearpipe.train import _training_device
+from smearpipe.classify import build_vgg16
+from smearpipe.train import _training_device, bf16_available
 
 
 def step_seconds(device: torch.device, *, bf16: bool, input_size: int, batch: int, steps: int) -> float:
@@ -39,6 +39,8 @@ def step_seconds(device: torch.device, *, bf16: bool, input_size: int, batch: in
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
@@ -52,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     print(describe())
     device = _training_device(args.device)
-    bf16_ok = _bf16_supported() if device.type == "cpu" else device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = bf16_available(device)
     kw = {"input_size": args.input_size, "batch": args.batch, "steps": args.steps}
     fp32 = step_seconds(device, bf16=False, **kw)
     print(f"{device}, {args.input_size} px, batch {args.batch}: float32 {fp32:.3f} s per step (median of {args.steps})")

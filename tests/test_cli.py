@@ -26,6 +26,9 @@ def test_preprocess_refuses_to_mix_settings_in_one_folder(tmp_path, capsys):
     assert cli_main(["preprocess", str(other), "--steps", "clahe", "--out", str(out)]) == 2
     assert "preprocessing.json" in capsys.readouterr().err
     assert not (out / "other_preprocessed.png").exists()  # refused before any image was written
+    record = json.loads((out / "preprocessing.json").read_text())
+    old = {k: v for k, v in record.items() if not k.startswith("sharpen")}  # written before those fields existed
+    (out / "preprocessing.json").write_text(json.dumps(old))
     assert cli_main(["preprocess", str(other), "--steps", "median", "--out", str(out)]) == 0  # same settings: added
     assert cli_main(["preprocess", str(other), "--steps", "clahe", "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / "preprocessing.json").read_text())["steps"] == ["clahe"]

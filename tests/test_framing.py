@@ -144,3 +144,19 @@ def test_real_crops_from_two_labs_come_out_at_similar_scale(pbc_root):
     assert abs(raw[0] - raw[1]) > 0.2  # as given, the nucleus fills very different shares of the crop
     # framed, the gap is at least halved (0.38 -> 0.14 for these two; the tight crop is not padded out: MAX_GROWTH)
     assert abs(shares[0] - shares[1]) < abs(raw[0] - raw[1]) / 2
+
+
+def test_every_real_wbc_crop_shows_a_nucleus(pbc_root):
+    """Backs the pipeline's "no nucleus found" review flag: real WBC crops, of two labs, all have one."""
+    import csv
+
+    from smearpipe.io import read_image
+
+    from .conftest import SHARED, _need
+
+    bccd = sorted(_need(SHARED / "bccd_wbc_subtypes" / "BCCD_cropped").rglob("*.jp*g"))
+    rows = [r for r in csv.DictReader(open(pbc_root / "splits.csv", newline="")) if r["split"] == "val"][::5]
+    crops = [read_image(p) for p in bccd] + [read_image(pbc_root / "PBC_dataset_normal_DIB" / r["path"]) for r in rows]
+    assert len(bccd) == 351 and len(rows) == 206
+    assert [i for i, c in enumerate(crops) if nucleus_box(c) is None] == []
+    assert nucleus_box(np.full((64, 64, 3), 255, np.uint8)) is None  # a blank crop has none

@@ -323,11 +323,17 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
     assert analyze_smear(blank, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0 and det.sizes == [None]
 
 
-@pytest.mark.parametrize(("shape", "cell_px"), [((480, 640), 20), ((2000, 3000), 500)])  # 5x, 0.2x: outside RESCALE_RANGE
-def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe, shape, cell_px):
-    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), cell_px)
-    with pytest.warns(UserWarning, match="outside the 0.25-4.0x"):
-        r = analyze_smear(np.full((*shape, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe):
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 15)  # 6.7x: outside RESCALE_RANGE
+    with pytest.warns(UserWarning, match="outside the 0.2-5.0x"):
+        r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None] and r.scale_factor == 1.0
+    # the range is on the detector's view, not on pixels: a 3000 px wide photo at the training magnification
+    # (red cells ~470 px, 0.21x the training boxes) is seen as the training fields are, without a warning
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 470)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = analyze_smear(np.full((2000, 3000, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None] and r.scale_factor == 1.0
 
 

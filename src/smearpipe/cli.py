@@ -14,11 +14,14 @@ from .errors import SmearpipeError
 __all__ = ["main"]
 
 
-def _read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None when it cannot be read as JSON."""
+def _recorded_preprocessing(path: Path) -> Any:
+    """The preprocessing recorded in ``path`` (fields added since filled with their defaults), or None when the
+    file is not such a record."""
+    from .preprocess import Preprocessing
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return Preprocessing.from_dict(json.loads(path.read_text())).to_dict()
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
@@ -30,7 +33,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     prep = Preprocessing(steps=steps, macenko_on_failure=args.on_failure).resolved()
     out_dir = Path(args.out)
     record = out_dir / "preprocessing.json"
-    if record.exists() and not args.overwrite and _read_json(record) != json.loads(json.dumps(prep.to_dict())):
+    if record.exists() and not args.overwrite and _recorded_preprocessing(record) != prep.to_dict():
         # images made with other settings are already there: one record cannot describe both
         print(f"error: {record} records other preprocessing than --steps {args.steps!r}; use another --out or "
               "--overwrite", file=sys.stderr)

@@ -243,7 +243,7 @@ class Detector:
             boxes = res.boxes
             if len(boxes) >= MAX_DETECTIONS:
                 warnings.warn(f"{MAX_DETECTIONS} boxes, the most one image returns: boxes of lower scores were dropped "
-                              f"(conf {conf} is low; split a large image into tiles)", stacklevel=3)
+                              "(raise conf, or split a large image into tiles)", stacklevel=2)
             xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, w)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, h)

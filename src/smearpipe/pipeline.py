@@ -82,7 +82,8 @@ class PipelineConfig:
           Where the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is, and so is
-          one measured outside :data:`RESCALE_RANGE` (0.25-4x; a warning says so).
+          one whose measurement would move the detector's view outside :data:`RESCALE_RANGE` (0.2-5x; a warning
+          says so).
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
           seen as they are (``load_pipeline`` warns).
         - ``True``: the red-cell diameter comes from ``rbc_diameter_px`` / ``pixel_size_um`` or else from
@@ -198,10 +199,18 @@ def _rescaling(cfg: PipelineConfig) -> bool:
 AUTO_RESCALE_TOLERANCE = 1.25
 #: Smallest field side analysed: a 5x5 image letterboxed to the network input is a blur the detector calls a WBC.
 MIN_FIELD_SIDE = 32
-#: Scale factors (training red-cell size / the field's) that a measured ruler is followed over: magnification
-#: differs 2-4x between labs. A measurement outside is taken for noise or texture (random noise reads as red
-#: cells of ~10 px, 8.6x) and not followed; a known ``rbc_diameter_px`` / ``pixel_size_um`` always is.
-RESCALE_RANGE = (0.25, 4.0)
+#: How far a measured ruler may move the detector's view of a field from the view it gets as it is (letterboxed
+#: to the input size): magnification differs 2-4x between labs. A measurement outside is taken for noise or
+#: texture (random noise reads as red cells of ~10 px, 8.6x on a 640x480 field) and not followed; a known
+#: ``rbc_diameter_px`` / ``pixel_size_um`` always is.
+RESCALE_RANGE = (0.2, 5.0)
+
+
+def _view_change(factor: float, shape: tuple[int, ...], train_long_side: float) -> float | None:
+    """The change of the detector's view that a measured ``factor`` asks for on a field of ``shape``, or None
+    when it is outside :data:`RESCALE_RANGE`."""
+    view = factor * max(shape[:2]) / train_long_side
+    return view if RESCALE_RANGE[0] <= view <= RESCALE_RANGE[1] else None
 _AUTO_PASSES = 2  # detections after the first, at most
 
 
@@ -240,10 +249,11 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
                 break
         else:
             break
-        if not RESCALE_RANGE[0] <= need <= RESCALE_RANGE[1]:
-            warnings.warn(f"red cells measured at {need:.2f}x the detector's training scale, outside the "
-                          f"{RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that rescale='auto' follows: not rescaled (pass "
-                          "rbc_diameter_px or pixel_size_um if the field's scale is known)", stacklevel=3)
+        if _view_change(need, rgb.shape, meta["train_long_side_px"]) is None:
+            warnings.warn(f"red cells measured {need * max(rgb.shape[:2]) / meta['train_long_side_px']:.2f}x off the "
+                          f"detector's view of the field, outside the {RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that "
+                          "rescale='auto' follows: not rescaled (pass rbc_diameter_px or pixel_size_um if the field's "
+                          "scale is known)", stacklevel=3)
             break
         if abs(np.log(need / seen)) <= np.log(AUTO_RESCALE_TOLERANCE):
             break
@@ -414,13 +424,15 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         # no snapping to 1.0: changing the input size costs nothing, unlike resampling the field
         factor = rescale_factor(rgb, target_rbc_diameter=meta["rbc_diameter_px"], rbc_diameter_px=cfg.rbc_diameter_px,
                                 pixel_size_um=cfg.pixel_size_um, tolerance=0.0)
-        if cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and not RESCALE_RANGE[0] <= factor <= RESCALE_RANGE[1]:
+        if (cfg.rbc_diameter_px is None and cfg.pixel_size_um is None
+                and _view_change(factor, rgb.shape, meta["train_long_side_px"]) is None):
             from .scale import ScaleEstimationError
 
             raise ScaleEstimationError(
-                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px, {factor:.2f}x from the "
-                f"detector's training scale, outside the {RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x a measured ruler is "
-                "followed over (noise or texture?): pass rbc_diameter_px or pixel_size_um if the scale is known")
+                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px: "
+                f"{factor * max(h, w) / meta['train_long_side_px']:.2f}x off the detector's view of the field, outside "
+                f"the {RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x a measured ruler is followed over (noise or texture?): pass "
+                "rbc_diameter_px or pixel_size_um if the scale is known")
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
                                     train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()
@@ -439,8 +451,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t4 = time.perf_counter()
     classes = p.classifier.classes
     typed = {i: row for i, row in zip(wbc_idx, proba, strict=True)}
-    # every WBC crop of PBC val (1,030) and BCCD (351) shows one; a blank or red-cell crop is still typed (a constant
-    # crop as lymphocyte, 0.78), so it is flagged instead
+    # a WBC crop shows a nucleus (all 351 BCCD crops and 206 PBC val images do: tests/test_framing.py); a blank or
+    # red-cell crop is typed all the same, so it is flagged instead
     no_nucleus = {i for i, crop in zip(wbc_idx, crops, strict=True) if nucleus_box(crop) is None}
     cells = []
     for i, d in enumerate(dets):
@@ -586,18 +598,22 @@ def iter_fields(
         except SmearpipeError as exc:
             return source, exc
 
-    if cfg.rescale is True and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
+    try:
+        meta = _scale_metadata(p.detector) if cfg.rescale is True else None
+    except WeightsError:
+        meta = None  # a detector without the training scale: each field yields the error below
+    if meta and cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and cfg.slide_scale_fields:
         from .scale import ScaleEstimationError, estimate_rbc_diameter
 
-        target = _scale_metadata(p.detector)["rbc_diameter_px"]
         first: list[tuple[int, ImageLike]] = []
         diameters: list[float] = []
         for i, image in fields:
             first.append((i, image))
             try:
-                d = estimate_rbc_diameter(load_image(image))
-                if RESCALE_RANGE[0] <= target / d <= RESCALE_RANGE[1]:  # else noise or texture, not red cells
-                    diameters.append(d)
+                rgb = load_image(image)
+                d = estimate_rbc_diameter(rgb)
+                if _view_change(meta["rbc_diameter_px"] / d, rgb.shape, meta["train_long_side_px"]) is not None:
+                    diameters.append(d)  # else noise or texture, not red cells
             except ScaleEstimationError:
                 pass  # blank: analysed at the slide's scale below
             except SmearpipeError:

@@ -57,6 +57,26 @@ _MAX_MEDIAN_KSIZE = 255
 _MAX_CLAHE_TILES = 256
 
 
+def _check_ksize(ksize: Any, name: str = "ksize") -> int:
+    """An odd integer median window in [1, 255] (:func:`median_filter`, ``Preprocessing.median_ksize``)."""
+    if (isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0
+            or ksize > _MAX_MEDIAN_KSIZE):
+        raise ValueError(f"{name} must be an odd integer in [1, {_MAX_MEDIAN_KSIZE}], got {ksize!r}")
+    return int(ksize)
+
+
+def _check_tile_grid(tile_grid: Any, name: str = "tile_grid") -> tuple[int, int]:
+    """Two integers in [1, 256] (:func:`clahe`, ``Preprocessing.clahe_tile_grid``)."""
+    message = f"{name} must be two integers in [1, {_MAX_CLAHE_TILES}], got {tile_grid!r}"
+    try:
+        grid = tuple(int(t) for t in tile_grid)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(message) from None
+    if len(grid) != 2 or min(grid) < 1 or max(grid) > _MAX_CLAHE_TILES:
+        raise ValueError(message)
+    return grid  # type: ignore[return-value]
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     # Fast path: the public functions accept exactly the smearpipe convention (with at least one
     # pixel), anything else goes through the converter, which raises InvalidImageError when it must.
@@ -93,9 +113,7 @@ def median_filter(image: np.ndarray, *, ksize: int = 3) -> np.ndarray:
     >>> median_filter(np.zeros((8, 8, 3), np.uint8), ksize=5).shape
     (8, 8, 3)
     """
-    if (isinstance(ksize, bool) or not isinstance(ksize, (int, np.integer)) or ksize < 1 or ksize % 2 == 0
-            or ksize > _MAX_MEDIAN_KSIZE):
-        raise ValueError(f"ksize must be an odd integer in [1, {_MAX_MEDIAN_KSIZE}], got {ksize!r}")
+    ksize = _check_ksize(ksize)
     image = _check_image(image)
     if ksize == 1:
         return image.copy()
@@ -141,12 +159,7 @@ def clahe(
         raise ValueError(f"clip_limit must be a positive number, got {clip_limit!r}") from None
     if not np.isfinite(clip) or clip <= 0:
         raise ValueError(f"clip_limit must be a positive number, got {clip_limit!r}")
-    try:
-        grid = tuple(int(t) for t in tile_grid)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {tile_grid!r}") from None
-    if len(grid) != 2 or min(grid) < 1 or max(grid) > _MAX_CLAHE_TILES:
-        raise ValueError(f"tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {tile_grid!r}")
+    grid = _check_tile_grid(tile_grid)
     image = _check_image(image)
     op = cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid[1], grid[0]))  # per call: cv2.CLAHE is stateful
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
@@ -943,25 +956,15 @@ class Preprocessing:
     def __post_init__(self) -> None:
         steps = tuple(self.steps) if not isinstance(self.steps, str) else (self.steps,)
         object.__setattr__(self, "steps", steps)
-        grid_error = f"clahe_tile_grid must be two integers in [1, {_MAX_CLAHE_TILES}], got {self.clahe_tile_grid!r}"
-        try:
-            object.__setattr__(self, "clahe_tile_grid", tuple(int(t) for t in self.clahe_tile_grid))
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(grid_error) from None
+        object.__setattr__(self, "clahe_tile_grid", _check_tile_grid(self.clahe_tile_grid, "clahe_tile_grid"))
         unknown = [s for s in steps if s not in STEPS]
         if unknown:
             raise ValueError(f"unknown preprocessing step(s) {unknown}; known steps are {list(STEPS)}")
         if len(set(steps)) != len(steps):
             raise ValueError(f"each preprocessing step may appear once, got {list(steps)}")
-        if (isinstance(self.median_ksize, bool) or not isinstance(self.median_ksize, (int, np.integer))
-                or self.median_ksize < 1 or self.median_ksize % 2 == 0 or self.median_ksize > _MAX_MEDIAN_KSIZE):
-            raise ValueError(f"median_ksize must be an odd integer in [1, {_MAX_MEDIAN_KSIZE}], "
-                             f"got {self.median_ksize!r}")
+        _check_ksize(self.median_ksize, "median_ksize")
         if isinstance(self.clahe_clip_limit, bool) or not isinstance(self.clahe_clip_limit, (int, float)) or not self.clahe_clip_limit > 0:
             raise ValueError(f"clahe_clip_limit must be > 0, got {self.clahe_clip_limit!r}")
-        grid = self.clahe_tile_grid
-        if len(grid) != 2 or min(grid) < 1 or max(grid) > _MAX_CLAHE_TILES:
-            raise ValueError(grid_error)
         if self.macenko_on_failure not in ("raise", "passthrough"):
             raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
         checked = _check_sharpen_args(self.sharpen_target, self.sharpen_sigma, self.sharpen_max_amount)

@@ -549,6 +549,20 @@ def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, 
     return images, labels, src_ids
 
 
+def bf16_available(device: Any) -> bool:
+    """Whether ``device`` (a torch.device) should train in bfloat16: where oneDNN supports it on a CPU (AVX-512),
+    compute capability 8 or more on a CUDA GPU (older ones only emulate it, slowly); not MPS."""
+    import torch
+
+    from .classify import _bf16_supported
+
+    if device.type == "cpu":
+        return _bf16_supported()
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
 def _training_device(device: Any) -> Any:
     """``device`` as a torch.device that this machine has; ValueError naming what it has otherwise."""
     import torch
@@ -720,12 +734,12 @@ def train_classifier(
         Stop after the first epoch that ends past this wall time, counted over the whole run (a resumed
         run continues the clock of its history; checkpoint kept, resumable).
     bf16 : bool, optional
-        bfloat16 autocast (default: where the device supports it: oneDNN's bf16 on the CPU, bf16 on a GPU;
-        float32 elsewhere, about 3.7x slower per step on a CPU without it).
+        bfloat16 autocast (default: where the device has it natively, :func:`bf16_available`; float32
+        elsewhere, several times slower per step on a CPU, see ``benchmarks/bench_train_step.py``).
     device : str
         Where the network trains: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ``"mps"``. Crops are
-        augmented on the CPU either way (the same random draws on any device); only the network's steps move.
-        A resumed run may continue on another device. An unknown or unavailable device raises ValueError
+        augmented on the CPU either way; only the network's steps move (dropout then draws from the device's
+        generator, so runs on different devices differ). A resumed run may continue on another device. An unknown or unavailable device raises ValueError
         before any work.
 
     Returns
@@ -750,7 +764,7 @@ def train_classifier(
     from tqdm.auto import tqdm
 
     from .augment import AugmentConfig, color_augment_batch, geometric_transform, match_sharpness_batch, reinhard_batch
-    from .classify import IMAGENET_MEAN, IMAGENET_STD, _bf16_supported, build_vgg16, save_classifier
+    from .classify import IMAGENET_MEAN, IMAGENET_STD, build_vgg16, save_classifier
     from .datasets import WBC_CLASSES
 
     classes = tuple(classes or WBC_CLASSES)
@@ -789,7 +803,7 @@ def train_classifier(
                          "then runs on each batch at the input size, as at inference")
     dev = _training_device(device)
     if bf16 is None:
-        use_bf16 = _bf16_supported() if dev.type == "cpu" else dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        use_bf16 = bf16_available(dev)
     else:
         use_bf16 = bool(bf16)
     config = {"classes": list(classes), "input_size": input_size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -844,7 +858,9 @@ def train_classifier(
         np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
         os.replace(tmp, cache)  # atomic: a concurrent run never reads a half-written cache
 
-    caller_rng = torch.get_rng_state()  # restored at the end: training does not reseed the caller's RNG
+    # restored at the end: training does not reseed the caller's RNGs (the CPU's, and the GPU's it trains on)
+    caller_rng = torch.get_rng_state()
+    caller_cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
     torch.manual_seed(seed)
     if len(tr_y) < batch_size:
         raise DatasetError(f"only {len(tr_y)} training crops for batch_size {batch_size}: lower batch_size or add data")
@@ -889,6 +905,8 @@ def train_classifier(
         sched.load_state_dict(ck["sched"])
         history, best_f1, best_epoch, start_epoch = ck["history"], ck["best_f1"], ck["best_epoch"], ck["epoch"] + 1
         torch.set_rng_state(ck["rng"])
+        if dev.type == "cuda" and "cuda_rng" in ck:
+            torch.cuda.set_rng_state(ck["cuda_rng"], dev)
 
     def evaluate() -> tuple[float, float, float, np.ndarray]:
         kept.eval()
@@ -948,7 +966,9 @@ def train_classifier(
         _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                              "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
                              "rng": torch.get_rng_state()}
-                     | ({"ema": averaged.state_dict()} if averaged is not None else {}), run_dir / "checkpoint.pt")
+                     | ({"ema": averaged.state_dict()} if averaged is not None else {})
+                     | ({"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
+                     run_dir / "checkpoint.pt")
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         if epoch + 1 - best_epoch >= patience:
             stopped = f"early stop: no better val macro-F1 for {patience} epochs"
@@ -958,6 +978,8 @@ def train_classifier(
             break
 
     torch.set_rng_state(caller_rng)
+    if caller_cuda_rng is not None:
+        torch.cuda.set_rng_state(caller_cuda_rng, dev)
     model.load_state_dict(torch.load(run_dir / "best_state.pt", map_location="cpu", weights_only=True))
     model = model.to("cpu", memory_format=torch.contiguous_format)
     rec = save_classifier(
