@@ -23,7 +23,7 @@ from smearpipe.datasets import (
     read_bccd_subtype_labels,
     square_crop,
 )
-from smearpipe.errors import DatasetError, InvalidImageError, WeightsError
+from smearpipe.errors import DatasetError, InvalidImageError, SmearpipeError, WeightsError
 from smearpipe.evaluate import evaluate_classifier
 from smearpipe.framing import Framing
 from smearpipe.train import CropSource, train_classifier
@@ -307,6 +307,12 @@ def test_evaluation_figures(tiny_run, tiny_crops, tmp_path):
         assert (tmp_path / "ev" / fig).stat().st_size > 1000
     with pytest.raises(FileExistsError):
         evaluate_classifier(tiny_crops / "val", classifier=tiny_run.weights, out_dir=tmp_path / "ev")
+    bad = tmp_path / "bad" / "neutrophil"
+    bad.mkdir(parents=True)
+    (bad / "broken.jpg").write_bytes(b"junk")
+    with pytest.raises(SmearpipeError):
+        evaluate_classifier(tmp_path / "bad", classifier=tiny_run.weights, out_dir=tmp_path / "ev_bad")
+    assert not (tmp_path / "ev_bad").exists()  # a run that fails on its data leaves no empty folder behind
 
 
 def test_tampered_and_wrong_size_weights(tiny_run, tmp_path):

@@ -183,7 +183,6 @@ def evaluate_classifier(
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{out_dir / 'metrics.json'} exists; pass overwrite=True or another out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
     items = [(p, y, s) for s in srcs for p, y in s.samples(classes)]
     probas = []
@@ -193,6 +192,7 @@ def evaluate_classifier(
             crops.append(center_crop(read_image(path), src.center_fraction))
         probas.append(clf.predict_proba(crops))
     proba = np.concatenate(probas)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its data leaves no empty folder
     y = np.array([y for _, y, _ in items])
     pred = proba.argmax(1)
     labels = list(range(len(classes)))
