@@ -73,3 +73,21 @@ def test_analyze_reports_a_field_whose_outputs_exist(smoke_run, tiny_run, tmp_pa
     assert _analyze(smoke_run, tiny_run, FIELD, "--out", out) == 2  # its only field could not be written
     assert "BloodImage_00007" in capsys.readouterr().err
     assert (out / "BloodImage_00007.json").read_text() == before
+
+
+def test_analyze_overwrite_leaves_no_files_of_the_earlier_run(smoke_run, tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    second = SAMPLES / "BloodImage_00135.jpg"
+    assert _analyze(smoke_run, tiny_run, FIELD, second, "--out", out) == 0
+    assert json.loads((out / "slide_summary.json").read_text())["outputs"] == [FIELD.stem, second.stem]
+    (out / "notes.txt").write_text("mine")
+    assert _analyze(smoke_run, tiny_run, second, "--out", out, "--overwrite") == 0
+    assert not (out / f"{FIELD.stem}.png").exists() and not (out / f"{FIELD.stem}.json").exists()
+    assert (out / f"{second.stem}.png").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert "removed 2 per-field files" in capsys.readouterr().out
+    payload = json.loads((out / "slide_summary.json").read_text())
+    del payload["outputs"]  # a summary written before the stems were recorded: nothing is removed, with a warning
+    (out / "slide_summary.json").write_text(json.dumps(payload))
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out, "--overwrite") == 0
+    assert (out / f"{second.stem}.png").is_file()
+    assert "does not list its per-field files" in capsys.readouterr().err

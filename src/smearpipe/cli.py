@@ -120,6 +120,26 @@ def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _earlier_outputs(summary: Path) -> list[str]:
+    """The per-field output stems an earlier ``analyze`` recorded in ``summary`` (none if it is not one of ours).
+
+    ``--overwrite`` removes those this run does not write again, so a folder never mixes two runs' fields.
+    A summary from before the stems were recorded: nothing is removed, with a warning.
+    """
+    try:
+        payload = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(payload, dict) or "summary" not in payload:
+        return []
+    outputs = payload.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(s, str) and s and Path(s).name == s for s in outputs):
+        print(f"warning: {summary} does not list its per-field files: those of fields this run does not "
+              "analyse stay in the folder", file=sys.stderr)
+        return []
+    return outputs
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import csv
 
@@ -132,6 +152,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         if existing:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
+    earlier = _earlier_outputs(summary_paths[0]) if args.overwrite else []
     paths = _image_paths(args.paths)
     if not paths:
         print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
@@ -145,7 +166,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot use --out {out_dir} as the output folder: {exc}", file=sys.stderr)
         return 2
-    results, errors = [], []
+    results, errors, written = [], [], []
     stems = {p.stem for p in summary_paths}  # a field called slide_summary.jpg must not overwrite the summary
     for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
         if not isinstance(out, Exception):
@@ -161,6 +182,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                 print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
                 continue
             results.append(out)
+            written.append(stem)
             diff = ", ".join(f"{k} {v}" for k, v in out.differential.items() if v) or "-"
             print(f"{source}: " + ", ".join(f"{k} {v}" for k, v in out.counts.items()) + f" | WBC types: {diff}"
                   + (f" | {out.n_review} flagged" if out.n_review else ""))
@@ -169,7 +191,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             print(f"error: {source}: {out}", file=sys.stderr)
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
-               "fields": [r.source for r in results]}
+               "fields": [r.source for r in results], "outputs": written}
+    stale = [f for stem in earlier if stem not in written for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json")
+             if f.is_file()]
+    for f in stale:  # the earlier run's per-field files for fields this run did not write: not this slide's
+        f.unlink()
+    if stale:
+        print(f"removed {len(stale)} per-field files of the earlier run in {out_dir} that this run did not replace")
     summary_paths[0].write_text(json.dumps(payload, indent=2) + "\n")
     with summary_paths[1].open("w", newline="") as f:
         w = csv.writer(f)
