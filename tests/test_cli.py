@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from smearpipe.cli import main as cli_main
 
 from .conftest import SAMPLES
@@ -91,3 +93,28 @@ def test_analyze_overwrite_leaves_no_files_of_the_earlier_run(smoke_run, tiny_ru
     assert _analyze(smoke_run, tiny_run, FIELD, "--out", out, "--overwrite") == 0
     assert (out / f"{second.stem}.png").is_file()
     assert "does not list its per-field files" in capsys.readouterr().err
+
+
+def test_analyze_overwrite_with_no_readable_field_keeps_the_earlier_run(smoke_run, tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    assert _analyze(smoke_run, tiny_run, bad, "--out", out, "--overwrite") == 2
+    assert "are kept" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("listed", [["../outside"], [""], ["sub/x"], "BloodImage_00007", [3]])
+def test_analyze_overwrite_removes_only_plain_names_it_listed(smoke_run, tiny_run, tmp_path, capsys, listed):
+    out = tmp_path / "out"
+    second = SAMPLES / "BloodImage_00135.jpg"
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out) == 0
+    (tmp_path / "outside.png").write_text("keep")
+    payload = json.loads((out / "slide_summary.json").read_text())
+    payload["outputs"] = listed
+    (out / "slide_summary.json").write_text(json.dumps(payload))
+    assert _analyze(smoke_run, tiny_run, second, "--out", out, "--overwrite") == 0
+    assert "does not list its per-field files" in capsys.readouterr().err
+    assert (tmp_path / "outside.png").read_text() == "keep" and (out / f"{FIELD.stem}.png").is_file()

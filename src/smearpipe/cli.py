@@ -189,15 +189,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         else:
             errors.append((source, str(out)))
             print(f"error: {source}: {out}", file=sys.stderr)
+    if not results and earlier:  # nothing to replace the earlier run with: it stays as it was
+        print(f"error: no field could be analysed; the earlier run's outputs in {out_dir} are kept", file=sys.stderr)
+        return 2
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
                "fields": [r.source for r in results], "outputs": written}
-    stale = [f for stem in earlier if stem not in written for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json")
-             if f.is_file()]
-    for f in stale:  # the earlier run's per-field files for fields this run did not write: not this slide's
-        f.unlink()
-    if stale:
-        print(f"removed {len(stale)} per-field files of the earlier run in {out_dir} that this run did not replace")
     summary_paths[0].write_text(json.dumps(payload, indent=2) + "\n")
     with summary_paths[1].open("w", newline="") as f:
         w = csv.writer(f)
@@ -205,6 +202,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for k, v in summary.differential.items():
             lo, hi = summary.differential_ci95[k]
             w.writerow([k, v, f"{summary.differential_percent[k]:.2f}", f"{lo:.2f}", f"{hi:.2f}"])
+    # only once the new summary is written: the earlier run's per-field files of fields this run did not write
+    stale = [f for stem in earlier if stem not in written for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json")
+             if f.is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        print(f"removed {len(stale)} per-field files of the earlier run in {out_dir} that this run did not replace")
     print(summary.table())
     print(f"outputs in {out_dir}")
     if not results:
