@@ -1,7 +1,7 @@
 """End-to-end evaluation of analyze_smear on the BCCD test fields (72), shipped weights by default.
 
-Usage: python scripts/eval_end_to_end.py [--out reports/end_to_end/<classifier>] [--detector NAME]
-       [--classifier NAME] [--rescale auto|off|field|slide] [--split test|val]
+Usage: python scripts/eval_end_to_end.py [--out DIR] [--detector NAME] [--classifier NAME]
+       [--rescale auto|off|field|slide] [--split test|val] [--overwrite]
 
 Per field: predicted vs annotated WBC / RBC / platelet counts; for fields whose labels.csv row is a
 single WBC type (and that have exactly one annotated WBC), whether the predicted type of the field's
@@ -9,9 +9,10 @@ WBC(s) matches. ``--rescale``: ``auto`` (the default pipeline: the detector's re
 ``off``, or the image's red-cell ruler measured on each field (``field``) or once on the slide's first
 fields as analyze_fields does (``slide``); at BCCD's own magnification none should change much. Writes
 ``metrics_rescale_<mode>.json`` and ``per_field_rescale_<mode>.csv``, with a ``_val`` suffix for ``--split
-val`` (BCCD val: part of the detector's training fields), to ``reports/end_to_end/<classifier name>/`` by
-default (older reports there without ``_rescale_``: no rescaling). Magnification changes are tested by
-scripts/eval_scale.py.
+val`` (BCCD val: part of the detector's training fields), to ``reports/end_to_end/<classifier name>/<detector
+name>/`` by default (older reports directly under ``end_to_end/`` or ``<classifier name>/``, and those without
+``_rescale_``, came before: no rescaling); an existing report is kept unless ``--overwrite``. Magnification
+changes are tested by scripts/eval_scale.py.
 """
 
 from __future__ import annotations
@@ -34,16 +35,23 @@ BCCD = SHARED / "bccd" / "BCCD"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="default: reports/end_to_end/<classifier name>")
+    ap.add_argument("--out", default=None, help="default: reports/end_to_end/<classifier name>/<detector name>")
     ap.add_argument("--detector", default=None)
     ap.add_argument("--classifier", default=None)
     ap.add_argument("--rescale", choices=("auto", "off", "field", "slide"), default="auto",
                     help="PipelineConfig.rescale 'auto' (default) or False, or the red-cell ruler (True) measured per "
                          "field (analyze_smear) or once for the slide (analyze_fields)")
     ap.add_argument("--split", choices=("test", "val"), default="test")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier report of the same setting")
     args = ap.parse_args()
     rescale = {"auto": "auto", "off": False, "field": True, "slide": True}[args.rescale]
     pipe = load_pipeline(detector=args.detector, classifier=args.classifier, config=PipelineConfig(rescale=rescale))
+    out = (Path(args.out) if args.out else
+           REPO / "reports" / "end_to_end" / pipe.classifier.record.name / pipe.detector.record.name)
+    suffix = f"_rescale_{args.rescale}" + ("" if args.split == "test" else "_val")
+    written = [f for f in (out / f"metrics{suffix}.json", out / f"per_field{suffix}.csv") if f.exists()]
+    if written and not args.overwrite:
+        ap.error(f"{', '.join(map(str, written))} exist: pass --overwrite to replace them")
     labels = read_bccd_subtype_labels(SHARED / "bccd_wbc_subtypes" / "labels.csv")
     stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
     rows = []
@@ -88,9 +96,7 @@ def main() -> None:
         "platelet_count_exact_fraction": float(np.mean([r["true_Platelets"] == r["pred_Platelets"] for r in rows])),
         "median_ms_per_field": float(np.median([r["ms"] for r in rows])),
     }
-    out = Path(args.out) if args.out else REPO / "reports" / "end_to_end" / pipe.classifier.record.name
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_rescale_{args.rescale}" + ("" if args.split == "test" else "_val")
     (out / f"metrics{suffix}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / f"per_field{suffix}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

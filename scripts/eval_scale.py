@@ -2,6 +2,7 @@
 
 Usage:
   python scripts/eval_scale.py [--factor 2.5] [--tiles 2] [--split test] [--detector NAME] [--out reports/scale]
+                               [--overwrite]
 
 A lower magnification on the same camera shows more cells, each smaller, in a field of the same
 pixel size. Shrinking a field alone does not simulate that: the detector letterboxes every image to
@@ -19,14 +20,18 @@ chosen from the field's red-cell diameter (:func:`smearpipe.scale.rescale_factor
 (c) ``rescaled_slide``: at the input size from one diameter for all mosaics, the median over the first
 ``slide_scale_fields`` mosaics, what ``analyze_fields`` does with ``rescale=True``, and (d) ``auto``: at the
 input size the default ``rescale="auto"`` ends at (the detector's own red-cell boxes measure the mosaic).
+As a reference, (e) ``native_mosaic``: the same mosaic built at the fields' own scale (``--factor`` times
+larger, tiles unshrunk: the same seams and borders) and detected at training scale.
 Reported:
 AP@0.5 and AP@0.5:0.95 per class (ultralytics' ``ap_per_class`` on predictions at conf 0.001), the
-RBC count error against the annotations and against the detector's own count on the unshrunk fields
-(BCCD annotations miss some red cells, so the second isolates the effect of scale), WBC count
+RBC count error against the annotations, against the detector's own count on the unshrunk fields
+(BCCD annotations miss some red cells) and against its count on the native-scale mosaic (which isolates
+the magnification from the seams and borders a mosaic adds), WBC count
 exactness, the recall of annotated red cells at the counting thresholds (cells cut by their field's
-edge apart from the others) and the estimated scale factor. Writes ``metrics_x<factor>.json`` and ``per_mosaic_x<factor>.csv``
-(``_single`` with ``--tiles 1``; ``_val`` with ``--split val``: the val fields, 21 mosaics of 84 of the 87, for
-choosing between detectors; the shipped detectors saw these fields in training, at their own scale).
+edge apart from the others) and the estimated scale factor. Writes ``metrics_x<factor>.json`` and
+``per_mosaic_x<factor>.csv`` under ``--out``/<detector name>/ (``_single`` with ``--tiles 1``; ``_val`` with
+``--split val``: the val fields, 21 mosaics of 84 of the 87, for choosing between detectors; the shipped
+detectors saw these fields in training, at their own scale); an existing report is kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -87,16 +92,19 @@ def add_rbc_recall(hits: dict[str, list[bool]], rbc_gt: list, boxes: list[tuple[
         hits["edge_cut" if gt[2] else "other"].append(hit)
 
 
-def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tuple[float, ...], int, bool]],
-                                                     list[np.ndarray], list[Placement]]:
+def mosaic(stems: list[str], factor: float, *, canvas_scale: float = 1.0,
+           ) -> tuple[np.ndarray, list[tuple[tuple[float, ...], int, bool]], list[np.ndarray], list[Placement]]:
     """Shrink one or four fields by ``factor``, tile them 1x1 or 2x2 centred on a field-sized background canvas.
 
-    Returns the canvas, its ground truth (box, class index, whether the box is cut by its field's edge),
-    the fields and where each was placed.
+    ``canvas_scale`` enlarges the canvas and the tiles together: ``canvas_scale=factor`` gives the same
+    mosaic at the fields' own scale (tiles unshrunk, the same seams and borders). Returns the canvas, its
+    ground truth (box, class index, whether the box is cut by its field's edge), the fields and where each
+    was placed.
     """
     fields = [read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in stems]
     h, w = fields[0].shape[:2]
-    th, tw = round(h / factor), round(w / factor)
+    th, tw = round(h * canvas_scale / factor), round(w * canvas_scale / factor)
+    h, w = round(h * canvas_scale), round(w * canvas_scale)
     canvas = np.empty((h, w, 3), np.uint8)
     canvas[:] = np.round(np.median([estimate_background(f) for f in fields], axis=0)).astype(np.uint8)
     n = round(len(stems) ** 0.5)
@@ -106,7 +114,8 @@ def mosaic(stems: list[str], factor: float) -> tuple[np.ndarray, list[tuple[tupl
     boxes, placements = [], []
     for k, (stem, field) in enumerate(zip(stems, fields, strict=True)):
         y0, x0 = oy + (k // n) * th, ox + (k % n) * tw
-        canvas[y0:y0 + th, x0:x0 + tw] = cv2.resize(field, (tw, th), interpolation=cv2.INTER_AREA)
+        same = (tw, th) == (field.shape[1], field.shape[0])
+        canvas[y0:y0 + th, x0:x0 + tw] = field if same else cv2.resize(field, (tw, th), interpolation=cv2.INTER_AREA)
         sx, sy = tw / field.shape[1], th / field.shape[0]
         placements.append((x0, y0, sx, sy))
         for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
@@ -139,13 +148,19 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, choices=(1, 2), default=2, help="fields per canvas side: 2 (2x2 mosaics) or 1")
     ap.add_argument("--split", choices=("val", "test"), default="test", help="BCCD ImageSets split of the fields")
     ap.add_argument("--detector", default=None, help="weights name or path (default: the shipped detector)")
-    ap.add_argument("--out", default=str(REPO / "reports" / "scale"))
+    ap.add_argument("--out", default=str(REPO / "reports" / "scale"), help="reports go to OUT/<detector name>/")
+    ap.add_argument("--overwrite", action="store_true", help="replace this detector's earlier report of the same setting")
     args = ap.parse_args()
     if args.factor < args.tiles:
         ap.error(f"--factor must be >= {args.tiles} ({args.tiles}x{args.tiles} shrunk fields must fit on one field-sized canvas)")
     from ultralytics.utils.metrics import ap_per_class
 
     det = Detector.load(args.detector)
+    out = Path(args.out) / det.record.name
+    suffix = f"_x{args.factor:g}" + ("" if args.tiles == 2 else "_single") + ("" if args.split == "test" else f"_{args.split}")
+    written = [f for f in (out / f"metrics{suffix}.json", out / f"per_mosaic{suffix}.csv") if f.exists()]
+    if written and not args.overwrite:
+        ap.error(f"{', '.join(map(str, written))} exist: pass --overwrite to replace them")
     pipe = load_pipeline(detector=det)  # default config: rescale="auto"
     meta = det.record.metadata
     target, long_side = float(meta["rbc_diameter_px"]), float(meta["train_long_side_px"])
@@ -153,14 +168,15 @@ def main() -> None:
     per = args.tiles ** 2
     groups = [stems[i:i + per] for i in range(0, len(stems) - per + 1, per)]
     modes = ("as_is", "rescaled", "rescaled_slide", "auto")
-    stats: dict[str, list] = {m: [] for m in modes}
+    all_modes = ("native_mosaic", *modes)
+    stats: dict[str, list] = {m: [] for m in all_modes}
     targets: list[int] = []
     rows = []
     t0 = time.time()
     mosaics = [mosaic(group, args.factor) for group in groups]
     estimates = [estimate_rbc_diameter(m[0]) for m in mosaics]
     slide_est = float(np.median(estimates[:SLIDE_FIELDS]))  # as analyze_fields: median over the slide's first fields
-    rbc_hits: dict[str, dict[str, list[bool]]] = {m: {"edge_cut": [], "other": []} for m in ("native", *modes)}
+    rbc_hits: dict[str, dict[str, list[bool]]] = {m: {"edge_cut": [], "other": []} for m in ("native", *all_modes)}
     for group, (canvas, gts, fields, placements), est in zip(groups, mosaics, estimates, strict=True):
         targets += [g[1] for g in gts]
         rbc_gt = [g for g in gts if DETECTION_CLASSES[g[1]] == "RBC"]
@@ -171,7 +187,11 @@ def main() -> None:
             for dets, (x0, y0, sx, sy) in zip(native, placements, strict=True) for d in dets if d.label == "RBC"])
         factor = rescale_factor(canvas, target_rbc_diameter=target, rbc_diameter_px=est, tolerance=0.0)  # as the pipeline
         slide_factor = target / slide_est
-        sizes = {"as_is": None,
+        big, big_gts, _, _ = mosaic(group, args.factor, canvas_scale=args.factor)  # the same at the fields' own scale
+        big_rbc_gt = [g for g in big_gts if DETECTION_CLASSES[g[1]] == "RBC"]
+        sizes = {"native_mosaic": detector_input_size(big.shape, factor=1.0, input_size=det.record.input_size,
+                                                      train_long_side=long_side),  # seen at training scale
+                 "as_is": None,
                  "rescaled": detector_input_size(canvas.shape, factor=factor, input_size=det.record.input_size,
                                                  train_long_side=long_side),
                  "rescaled_slide": detector_input_size(canvas.shape, factor=slide_factor, input_size=det.record.input_size,
@@ -183,14 +203,15 @@ def main() -> None:
                "imgsz_rescaled_slide": sizes["rescaled_slide"], "imgsz_auto": sizes["auto"],
                "gt_WBC": sum(g[1] == 0 for g in gts), "gt_RBC": sum(g[1] == 1 for g in gts),
                "native_pred_WBC": native_counts.count("WBC"), "native_pred_RBC": native_counts.count("RBC")}
-        for m in modes:
-            dets = det.predict(canvas, conf=0.001, imgsz=sizes[m])
+        for m in all_modes:
+            image, truth, rbc_truth = (big, big_gts, big_rbc_gt) if m == "native_mosaic" else (canvas, gts, rbc_gt)
+            dets = det.predict(image, conf=0.001, imgsz=sizes[m])
             preds = [(d.box, d.score, DETECTION_CLASSES.index(d.label)) for d in dets]
-            tp = correct_matrix(preds, gts)
+            tp = correct_matrix(preds, truth)
             stats[m].append((tp, np.array([p[1] for p in preds]), np.array([p[2] for p in preds])))
-            counted_dets = det.predict(canvas, imgsz=sizes[m])  # the counting thresholds, as in the pipeline
+            counted_dets = det.predict(image, imgsz=sizes[m])  # the counting thresholds, as in the pipeline
             counted = [d.label for d in counted_dets]
-            add_rbc_recall(rbc_hits[m], rbc_gt, [d.box for d in counted_dets if d.label == "RBC"])
+            add_rbc_recall(rbc_hits[m], rbc_truth, [d.box for d in counted_dets if d.label == "RBC"])
             row[f"{m}_WBC"] = counted.count("WBC")
             row[f"{m}_RBC"] = counted.count("RBC")
         rows.append(row)
@@ -209,8 +230,10 @@ def main() -> None:
     gt_rbc = np.array([r["gt_RBC"] for r in rows], float)
     native_rbc = np.array([r["native_pred_RBC"] for r in rows], float)
     has_rbc = gt_rbc > 0  # per-canvas % errors where red cells are annotated (a few single BCCD fields have none)
+    mosaic_rbc = np.array([r["native_mosaic_RBC"] for r in rows], float)
     has_native = native_rbc > 0
-    for m in modes:
+    has_mosaic = mosaic_rbc > 0
+    for m in all_modes:
         tp = np.concatenate([s[0] for s in stats[m]])
         conf = np.concatenate([s[1] for s in stats[m]])
         cls = np.concatenate([s[2] for s in stats[m]])
@@ -226,6 +249,9 @@ def main() -> None:
             "RBC_count_vs_native_scale_prediction": {
                 "mean_abs_pct_error": float(np.mean(np.abs(pred_rbc - native_rbc)[has_native] / native_rbc[has_native]) * 100),
                 "total_pct_error": float((pred_rbc.sum() - native_rbc.sum()) / native_rbc.sum() * 100)},
+            "RBC_count_vs_native_scale_mosaic": {
+                "mean_abs_pct_error": float(np.mean(np.abs(pred_rbc - mosaic_rbc)[has_mosaic] / mosaic_rbc[has_mosaic]) * 100),
+                "total_pct_error": float((pred_rbc.sum() - mosaic_rbc.sum()) / mosaic_rbc.sum() * 100)},
         }
     report["rbc_recall_at_counting_threshold"] = {
         "note": "share of annotated red cells matched (IoU >= 0.5) by a counted box, for cells cut by their field's edge "
@@ -237,15 +263,13 @@ def main() -> None:
                                      "total_pct_error": float((native_rbc.sum() - gt_rbc.sum()) / gt_rbc.sum() * 100)},
         "WBC_count_exact": float(np.mean([r["native_pred_WBC"] == r["gt_WBC"] for r in rows])),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_x{args.factor:g}" + ("" if args.tiles == 2 else "_single") + ("" if args.split == "test" else f"_{args.split}")
     (out / f"metrics{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     with (out / f"per_mosaic{suffix}.csv").open("w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    print(json.dumps({k: v for k, v in report.items() if k in (*modes, "native_scale_reference", "rbc_recall_at_counting_threshold", "scale_factor_estimated",
+    print(json.dumps({k: v for k, v in report.items() if k in (*all_modes, "native_scale_reference", "rbc_recall_at_counting_threshold", "scale_factor_estimated",
                                                                  "scale_factor_slide")}, indent=1))
 
 
