@@ -3,6 +3,8 @@
 Usage:
   python scripts/ship_detector_variant.py --base detector-bccd-yolov8n-v1 --name detector-bccd-yolov8n-v2 \\
       --field-reinhard --class-conf '{"WBC": 0.4, "RBC": 0.55, "Platelets": 0.45}'
+  python scripts/ship_detector_variant.py --base detector-bccd-yolov8n-v2 --name detector-bccd-yolov8n-v4 \\
+      --class-conf '{"WBC": 0.4, "RBC": 0.5, "Platelets": 0.45}'
 
 The new record points at the base's weight file (same file, same sha256: nothing is copied) and
 differs in what is applied around the network: ``--field-reinhard`` Reinhard-normalises every field onto
@@ -53,11 +55,14 @@ def main() -> None:
     if args.field_reinhard:
         changes.append("every field is Reinhard-normalised onto the average BCCD trainval field before detection "
                        "(preprocessing.reinhard_reference; scripts/fit_reinhard_reference.py --bccd-fields)")
+    else:
+        changes.append(f"preprocessing: {base.name}'s, unchanged")
     if args.class_conf:
         meta["class_conf"] = json.loads(args.class_conf)
         meta["class_conf_note"] = ("per-class counting thresholds chosen on BCCD val (part of the training data) by "
-                                   "scripts/choose_count_thresholds.py")
-        changes.append(f"counting thresholds {meta['class_conf']}")
+                                   "scripts/choose_count_thresholds.py: WBC and platelets by the fraction of fields "
+                                   "counted exactly, RBC by the total count closest to the annotated total")
+        changes.append(f"counting thresholds {meta['class_conf']} (were {base.metadata.get('class_conf')})")
     meta["variant_of"] = {"name": base.name, "changes": changes}
     record = WeightsRecord(name=args.name, kind="detector", file=base.file, sha256=base.sha256, classes=base.classes,
                            input_size=base.input_size, preprocessing=prep, metadata={**meta, "metrics": {}},
