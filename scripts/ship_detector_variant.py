@@ -20,6 +20,7 @@ whose reports go to ``reports/cross_lab/fields_pbc/<name>/``). Refuses to replac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="registered detector whose weight file is reused")
     ap.add_argument("--name", required=True)
     ap.add_argument("--field-reinhard", action="store_true")
+    ap.add_argument("--field-reinhard-min-stained", type=float, default=None, metavar="F",
+                    help="cap the weight of bare background in the field statistics (ReinhardReference."
+                         "min_stained_fraction) of the Reinhard step (the base's or --field-reinhard's)")
     ap.add_argument("--class-conf", default=None, help="per-class counting thresholds as JSON")
     args = ap.parse_args()
     base = resolve(args.base, kind="detector")
@@ -49,14 +53,22 @@ def main() -> None:
     if Path(base.folder).resolve() != weights_dir().resolve():
         raise SystemExit(f"the base's file must be in the registry folder {weights_dir()}, not {base.folder}")
     prep = Preprocessing(steps=("reinhard",), reinhard_reference=field_reinhard_reference()) if args.field_reinhard else base.preprocessing
+    if args.field_reinhard_min_stained is not None:
+        if prep.reinhard_reference is None or "reinhard" not in prep.steps:
+            raise SystemExit("--field-reinhard-min-stained needs a Reinhard step (the base's or --field-reinhard)")
+        ref = dataclasses.replace(prep.reinhard_reference, min_stained_fraction=args.field_reinhard_min_stained)
+        prep = dataclasses.replace(prep, reinhard_reference=ref)
     # the box ruler depends on the preprocessing and thresholds: measured again below, not inherited
     meta = {k: v for k, v in base.metadata.items() if k not in ("metrics", "rbc_box_px", "rbc_box_note")}
     changes = [f"network: the weight file of {base.name} ({base.file}), unchanged (not retrained)"]
     if args.field_reinhard:
         changes.append("every field is Reinhard-normalised onto the average BCCD trainval field before detection "
                        "(preprocessing.reinhard_reference; scripts/fit_reinhard_reference.py --bccd-fields)")
-    else:
+    elif args.field_reinhard_min_stained is None:
         changes.append(f"preprocessing: {base.name}'s, unchanged")
+    if args.field_reinhard_min_stained is not None:
+        changes.append(f"field Reinhard statistics with bare background capped: stained pixels weigh at least "
+                       f"{args.field_reinhard_min_stained:g} of a field (ReinhardReference.min_stained_fraction)")
     if args.class_conf:
         meta["class_conf"] = json.loads(args.class_conf)
         meta["class_conf_note"] = ("per-class counting thresholds chosen on BCCD val (part of the training data) by "

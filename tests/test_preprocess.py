@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
@@ -575,3 +576,44 @@ def test_match_sharpness_never_returns_a_less_sharp_image_after_rounding():
     out = match_sharpness(soft, target=0.6875)
     assert sharpness(out) >= sharpness(soft)
     np.testing.assert_array_equal(out, soft)
+
+
+def test_capped_background_keeps_ordinary_fields_and_steadies_sparse_ones(bccd_field):
+    """min_stained_fraction: a field with at least that stained share is normalised exactly as with all
+    pixels; the same field shrunk onto a canvas of bare background (mostly glass) is mapped much closer to
+    the field itself than with plain statistics of all pixels."""
+    whole = field_reinhard_reference()
+    capped = dataclasses.replace(whole, min_stained_fraction=0.417)
+    assert stained_mask(bccd_field).mean() >= 0.417
+    np.testing.assert_array_equal(reinhard_normalize(bccd_field, reference=capped),
+                                  reinhard_normalize(bccd_field, reference=whole))
+    colour = np.round(estimate_background(bccd_field)).astype(np.uint8)
+    canvas, inner, small = _on_canvas(bccd_field, 2.5, colour)
+    assert stained_mask(canvas).mean() < 0.2
+
+    def shift(ref):
+        return np.abs(reinhard_normalize(canvas, reference=ref)[inner].astype(int) - reinhard_normalize(small, reference=ref)).mean()
+
+    assert shift(whole) > 20  # BloodImage_00000: 36 grey levels
+    assert shift(capped) < 15  # 11: the field itself (65 % stained) still weighs its own glass fully, the canvas 41.7 %
+    blank = np.full((20, 20, 3), 200, np.uint8)  # nothing stained: statistics of all pixels
+    np.testing.assert_array_equal(reinhard_normalize(blank, reference=capped), reinhard_normalize(blank, reference=whole))
+
+
+def test_capped_reference_round_trip_and_refusals():
+    capped = dataclasses.replace(field_reinhard_reference(), min_stained_fraction=0.4)
+    assert ReinhardReference.from_dict(capped.to_dict()) == capped
+    assert capped.to_dict()["min_stained_fraction"] == 0.4
+    assert "min_stained_fraction" not in field_reinhard_reference().to_dict()  # older records unchanged
+    p = Preprocessing(steps=("reinhard",), reinhard_reference=capped)
+    assert Preprocessing.from_json(p.to_json()) == p
+    for bad in (0.0, 1.0, -0.2, float("nan"), True, "0.4"):
+        with pytest.raises(ValueError, match="min_stained_fraction"):
+            ReinhardReference(mean=(70, 0, 0), std=(10, 5, 5), min_stained_fraction=bad)
+    with pytest.raises(ValueError, match="region 'all'"):
+        ReinhardReference(mean=(70, 0, 0), std=(10, 5, 5), region="stained", min_stained_fraction=0.4)
+    torch = pytest.importorskip("torch")
+    from smearpipe.augment import reinhard_batch
+
+    with pytest.raises(ValueError, match="min_stained_fraction"):
+        reinhard_batch(torch.rand(1, 3, 8, 8), reference=capped)

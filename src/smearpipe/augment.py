@@ -229,8 +229,9 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
         raise ValueError(f"reinhard_batch takes values in [0, 1], got {float(x.min()):.3g}..{float(x.max()):.3g}")
     ref = reference if reference is not None else default_reinhard_reference()
-    if ref.region != "all":
-        raise ValueError(f"reinhard_batch normalises with statistics of all pixels; this reference's region is {ref.region!r}")
+    if ref.region != "all" or ref.min_stained_fraction is not None:
+        raise ValueError("reinhard_batch normalises with statistics of all pixels; this reference's region is "
+                         f"{ref.region!r}, min_stained_fraction {ref.min_stained_fraction}")
     lab = _rgb_to_lab(x.float())
     m = lab.mean(dim=(2, 3), keepdim=True)
     s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(_REINHARD_MIN_STD)

@@ -507,12 +507,20 @@ class ReinhardReference:
     black; see :func:`stained_mask`). With ``"stained"``, how much bare glass or padding a field shows
     (a sparse area of the smear, a black field stop, a shrunk field on a canvas) no longer changes the
     mapping. An image with fewer than 1 % stained pixels (a blank one) uses the statistics of all its pixels.
+
+    ``min_stained_fraction`` (with ``region="all"`` only) keeps the statistics of all pixels for images
+    like the reference images, but caps how much bare background can weigh: where stained pixels
+    (:func:`stained_mask`) make up less than this fraction of an image, its background pixels are
+    down-weighted so that they do (the pooled mean and variance of the two groups at that share). A field
+    from a sparse area of the smear, or a shrunk field on a canvas, is then mapped as a field with the
+    reference's least stained share would be, while every image at or above it keeps the plain statistics.
     """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str = ""
     region: str = "all"
+    min_stained_fraction: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -524,6 +532,13 @@ class ReinhardReference:
             raise ValueError(f"Reinhard reference needs 3 finite means and 3 positive stds, got mean={mean}, std={std}")
         if self.region not in _REINHARD_REGIONS:
             raise ValueError(f"Reinhard reference region must be one of {_REINHARD_REGIONS}, got {self.region!r}")
+        if self.min_stained_fraction is not None:
+            f = self.min_stained_fraction
+            if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not _STAINED_MIN_FRACTION < f < 1:
+                raise ValueError(f"min_stained_fraction must be a number in ({_STAINED_MIN_FRACTION}, 1), got {f!r}")
+            if self.region != "all":
+                raise ValueError(f"min_stained_fraction is for region 'all', not {self.region!r}")
+            object.__setattr__(self, "min_stained_fraction", float(f))
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
@@ -531,15 +546,18 @@ class ReinhardReference:
         d = {"mean": list(self.mean), "std": list(self.std), "source": self.source}
         if self.region != "all":  # records written before regions existed stay byte-identical
             d["region"] = self.region
+        if self.min_stained_fraction is not None:
+            d["min_stained_fraction"] = self.min_stained_fraction
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReinhardReference:
-        unknown = set(data) - {"mean", "std", "source", "region"}
+        unknown = set(data) - {"mean", "std", "source", "region", "min_stained_fraction"}
         if unknown or not {"mean", "std"} <= set(data):
-            raise ValueError(f"a Reinhard reference has keys mean, std (and source, region), got {sorted(data)}")
+            raise ValueError("a Reinhard reference has keys mean, std (and source, region, min_stained_fraction), "
+                             f"got {sorted(data)}")
         return cls(mean=data["mean"], std=data["std"], source=str(data.get("source", "")),
-                   region=str(data.get("region", "all")))
+                   region=str(data.get("region", "all")), min_stained_fraction=data.get("min_stained_fraction"))
 
 
 _REINHARD_REGIONS = ("all", "stained")
@@ -672,15 +690,25 @@ def _stained(image: np.ndarray, lab: np.ndarray) -> np.ndarray:
     return (dist >= _STAINED_MIN_DELTA_E) & (lab[..., 0] >= _STAINED_MIN_L)
 
 
-def _lab_with_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lab_with_statistics(image: np.ndarray, *, region: str = "all", min_stained_fraction: float | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation
-    over ``region`` (all pixels, or the stained ones when there are enough)."""
+    over ``region`` (all pixels, or the stained ones when there are enough), with the background's weight
+    capped by ``min_stained_fraction`` (:class:`ReinhardReference`)."""
     lab = _to_lab(image)
     mask = None
-    if region == "stained":
+    if region == "stained" or min_stained_fraction is not None:
         stained = _stained(image, lab)
-        if stained.mean() >= _STAINED_MIN_FRACTION:
+        share = float(stained.mean())
+        if region == "stained" and share >= _STAINED_MIN_FRACTION:
             mask = stained.view(np.uint8)
+        elif region == "all" and min_stained_fraction is not None and _STAINED_MIN_FRACTION <= share < min_stained_fraction:
+            m_s, s_s = (v.ravel() for v in cv2.meanStdDev(lab, mask=stained.view(np.uint8)))
+            m_b, s_b = (v.ravel() for v in cv2.meanStdDev(lab, mask=(~stained).view(np.uint8)))
+            p = min_stained_fraction  # pooled statistics with the stained pixels at this share
+            mean = p * m_s + (1 - p) * m_b
+            std = np.sqrt(p * (s_s ** 2 + (m_s - mean) ** 2) + (1 - p) * (s_b ** 2 + (m_b - mean) ** 2))
+            return lab, mean, std
     mean, std = cv2.meanStdDev(lab, mask=mask)  # float64 accumulation like numpy's, several times faster
     return lab, mean.ravel(), std.ravel()
 
@@ -734,7 +762,7 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | Mapp
                         f"got {type(reference).__name__}")
     image = _check_image(image)
     ref = reference if reference is not None else default_reinhard_reference()
-    lab, mean, std = _lab_with_statistics(image, region=ref.region)
+    lab, mean, std = _lab_with_statistics(image, region=ref.region, min_stained_fraction=ref.min_stained_fraction)
     scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
     out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
     np.clip(out[..., 0], 0.0, 100.0, out=out[..., 0])

@@ -794,9 +794,11 @@ def train_classifier(
                          "preprocess_resized=True "
                          f"and augmentation on; got steps {list(prep.steps)}, preprocess_resized={preprocess_resized}, "
                          f"augment={'on' if aug else 'off'}")
-    if normalize_after_augment and prep.reinhard_reference.region != "all":
+    if normalize_after_augment and (prep.reinhard_reference.region != "all"
+                                    or prep.reinhard_reference.min_stained_fraction is not None):
         raise ValueError("normalize_after_augment normalises each batch with statistics of all pixels; the Reinhard "
-                         f"reference's region is {prep.reinhard_reference.region!r}")
+                         f"reference's region is {prep.reinhard_reference.region!r}, min_stained_fraction "
+                         f"{prep.reinhard_reference.min_stained_fraction}")
     if "sharpen" in prep.steps and aug and not normalize_after_augment:
         # augmented training crops are cached larger than the input size, and sharpness depends on the size
         raise ValueError("the 'sharpen' preprocessing step needs normalize_after_augment=True when augmenting: it "
