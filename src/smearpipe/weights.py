@@ -31,7 +31,7 @@ __all__ = [
     "sha256_file",
 ]
 
-DEFAULT_DETECTOR = "detector-bccd-yolov8n-v4"
+DEFAULT_DETECTOR = "detector-bccd-yolov8n-v5"
 DEFAULT_CLASSIFIER = "classifier-vgg16bn-v8"
 
 _KINDS = ("detector", "classifier")
