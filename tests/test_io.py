@@ -33,13 +33,37 @@ def test_load_image_accepts_path_and_array():
         (np.full((2, 3), 7, np.uint8), np.full((2, 3, 3), 7, np.uint8)),
         (np.full((2, 3, 1), 9, np.uint8), np.full((2, 3, 3), 9, np.uint8)),
         (np.full((2, 3, 3), 65535, np.uint16), np.full((2, 3, 3), 255, np.uint8)),
-        (np.full((2, 3, 3), 257 * 10, np.uint16), np.full((2, 3, 3), 10, np.uint8)),
+        (np.full((2, 3, 3), 257 * 10, np.uint16), np.full((2, 3, 3), 160, np.uint8)),  # 2570: 12-bit range
         (np.full((2, 3, 3), 0.5, np.float32), np.full((2, 3, 3), 128, np.uint8)),
         (np.full((2, 3, 3), 1.0, np.float64), np.full((2, 3, 3), 255, np.uint8)),
     ],
 )
 def test_conversion_rules(array, expected):
     np.testing.assert_array_equal(to_rgb_uint8(array), expected)
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_uint16_from_a_camera_of_fewer_bits_keeps_its_brightness(bits):
+    """A 16-bit file written by an 8-14-bit camera: its full scale maps to 255, not to a near-black image."""
+    top = 2**bits - 1
+    image = np.zeros((2, 4, 3), np.uint16)
+    image[0] = top  # bright background
+    image[1] = (top + 1) // 2  # a cell at half scale
+    out = to_rgb_uint8(image)
+    np.testing.assert_array_equal(out[0], np.full((4, 3), 255, np.uint8))
+    np.testing.assert_array_equal(out[1], np.full((4, 3), 128, np.uint8))
+
+
+def test_uint16_explicit_bit_depth():
+    image = np.full((2, 2, 3), 200, np.uint16)
+    assert to_rgb_uint8(image)[0, 0, 0] == 200  # 8-bit range inferred
+    assert to_rgb_uint8(image, bit_depth=16)[0, 0, 0] == 1  # 200 / 257
+    assert to_rgb_uint8(image, bit_depth=12)[0, 0, 0] == 12  # 200 * 255 / 4095
+    with pytest.raises(InvalidImageError, match="above the 8-bit range"):
+        to_rgb_uint8(np.full((2, 2, 3), 300, np.uint16), bit_depth=8)
+    for bad in (7, 17, 12.0, True, "12"):
+        with pytest.raises(ValueError, match="bit_depth"):
+            to_rgb_uint8(image, bit_depth=bad)
 
 
 def test_rgba_composited_over_white():
@@ -102,6 +126,10 @@ def test_read_16bit_and_rgba_png(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), img16)
     out = read_image(tmp_path / "a.png")
     np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
+    img16[..., 2] = 4095  # a 12-bit camera's white, saved as 16-bit
+    cv2.imwrite(str(tmp_path / "a12.png"), img16)
+    np.testing.assert_array_equal(read_image(tmp_path / "a12.png")[0, 0], (255, 0, 0))
+    np.testing.assert_array_equal(read_image(tmp_path / "a12.png", bit_depth=16)[0, 0], (16, 0, 0))
     bgra = np.zeros((5, 6, 4), np.uint8)
     bgra[..., 0] = 200  # blue
     bgra[..., 3] = 255

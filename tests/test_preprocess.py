@@ -307,6 +307,8 @@ def test_preprocessing_order_matters(bccd_field):
         {"steps": ("median", "median")},
         {"median_ksize": 4},
         {"clahe_clip_limit": 0},
+        {"clahe_clip_limit": float("inf")},
+        {"clahe_clip_limit": float("nan")},
         {"clahe_tile_grid": (0, 1)},
         {"macenko_on_failure": "skip"},
         {"sharpen_target": 0},

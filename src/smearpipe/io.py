@@ -10,7 +10,10 @@ Conversion rules applied by :func:`to_rgb_uint8`:
 * ``(H, W, 4)`` RGBA: composited over a white background (transparent pixels
   become white, like an empty, unstained field), then the alpha channel is dropped.
 * ``uint8``: kept as is.
-* ``uint16``: scaled to 0-255 by ``round(v / 257)`` (65535 -> 255).
+* ``uint16``: scaled to 0-255 from the camera's bit depth: ``round(v * 255 / (2**b - 1))`` with ``b`` the
+  smallest of 8, 10, 12, 14, 16 whose range holds the image's largest sample (16-bit files from
+  8-, 10-, 12- or 14-bit cameras keep their brightness; a full 16-bit image: 65535 -> 255). Pass
+  ``bit_depth`` to :func:`to_rgb_uint8` / :func:`read_image` when the depth is known.
 * ``float16/32/64``: must be finite and within ``[0, 1]``; scaled by 255 and rounded.
 * anything else (bool, signed or 32/64-bit integers, complex, object, channel-first
   ``(3, H, W)``, empty arrays, NaN/inf) raises :class:`~smearpipe.errors.InvalidImageError`.
@@ -36,7 +39,27 @@ def _describe(array: np.ndarray) -> str:
     return f"shape {tuple(array.shape)} and dtype {array.dtype}"
 
 
-def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
+UINT16_BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _check_bit_depth(bit_depth: object) -> None:
+    if bit_depth is not None and (
+        isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or not 8 <= bit_depth <= 16
+    ):
+        raise ValueError(f"bit_depth must be None or an integer in [8, 16], got {bit_depth!r}")
+
+
+def _uint16_bit_depth(image: np.ndarray, bit_depth: int | None, name: str) -> int:
+    """The bit depth a uint16 image is scaled from: the given one (checked) or the smallest that holds its maximum."""
+    top = int(image.max())
+    if bit_depth is None:
+        return next(b for b in UINT16_BIT_DEPTHS if top < 2**b)
+    if top >= 2**bit_depth:
+        raise InvalidImageError(f"{name} has a sample of {top}, above the {bit_depth}-bit range (0-{2**bit_depth - 1})")
+    return int(bit_depth)
+
+
+def to_rgb_uint8(image: np.ndarray, *, name: str = "image", bit_depth: int | None = None) -> np.ndarray:
     """Convert an array to the RGB uint8 ``(H, W, 3)`` convention or raise.
 
     Parameters
@@ -46,6 +69,9 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
         uint8, uint16 or float in ``[0, 1]`` (see the module docstring for the rules).
     name : str, optional
         Name used in error messages.
+    bit_depth : int, optional
+        For uint16 images only: the camera's bit depth (8-16) the samples are scaled from. ``None``
+        (default): the smallest of 8, 10, 12, 14, 16 that holds the image's largest sample.
 
     Returns
     -------
@@ -55,7 +81,10 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     Raises
     ------
     InvalidImageError
-        If the array cannot be converted; the message says what was expected and what came.
+        If the array cannot be converted, or a uint16 sample exceeds ``bit_depth``; the message says
+        what was expected and what came.
+    ValueError
+        If ``bit_depth`` is not an integer in [8, 16].
 
     Examples
     --------
@@ -63,6 +92,7 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     >>> to_rgb_uint8(np.zeros((4, 5), np.uint8)).shape
     (4, 5, 3)
     """
+    _check_bit_depth(bit_depth)
     if not isinstance(image, np.ndarray):
         raise InvalidImageError(
             f"{name} must be a numpy array or a path, got {type(image).__name__}"
@@ -84,7 +114,8 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     if dtype == np.uint8:
         rgb = image
     elif dtype == np.uint16:
-        rgb = np.rint(image.astype(np.float32) / 257.0).astype(np.uint8)
+        bits = _uint16_bit_depth(image, bit_depth, name)
+        rgb = np.rint(image.astype(np.float32) * (255.0 / (2**bits - 1))).astype(np.uint8)
     elif dtype.kind == "f":
         if not np.isfinite(image).all():
             raise InvalidImageError(f"{name} contains NaN or infinite values ({_describe(image)})")
@@ -107,11 +138,12 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.ndarray:
     """Read an image file as RGB uint8 ``(H, W, 3)``.
 
     Any format OpenCV decodes (JPEG, PNG incl. 16-bit and RGBA, TIFF incl. float32/float64,
-    BMP) is accepted and converted with the rules of :func:`to_rgb_uint8`.
+    BMP) is accepted and converted with the rules of :func:`to_rgb_uint8` (``bit_depth``: of a 16-bit
+    file's camera, see there).
 
     Raises
     ------
@@ -120,6 +152,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         the rules of :func:`to_rgb_uint8` (e.g. signed integers, float outside [0, 1]). The message
         names the path (and the sample type).
     """
+    _check_bit_depth(bit_depth)
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image file not found: {path}")
@@ -140,7 +173,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         elif decoded.shape[2] == 4:
             decoded = decoded[:, :, [2, 1, 0, 3]]
     try:
-        return to_rgb_uint8(decoded, name=f"image file {path}")
+        return to_rgb_uint8(decoded, name=f"image file {path}", bit_depth=bit_depth)
     except InvalidImageError as exc:
         raise ImageReadError(str(exc)) from exc
 

@@ -991,8 +991,9 @@ class Preprocessing:
         if len(set(steps)) != len(steps):
             raise ValueError(f"each preprocessing step may appear once, got {list(steps)}")
         _check_ksize(self.median_ksize, "median_ksize")
-        if isinstance(self.clahe_clip_limit, bool) or not isinstance(self.clahe_clip_limit, (int, float)) or not self.clahe_clip_limit > 0:
-            raise ValueError(f"clahe_clip_limit must be > 0, got {self.clahe_clip_limit!r}")
+        clip = self.clahe_clip_limit
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (clip > 0 and np.isfinite(clip)):
+            raise ValueError(f"clahe_clip_limit must be a finite number > 0, got {clip!r}")
         if self.macenko_on_failure not in ("raise", "passthrough"):
             raise ValueError(f"macenko_on_failure must be 'raise' or 'passthrough', got {self.macenko_on_failure!r}")
         checked = _check_sharpen_args(self.sharpen_target, self.sharpen_sigma, self.sharpen_max_amount)
