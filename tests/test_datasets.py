@@ -282,3 +282,17 @@ def test_center_crop_fractions():
     img = np.arange(100, dtype=np.uint8).reshape(10, 10, 1).repeat(3, axis=2)
     assert center_crop(img, 1.0) is img
     np.testing.assert_array_equal(center_crop(img, 0.5), img[2:7, 2:7])
+
+
+def test_crops_refused_when_the_image_is_not_the_annotated_size(sample_voc, tmp_path):
+    """An image turned by its EXIF orientation (read upright) no longer matches its annotation's size: refused, named."""
+    from PIL import Image
+
+    stem = sorted(SAMPLES.glob("*.xml"))[0].stem
+    jpg = sample_voc / "JPEGImages" / f"{stem}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    with Image.open(jpg) as im:
+        im.save(jpg, exif=exif.tobytes())
+    with pytest.raises(DatasetError, match=rf"{stem}\.jpg is 480x640 px but its annotation {stem}\.xml gives 640x480 .*EXIF"):
+        extract_wbc_crops(sample_voc, tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=None)

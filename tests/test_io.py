@@ -140,6 +140,26 @@ def test_read_16bit_and_rgba_png(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "c.png")[0, 0], (77, 77, 77))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_image_applies_exif_orientation_as_viewers_do(tmp_path, orientation):
+    """A phone on the eyepiece records its orientation in EXIF: the array is the image shown upright,
+    as OpenCV's own oriented decode gives it (the oracle), not the stored pixels."""
+    from PIL import Image
+
+    stored = np.zeros((24, 40, 3), np.uint8)
+    stored[:8, :10] = (255, 0, 0)  # corners that tell every flip and turn apart
+    stored[16:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.jpg"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=100)
+    upright = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    out = read_image(path)
+    assert out.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    np.testing.assert_array_equal(out, upright)
+    assert out.flags.c_contiguous
+
+
 def test_write_image_never_overwrites(tmp_path):
     img = np.zeros((4, 4, 3), np.uint8)
     img[..., 0] = 255

@@ -553,8 +553,8 @@ def extract_wbc_crops(
     Raises
     ------
     DatasetError
-        Missing or malformed source files, or an ``out_dir`` that is a file, overlaps ``voc_root``
-        or holds files of something else.
+        Missing or malformed source files, an image whose size is not its annotation's, or an
+        ``out_dir`` that is a file, overlaps ``voc_root`` or holds files of something else.
     """
     from .io import read_image, write_image
 
@@ -569,7 +569,7 @@ def extract_wbc_crops(
         shutil.rmtree(out_dir)  # no stale crops of an earlier extraction mixed in
     report = CropReport()
     for stem in stems:
-        (_, _), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")
+        (width, height), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")
         wbcs = [b for b in boxes if normalize_detection_class(b.label) == "WBC" and b.xmax > b.xmin and b.ymax > b.ymin]
         field_labels = labels.get(stem)
         if not wbcs:
@@ -585,6 +585,12 @@ def extract_wbc_crops(
         if not matches:
             raise DatasetError(f"image for annotation {stem} not found in {voc_root / 'JPEGImages'}")
         image = read_image(matches[0])
+        if image.shape[:2] != (height, width):
+            turned = ""
+            if image.shape[:2] == (width, height):
+                turned = " (its EXIF orientation turns it; the boxes must be in the upright image's pixels)"
+            raise DatasetError(f"image {matches[0]} is {image.shape[1]}x{image.shape[0]} px but its annotation "
+                               f"{stem}.xml gives {width}x{height}{turned}")
         for i, box in enumerate(wbcs):
             cls = field_labels[0]
             crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)

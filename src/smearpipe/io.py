@@ -21,6 +21,7 @@ Conversion rules applied by :func:`to_rgb_uint8`:
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -143,7 +144,8 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
 
     Any format OpenCV decodes (JPEG, PNG incl. 16-bit and RGBA, TIFF incl. float32/float64,
     BMP) is accepted and converted with the rules of :func:`to_rgb_uint8` (``bit_depth``: of a 16-bit
-    file's camera, see there).
+    file's camera, see there). An EXIF orientation tag is applied, as image viewers do: the array (and
+    every box found on it) is the image as it is shown upright.
 
     Raises
     ------
@@ -165,6 +167,11 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if decoded is None:
         raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
+    # IMREAD_UNCHANGED keeps 16-bit samples and alpha but ignores the EXIF orientation a camera (a phone
+    # on the eyepiece) records: turn the pixels upright as viewers show them, so boxes match what users see.
+    orientation = _exif_orientation(data)
+    if orientation != 1:
+        decoded = _EXIF_ORIENTATION[orientation](decoded)
     # BGR(A) -> RGB(A) by indexing: cv2.cvtColor refuses float64 and signed samples, which
     # to_rgb_uint8 converts or rejects with a clear message.
     if decoded.ndim == 3:
@@ -176,6 +183,31 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
         return to_rgb_uint8(decoded, name=f"image file {path}", bit_depth=bit_depth)
     except InvalidImageError as exc:
         raise ImageReadError(str(exc)) from exc
+
+
+# EXIF orientation tag (0x0112) -> how the stored pixels are turned to show the image upright,
+# as viewers (and cv2.imread without IMREAD_UNCHANGED) do: 2-8 per the EXIF 2.3 specification.
+_EXIF_ORIENTATION = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # rotated 90 clockwise to show upright
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),  # transversed
+    8: lambda a: np.rot90(a, 1),  # rotated 90 counter-clockwise to show upright
+}
+
+
+def _exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation tag of an encoded image (1, upright, when there is none or it cannot be read)."""
+    from PIL import Image  # a dependency of torchvision; reads the header only
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - formats Pillow cannot parse carry no orientation we could honour
+        return 1
+    return value if value in _EXIF_ORIENTATION else 1
 
 
 def require_image_list(images: object, *, caller: str, hint: str) -> None:
