@@ -40,7 +40,7 @@ def _describe(array: np.ndarray) -> str:
     return f"shape {tuple(array.shape)} and dtype {array.dtype}"
 
 
-UINT16_BIT_DEPTHS = (8, 10, 12, 14, 16)
+_UINT16_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
 def _check_bit_depth(bit_depth: object) -> None:
@@ -54,7 +54,7 @@ def _uint16_bit_depth(image: np.ndarray, bit_depth: int | None, name: str) -> in
     """The bit depth a uint16 image is scaled from: the given one (checked) or the smallest that holds its maximum."""
     top = int(image.max())
     if bit_depth is None:
-        return next(b for b in UINT16_BIT_DEPTHS if top < 2**b)
+        return next(b for b in _UINT16_BIT_DEPTHS if top < 2**b)
     if top >= 2**bit_depth:
         raise InvalidImageError(f"{name} has a sample of {top}, above the {bit_depth}-bit range (0-{2**bit_depth - 1})")
     return int(bit_depth)
