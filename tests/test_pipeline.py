@@ -61,6 +61,30 @@ def test_path_and_array_inputs_agree(pipe):
     assert a.models["detector"]["sha256"] == pipe.detector.record.sha256
 
 
+@pytest.mark.parametrize("camera", ["12-bit TIFF", "EXIF-turned JPEG"])
+def test_camera_files_give_the_same_result(pipe, tmp_path, camera):
+    """A 12-bit camera's 16-bit TIFF and a phone photo stored sideways with an EXIF orientation are read as the
+    field users see: the same boxes and types as the plain 8-bit field (stored-sideways: the upright image)."""
+    from PIL import Image
+
+    path = SAMPLES / "BloodImage_00007.jpg"
+    rgb = read_image(path)
+    if camera == "12-bit TIFF":
+        field = tmp_path / "field12.tif"
+        twelve = np.rint(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 8 -> 12 -> 8 bits is exact
+        cv2.imwrite(str(field), twelve[:, :, ::-1])
+    else:
+        field = tmp_path / "field_exif6.png"  # lossless, so the pixels stay the field's own
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored turned 90 degrees counter-clockwise: a viewer turns it back clockwise
+        Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))).save(field, exif=exif.tobytes())
+    expected = analyze_smear(rgb, pipeline=pipe)
+    got = analyze_smear(field, pipeline=pipe)
+    _check(got)
+    assert got.counts == expected.counts and got.differential == expected.differential
+    assert [d.box for d in got.detections] == [d.box for d in expected.detections]
+
+
 class StubDetector:
     """Returns fixed detections: pipeline logic tested independently of detector quality."""
 
