@@ -118,6 +118,7 @@ def main() -> None:
                     help="exponential moving average of the weights with this decay, validated and saved (0: off)")
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
                     help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of initialisation, sampling and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
     ap.add_argument("--workers", type=int, default=1, help="data-loading processes (1 on the 2-core project machine)")
@@ -142,7 +143,8 @@ def main() -> None:
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
-                              num_workers=args.workers, device=args.device, resume=args.resume, **preprocessing(args))
+                              num_workers=args.workers, device=args.device, resume=args.resume, seed=args.seed,
+                              **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
 
 
