@@ -38,6 +38,9 @@ def main() -> None:
     if len(args.models) < 2:
         raise SystemExit("give at least two classifiers to average")
 
+    target = Path(args.out) / f"{args.name}.safetensors"
+    if target.exists() or target.with_suffix(".json").exists():
+        raise SystemExit(f"{target} or its record exists: pick a new name or folder")
     clfs = [Classifier.load(m, precision="fp32") for m in args.models]  # verifies each sha256
     records = [c.record.to_dict() for c in clfs]
     for key in SAME:

@@ -28,7 +28,7 @@ from smearpipe.evaluate import evaluate_classifier
 from smearpipe.framing import Framing
 from smearpipe.train import CropSource, train_classifier
 
-from .conftest import SHARED, gamma_lut
+from .conftest import REPO, SHARED, gamma_lut
 
 
 @pytest.mark.parametrize("name, expected", [("NEUTROPHIL", "neutrophil"), ("Neutrophil", "neutrophil"),
@@ -547,3 +547,37 @@ def test_predict_proba_names_the_bad_crop_across_batches(tiny_run):
         clf.predict_proba(None)
     with pytest.raises(InvalidImageError, match="wrap a single crop"):
         clf.predict_proba(np.zeros((40, 40), np.uint8))
+
+
+def test_average_classifiers_script(tiny_run, tiny_crops, tmp_path, monkeypatch, capsys):
+    """scripts/average_classifiers.py: the mean of two fine-tunes of one network, and refusals otherwise."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("average_classifiers", REPO / "scripts" / "average_classifiers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    opts = dict(epochs=1, batch_size=5, input_size=32, out_dir=tmp_path, num_workers=0, pretrained=str(tiny_run.weights))
+    a = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], name="a", seed=1, **opts)
+    b = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], name="b", seed=2, **opts)
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["average_classifiers.py", *map(str, argv)])
+        script.main()
+
+    run(a.weights, b.weights, "--out", tmp_path / "soup", "--name", "soup")
+    soup = Classifier.load(tmp_path / "soup" / "soup.safetensors", precision="fp32")
+    sa, sb = (Classifier.load(r.weights, precision="fp32").model.state_dict() for r in (a, b))
+    for k, v in soup.model.state_dict().items():
+        if v.is_floating_point():
+            mean = (sa[k].float() + sb[k].float()) / 2
+            np.testing.assert_allclose(v.float().numpy(), mean.numpy(), rtol=2e-3, atol=1e-4)  # stored as fp16
+    assert not np.allclose(sa["head.4.weight"].numpy(), sb["head.4.weight"].numpy())  # two different ingredients
+    rec = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert [i["sha256"] for i in rec["training"]["ingredients"]] == [json.loads(r.record.read_text())["sha256"]
+                                                                     for r in (a, b)]
+    assert soup.predict_proba(list(np.zeros((2, 40, 40, 3), np.uint8))).shape == (2, 5)
+    with pytest.raises(SystemExit, match="not fine-tuned from one"):  # the start and a fine-tune of it
+        run(tiny_run.weights, a.weights, "--out", tmp_path / "x", "--name", "x")
+    with pytest.raises(SystemExit, match="exists"):  # never silently replaced
+        run(a.weights, b.weights, "--out", tmp_path / "soup", "--name", "soup")
