@@ -565,15 +565,17 @@ def test_average_classifiers_script(tiny_run, tmp_path, monkeypatch):
     fields = {k: v for k, v in start.record.to_dict().items() if k not in ("name", "kind", "file", "sha256", "dtype")}
     fields["preprocessing"] = start.preprocessing
 
-    def fine_tune(name, seed):  # stands in for a fine-tune of ``start``: its weights moved, its start recorded
+    start_sha256 = json.loads(tiny_run.record.read_text())["sha256"]
+
+    def fine_tune(name, seed, sha256=start_sha256, **changed):  # a fine-tune of ``start``: weights moved, start recorded
         model = Classifier.load(tiny_run.weights, precision="fp32").model
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for v in model.state_dict().values():
                 if v.is_floating_point():
                     v += 0.01 * torch.randn(v.shape, generator=gen)
-        return save_classifier(model, {**fields, "training": {**fields["training"], "pretrained": str(tiny_run.weights)}},
-                               tmp_path, name).path
+        training = {**fields["training"], "pretrained": str(tiny_run.weights), "pretrained_sha256": sha256}
+        return save_classifier(model, {**fields, "training": training, **changed}, tmp_path, name).path
 
     a, b = fine_tune("a", 1), fine_tune("b", 2)
 
@@ -592,8 +594,27 @@ def test_average_classifiers_script(tiny_run, tmp_path, monkeypatch):
     rec = json.loads((tmp_path / "soup" / "soup.json").read_text())
     assert [i["sha256"] for i in rec["training"]["ingredients"]] == [json.loads(p.with_suffix(".json").read_text())["sha256"]
                                                                      for p in (a, b)]
-    assert soup.predict_proba(list(np.zeros((2, 40, 40, 3), np.uint8))).shape == (2, 5)
-    with pytest.raises(SystemExit, match="not fine-tuned from one"):  # the start and a fine-tune of it
-        run(tiny_run.weights, a, "--out", tmp_path / "x", "--name", "x")
+    assert rec["training"]["pretrained_sha256"] == start_sha256
+    proba = soup.predict_proba(list(np.zeros((2, 40, 40, 3), np.uint8)))
+    assert proba.shape == (2, 5) and np.isfinite(proba).all()
     with pytest.raises(SystemExit, match="exists"):  # never silently replaced
         run(a, b, "--out", tmp_path / "soup", "--name", "soup")
+    other_start, other_scale = fine_tune("c", 3, sha256="0" * 64), fine_tune("d", 4, crop_scale=3.0)
+    for models, error in [((a,), "at least two"), ((a, a), "twice"),
+                          ((tiny_run.weights, a), "not fine-tuned from a saved network"),  # the start itself: from scratch
+                          ((a, other_start), "not fine-tuned from one network"), ((a, other_scale), "differ in 'crop_scale'"),
+                          ((a, tmp_path / "missing.safetensors"), "missing")]:
+        with pytest.raises(SystemExit, match=error):
+            run(*models, "--out", tmp_path / "x", "--name", "x")
+    assert not (tmp_path / "x").exists()  # nothing written on a refusal
+
+
+def test_fine_tune_records_its_start_by_sha256(tiny_run, tiny_crops, tmp_path):
+    assert json.loads(tiny_run.record.read_text())["training"]["pretrained_sha256"] is None  # from scratch
+    copy = tmp_path / "start.safetensors"
+    shutil.copy(tiny_run.weights, copy)
+    done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                            out_dir=tmp_path, name="ft", num_workers=0, augment=False, pretrained=copy)
+    training = json.loads(done.record.read_text())["training"]
+    assert training["pretrained"] == str(copy)
+    assert training["pretrained_sha256"] == json.loads(tiny_run.record.read_text())["sha256"]

@@ -890,6 +890,9 @@ def train_classifier(
     criterion = torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
 
     model = build_vgg16(len(classes), batch_norm=batch_norm, pretrained=pretrained, freeze_features=freeze_features)
+    # which file the run started from, by content: a path alone can be overwritten (scripts/average_classifiers.py)
+    start_sha256 = (sha256_file(pretrained) if pretrained is not None and str(pretrained) != "imagenet"
+                    and Path(pretrained).is_file() else None)
     model = model.to(dev, memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -999,6 +1002,7 @@ def train_classifier(
                 "batch_size": batch_size, "optimizer": f"AdamW(lr={lr}, weight_decay={weight_decay}) + OneCycle",
                 "label_smoothing": label_smoothing, "rebalance": rebalance,
                 "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
+                "pretrained_sha256": start_sha256,
                 "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
                 "normalize_after_augment": normalize_after_augment, "ema": ema,
                 "wall_minutes": round((time.time() - t_start) / 60, 1),
