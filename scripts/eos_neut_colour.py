@@ -5,18 +5,21 @@ Usage: python scripts/eos_neut_colour.py PREDICTIONS_CSV --out reports/cross_lab
 PREDICTIONS_CSV is the ``predictions.csv`` of ``scripts/cross_lab_protocol.py`` on the 351 BCCD crops. The
 crops are grouped by (label, prediction): eosinophils typed right, eosinophils called neutrophils,
 neutrophils called eosinophils, neutrophils typed right. For each crop it measures, in CIE L*a*b* and
-relative to the glass (the brightest 5 % of pixels, so white balance and lamp colour drop out):
+relative to the "glass" (the pixels within 3 L* of the crop's 95th lightness percentile: the bare slide where
+the crop shows any, else its lightest cell pixels), so that white balance and lamp colour drop out:
 
-* ``cytoplasm_b``: median b* (blue -, yellow/orange +) of the cell's pixels that are not nucleus (blue minus
-  green above its Otsu threshold, as :mod:`smearpipe.framing` finds the nucleus), inside a centred disc of
-  0.42 crop sides and not glass. Eosinophil granules are orange; neutrophil cytoplasm is pale lilac.
+* ``cytoplasm_b``: median b* (more negative: bluer) of the pixels inside a centred disc of 0.84 crop sides
+  that are neither nucleus (blue minus green above its Otsu threshold, the cue :mod:`smearpipe.framing` finds
+  the nucleus with, here without its floor) nor glass: the WBC's cytoplasm, with whatever red cell overlaps
+  the disc. Eosinophil granules are orange-red; neutrophil cytoplasm is pale lilac.
 * ``rbc_b``: median b* of the centres of the field's annotated red cells (VOC boxes of the BCCD field the
   crop was cut from), the field's own eosin reference.
 * ``cytoplasm_minus_rbc_b``: the first relative to the second, free of the field's stain strength.
 
-If the crops called the other type have the other type's colour also relative to their own field's red cells,
-the errors follow the cells, not the field's stain, and stain normalisation cannot remove them. Reading the
-JPEGs only: no network, no training.
+Groups are compared with two-sided Mann-Whitney tests; the p-values are also given Holm-corrected over all
+tests made. If the crops called the other type have the other type's colour also relative to their own
+field's red cells, the network follows what the cells look like. Reading the JPEGs only: no network, no
+training.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ GROUPS = {("eosinophil", "eosinophil"): "eosinophil typed right", ("eosinophil",
           ("neutrophil", "eosinophil"): "neutrophil called eosinophil", ("neutrophil", "neutrophil"): "neutrophil typed right"}
 
 
-def _lab(path: Path) -> np.ndarray:
+def _lab(path: Path) -> tuple[np.ndarray, np.ndarray]:
     rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     return rgb, cv2.cvtColor(rgb.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
 
@@ -54,7 +57,10 @@ def cytoplasm_b(path: Path) -> float:
     yy, xx = np.mgrid[:h, :w]
     disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.42 * min(h, w)) ** 2
     glass = _glass(lab)
-    return float(np.median(lab[..., 2][disc & (blue <= t) & ~glass]) - np.median(lab[..., 2][glass]))
+    cell = disc & (blue <= t) & ~glass
+    if not cell.any():
+        raise SystemExit(f"{path}: no cytoplasm pixels found (all nucleus or glass)")
+    return float(np.median(lab[..., 2][cell]) - np.median(lab[..., 2][glass]))
 
 
 def rbc_b(stem: str) -> float | None:
@@ -100,22 +106,29 @@ def main() -> None:
             c = cytoplasm_b(Path(row["path"]))
             found[group]["cytoplasm_b"].append(c)
             r = rbc_b(re.sub(r"_\d+$", "", Path(row["path"]).stem))
-            if r is not None:  # 3 crops come from images that are not in BCCD
+            if r is not None:  # a few crops come from images that are not in BCCD (n per measure below)
                 found[group]["rbc_b"].append(r)
                 found[group]["cytoplasm_minus_rbc_b"].append(c - r)
     result = {"predictions": args.predictions, "measure": "CIE b* relative to the glass; see the script's docstring",
-              "groups": {g: {"n": len(v["cytoplasm_b"]), **{k: describe(x) for k, x in v.items()}} for g, v in found.items()}}
-    tests = {}
-    for a, b in (("eosinophil called neutrophil", "eosinophil typed right"),
-                 ("eosinophil called neutrophil", "neutrophil typed right"),
-                 ("neutrophil called eosinophil", "neutrophil typed right"),
-                 ("neutrophil called eosinophil", "eosinophil typed right")):
-        x, y = found[a]["cytoplasm_minus_rbc_b"], found[b]["cytoplasm_minus_rbc_b"]
-        tests[f"{a} vs {b}"] = round(float(mannwhitneyu(x, y).pvalue), 4)
-    result["mann_whitney_p_cytoplasm_minus_rbc_b"] = tests
+              "groups": {g: {k: {"n": len(x), **describe(x)} for k, x in v.items()} for g, v in found.items()}}
+    pairs = (("eosinophil called neutrophil", "eosinophil typed right"),
+             ("eosinophil called neutrophil", "neutrophil typed right"),
+             ("neutrophil called eosinophil", "neutrophil typed right"),
+             ("neutrophil called eosinophil", "eosinophil typed right"))
+    raw = {(m, f"{a} vs {b}"): float(mannwhitneyu(found[a][m], found[b][m]).pvalue)
+           for m in ("cytoplasm_minus_rbc_b", "rbc_b") for a, b in pairs}
+    order = sorted(raw, key=raw.get)  # Holm: the k-th smallest p times (tests - k), kept monotone
+    holm, running = {}, 0.0
+    for k, key in enumerate(order):
+        running = max(running, min(1.0, raw[key] * (len(order) - k)))
+        holm[key] = running
+    result["mann_whitney_p"] = {m: {pair: {"p": round(raw[(m, pair)], 4), "p_holm": round(holm[(m, pair)], 4)}
+                                    for (mm, pair) in raw if mm == m} for m in ("cytoplasm_minus_rbc_b", "rbc_b")}
+    tests = result["mann_whitney_p"]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for g, v in result["groups"].items():
-        print(f"{g:30s} n={v['n']:3d}  cytoplasm b* {v['cytoplasm_b']['median']:6.1f}  red cells b* {v['rbc_b']['median']:5.1f}  "
+        print(f"{g:30s} n={v['cytoplasm_b']['n']:3d}/{v['rbc_b']['n']:3d}  cytoplasm b* {v['cytoplasm_b']['median']:6.1f}  "
+              f"red cells b* {v['rbc_b']['median']:5.1f}  "
               f"cytoplasm - red cells {v['cytoplasm_minus_rbc_b']['median']:6.1f} "
               f"({v['cytoplasm_minus_rbc_b']['q25']}..{v['cytoplasm_minus_rbc_b']['q75']})")
     print(json.dumps(tests, indent=1))
