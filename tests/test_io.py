@@ -193,3 +193,50 @@ def test_signed_integer_tiff_refused(tmp_path, dtype, channels):
     assert cv2.imwrite(str(path), np.full((5, 6, channels), 7, dtype))
     with pytest.raises(ImageReadError, match=f"s.tif .*dtype {np.dtype(dtype).name}"):
         read_image(path)
+
+
+def test_16bit_rgba_depth_comes_from_colour_not_alpha(tmp_path):
+    rgba = np.zeros((6, 7, 4), np.uint16)
+    rgba[..., :3], rgba[..., 3] = 4095, 65535  # a 12-bit camera's white, opaque (16-bit alpha spans 0-65535)
+    np.testing.assert_array_equal(to_rgb_uint8(rgba), np.full((6, 7, 3), 255, np.uint8))
+    np.testing.assert_array_equal(to_rgb_uint8(rgba, bit_depth=12), np.full((6, 7, 3), 255, np.uint8))
+    rgba[..., :3], rgba[..., 3] = 2048, 0  # fully transparent: the white page behind it
+    np.testing.assert_array_equal(to_rgb_uint8(rgba), np.full((6, 7, 3), 255, np.uint8))
+    rgba[..., 3] = 65535
+    assert to_rgb_uint8(rgba)[0, 0, 0] == 128  # 2048 of 4095
+    path = tmp_path / "rgba16.png"
+    rgba[..., :3] = (4095, 2048, 0)
+    cv2.imwrite(str(path), rgba[..., [2, 1, 0, 3]])  # OpenCV writes BGRA
+    np.testing.assert_array_equal(read_image(path)[0, 0], [255, 128, 0])
+
+
+def test_image_too_large_for_opencv_is_our_error(tmp_path):
+    import struct
+    import zlib
+
+    png = bytearray(cv2.imencode(".png", np.zeros((2, 2, 3), np.uint8))[1].tobytes())
+    ihdr = png.index(b"IHDR")  # claim 40000 x 40000 px (1.6e9, above OpenCV's 2**30): a stitched slide
+    png[ihdr + 4: ihdr + 12] = struct.pack(">II", 40000, 40000)
+    png[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr: ihdr + 17])))
+    path = tmp_path / "huge.png"
+    path.write_bytes(bytes(png))
+    with pytest.raises(ImageReadError, match="huge.png.*split"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("field.png", "must be a numpy array, got str (read a file with read_image)"),
+    (np.zeros((4, 5), np.int64), "got shape (4, 5) and dtype int64"),  # as given, not with its added channel axis
+])
+def test_to_rgb_uint8_messages(bad, message):
+    with pytest.raises(InvalidImageError) as info:
+        to_rgb_uint8(bad)
+    assert message in str(info.value)
+
+
+def test_channel_first_hint_only_where_it_fits():
+    with pytest.raises(InvalidImageError) as info:
+        to_rgb_uint8(np.zeros((4, 5, 2), np.uint8))  # 2 channels, not channel-first
+    assert "channel-first" not in str(info.value)
+    with pytest.raises(InvalidImageError, match="channel-first"):
+        to_rgb_uint8(np.zeros((3, 40, 50), np.uint8))

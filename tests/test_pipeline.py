@@ -515,3 +515,48 @@ def test_a_wbc_box_without_a_nucleus_is_flagged(pipe):
     blank, cell = sorted(r.wbcs, key=lambda c: c.box[0])
     assert "no nucleus found" in blank.review_reasons and blank.needs_review
     assert "no nucleus found" not in cell.review_reasons
+
+
+def test_boxes_without_area_are_dropped_not_a_crash(pipe):
+    img = read_image(SAMPLES / "BloodImage_00015.jpg")
+    h, w = img.shape[:2]
+    boxes = [Detection((float(w), 50.0, float(w), 90.0), "WBC", 0.9),  # predicted past the edge, clipped to it
+             Detection((200.0, 150.0, 300.0, 250.0), "WBC", 0.8), Detection((10.0, 0.0, 40.0, 0.0), "RBC", 0.7)]
+    r = analyze_smear(img, pipeline=Pipeline(StubDetector(boxes, pipe.detector.record), pipe.classifier))
+    assert r.counts == {"WBC": 1, "RBC": 0, "Platelets": 0} and r.wbcs[0].box == (200.0, 150.0, 300.0, 250.0)
+    slide = analyze_fields([img, img], pipeline=Pipeline(StubDetector(boxes, pipe.detector.record), pipe.classifier),
+                           progress=False)
+    assert len(slide.fields) == 2 and slide.errors == () and slide.summary.counts["WBC"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pipeline="yolo"), "pipeline must be a Pipeline"),
+    (dict(config={"review_probability": 0.5}), "config must be a PipelineConfig"),
+])
+def test_pipeline_and_config_types(pipe, kwargs, message):
+    img = read_image(SAMPLES / "BloodImage_00015.jpg")
+    kwargs = {"pipeline": pipe, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        analyze_smear(img, **kwargs)
+    with pytest.raises(TypeError, match=message):
+        analyze_fields([img], progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(review_probability="0.5"), dict(wbc_max_overlap="0.5"), dict(det_conf=2.0),
+                                    dict(det_iou="0.7"), dict(review_probability=True)])
+def test_config_numbers_must_be_numbers(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        PipelineConfig(**kwargs)
+
+
+def test_saved_results_are_checked_and_draw_wants_a_result(pipe):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    d = analyze_smear(img, pipeline=pipe).to_dict()
+    with pytest.raises(TypeError, match="SmearResult.from_dict"):
+        draw(d, img)
+    for change, message in [(dict(image_size="ab"), "image_size"), (dict(image_size=[640, 0]), "image_size"),
+                            ({"detections": [{**d["detections"][0], "box": [0, 0, 1e20, 5]}]}, "box"),
+                            ({"detections": [{**d["detections"][0], "wbc_probability": "high"}]}, "wbc_probability")]:
+        with pytest.raises(ValueError, match=message):
+            SmearResult.from_dict({**d, **change})
+    assert draw(SmearResult.from_dict(d), img).shape == img.shape

@@ -9,6 +9,7 @@ import pytest
 from smearpipe.io import read_image
 from smearpipe.scale import (
     ScaleEstimationError,
+    check_known_scale,
     detector_input_size,
     estimate_rbc_diameter,
     measure_rbc_box_px,
@@ -84,7 +85,8 @@ def test_detector_input_size():
     assert detector_input_size((480, 640), factor=2.5, input_size=512, train_long_side=640) == 1280
     # rounded to the stride, clipped to [stride, max_size]
     assert detector_input_size((480, 650), factor=1.0, input_size=512, train_long_side=640) == 512
-    assert detector_input_size((30, 40), factor=0.1, input_size=512, train_long_side=640) == 32
+    with pytest.warns(UserWarning, match="raised to 32 px"):  # 3.2 px: the cells are seen 10x larger than trained
+        assert detector_input_size((30, 40), factor=0.1, input_size=512, train_long_side=640) == 32
     with pytest.warns(UserWarning, match="tiles"):
         assert detector_input_size((3000, 4000), factor=4.0, input_size=512, train_long_side=640) == 4096
     for bad in (0.0, float("inf"), float("nan")):
@@ -146,3 +148,31 @@ def test_scale_functions_refuse_absurd_arguments():
     for kw in ({"max_pixels": -1}, {"max_pixels": 10.5}, {"min_diameter": -5}, {"min_diameter": float("nan")}):
         with pytest.raises(ValueError):
             estimate_rbc_diameter(rgb, **kw)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pixel_size_um=2.5e-7), "3e\\+07 px"),       # metres given as micrometres
+    (dict(pixel_size_um=100.0), "0.075 px"),         # a red cell under a tenth of a pixel
+    (dict(rbc_diameter_px=1e-306), "outside 2-4000"),
+    (dict(rbc_diameter_px=5000.0), "outside 2-4000"),
+    (dict(rbc_diameter_px=float("inf")), "finite"),
+])
+def test_known_scale_in_a_wrong_unit_is_refused(kwargs, message):
+    img = np.full((100, 100, 3), 200, np.uint8)
+    with pytest.raises(ValueError, match=message):
+        rescale_factor(img, target_rbc_diameter=40, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        check_known_scale(**kwargs)
+
+
+def test_known_scale_bounds_are_accepted():
+    check_known_scale(rbc_diameter_px=2.0)
+    check_known_scale(rbc_diameter_px=4000.0)
+    check_known_scale(pixel_size_um=0.075)  # BCCD-like: 100 px red cells
+
+
+def test_detector_input_size_below_the_stride_warns_and_overflow_raises():
+    with pytest.warns(UserWarning, match="raised to 32 px"):
+        assert detector_input_size((480, 640), factor=0.01, input_size=512, train_long_side=640) == 32
+    with pytest.raises(ValueError, match="detector input"):
+        detector_input_size((480, 640), factor=1e308, input_size=512, train_long_side=640)

@@ -250,6 +250,8 @@ class Detector:
             cls = boxes.cls.cpu().numpy().astype(int)
             scores = boxes.conf.cpu().numpy().astype(np.float64)
             order = np.argsort(-scores, kind="stable")
+            # a box predicted past the border is clipped to it; one left without area shows nothing of the image
+            order = [i for i in order if xyxy[i, 2] > xyxy[i, 0] and xyxy[i, 3] > xyxy[i, 1]]
             dets = [Detection(tuple(float(v) for v in xyxy[i]), self._labels[int(cls[i])], float(scores[i])) for i in order]  # type: ignore[arg-type]
             if per_class:
                 dets = [d for d in dets if d.score >= per_class.get(d.label, conf)]

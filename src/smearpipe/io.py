@@ -95,28 +95,33 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image", bit_depth: int | Non
     """
     _check_bit_depth(bit_depth)
     if not isinstance(image, np.ndarray):
-        raise InvalidImageError(
-            f"{name} must be a numpy array or a path, got {type(image).__name__}"
-        )
+        hint = " (read a file with read_image)" if isinstance(image, (str, os.PathLike)) else ""
+        raise InvalidImageError(f"{name} must be a numpy array, got {type(image).__name__}{hint}")
     expected = "an RGB uint8 array of shape (H, W, 3) (or grayscale (H, W), RGBA (H, W, 4); uint8, uint16 or float in [0, 1])"
+    given = _describe(image)  # as passed, before a grayscale image gets its channel axis
     if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
         pass
     elif image.ndim == 2:
         image = image[:, :, None]
     else:
         hint = ""
-        if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] > 4:
             hint = "; channel-first arrays are not accepted, use np.moveaxis(image, 0, -1)"
-        raise InvalidImageError(f"{name} must be {expected}, got {_describe(image)}{hint}")
+        raise InvalidImageError(f"{name} must be {expected}, got {given}{hint}")
     if image.shape[0] == 0 or image.shape[1] == 0:
-        raise InvalidImageError(f"{name} must have at least one pixel, got {_describe(image)}")
+        raise InvalidImageError(f"{name} must have at least one pixel, got {given}")
 
     dtype = image.dtype
     if dtype == np.uint8:
         rgb = image
     elif dtype == np.uint16:
-        bits = _uint16_bit_depth(image, bit_depth, name)
-        rgb = np.rint(image.astype(np.float32) * (255.0 / (2**bits - 1))).astype(np.uint8)
+        # the depth is the camera's, read from the colour samples: alpha, where there is one, spans 0-65535
+        colour = image[:, :, :3]
+        bits = _uint16_bit_depth(colour, bit_depth, name)
+        rgb = np.empty(image.shape, np.uint8)
+        rgb[:, :, :3] = np.rint(colour.astype(np.float32) * (255.0 / (2**bits - 1)))
+        if image.shape[-1] == 4:
+            rgb[:, :, 3] = np.rint(image[:, :, 3].astype(np.float32) * (255.0 / 65535.0))
     elif dtype.kind == "f":
         if not np.isfinite(image).all():
             raise InvalidImageError(f"{name} contains NaN or infinite values ({_describe(image)})")
@@ -128,7 +133,7 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image", bit_depth: int | Non
             )
         rgb = np.rint(image.astype(np.float32) * 255.0).astype(np.uint8)
     else:
-        raise InvalidImageError(f"{name} must be {expected}, got {_describe(image)}")
+        raise InvalidImageError(f"{name} must be {expected}, got {given}")
 
     channels = rgb.shape[-1]
     if channels == 1:
@@ -164,7 +169,11 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"cannot read image file {path}: {exc}") from exc
-    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as exc:  # e.g. more pixels than OpenCV decodes (2**30): a stitched slide, not a field
+        raise ImageReadError(f"cannot decode image file {path}: {str(exc).strip().splitlines()[-1]} (an image larger "
+                             "than OpenCV reads, 2**30 pixels, must be split into fields or tiles first)") from None
     if decoded is None:
         raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
     # IMREAD_UNCHANGED keeps 16-bit samples and alpha but ignores the EXIF orientation a camera (a phone
@@ -223,6 +232,8 @@ def load_image(image: ImageLike, *, name: str = "image") -> np.ndarray:
     """Return ``image`` as RGB uint8 ``(H, W, 3)``: read it if it is a path, convert it if it is an array."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
+    if not isinstance(image, np.ndarray):
+        raise InvalidImageError(f"{name} must be a numpy array or a path, got {type(image).__name__}")
     return to_rgb_uint8(image, name=name)
 
 

@@ -14,7 +14,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -122,14 +122,17 @@ class PipelineConfig:
             raise ValueError(f"rescale must be 'auto', True or False, got {self.rescale!r}")
         if self.rbc_diameter_px is not None and self.pixel_size_um is not None:
             raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
-        for name in ("rbc_diameter_px", "pixel_size_um"):
+        from .scale import check_known_scale
+
+        check_known_scale(rbc_diameter_px=self.rbc_diameter_px, pixel_size_um=self.pixel_size_um)
+        if self.wbc_max_overlap is not None and not (_is_real(self.wbc_max_overlap) and 0.0 < self.wbc_max_overlap <= 1.0):
+            raise ValueError(f"wbc_max_overlap must be a number in (0, 1] or None, got {self.wbc_max_overlap!r}")
+        if not (_is_real(self.review_probability) and 0.0 <= self.review_probability <= 1.0):
+            raise ValueError(f"review_probability must be a number in [0, 1], got {self.review_probability!r}")
+        for name in ("det_conf", "det_iou"):
             v = getattr(self, name)
-            if v is not None and not (_is_real(v) and 0 < v < math.inf):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if self.wbc_max_overlap is not None and not 0.0 < self.wbc_max_overlap <= 1.0:
-            raise ValueError(f"wbc_max_overlap must be in (0, 1] or None, got {self.wbc_max_overlap!r}")
-        if not 0.0 <= self.review_probability <= 1.0:
-            raise ValueError(f"review_probability must be in [0, 1], got {self.review_probability}")
+            if v is not None and not (_is_real(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1] or None, got {v!r}")
         if not (_is_real(self.border_margin) and 0 <= self.border_margin < math.inf):
             raise ValueError(f"border_margin must be a finite number >= 0, got {self.border_margin!r}")
         if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, numbers.Integral) \
@@ -141,6 +144,15 @@ class PipelineConfig:
 
 def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_pipeline_args(pipeline: Any, config: Any) -> None:
+    """TypeError unless ``pipeline`` is a :class:`Pipeline` (or None) and ``config`` a :class:`PipelineConfig` (or None)."""
+    if pipeline is not None and not isinstance(pipeline, Pipeline):
+        raise TypeError(f"pipeline must be a Pipeline from load_pipeline() or None, got {type(pipeline).__name__}")
+    if config is not None and not isinstance(config, PipelineConfig):
+        raise TypeError(f"config must be a PipelineConfig or None, got {type(config).__name__} "
+                        "(e.g. PipelineConfig(**options) for a dict)")
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,9 @@ def _default_pipeline() -> Pipeline:
     return load_pipeline()
 
 
+_MAX_COORDINATE = 1_000_000  # pixels; a saved result beyond this is not one of a field (and OpenCV cannot draw it)
+
+
 @dataclass(frozen=True)
 class CellResult:
     """One detected cell; WBC fields are None for RBCs and platelets."""
@@ -310,10 +325,15 @@ class CellResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellResult:
         box = tuple(float(v) for v in d["box"])
-        if len(box) != 4 or not all(math.isfinite(v) for v in box):
-            raise ValueError(f"a box is 4 finite numbers (x1, y1, x2, y2), got {d['box']!r}")
+        if len(box) != 4 or not all(math.isfinite(v) and abs(v) <= _MAX_COORDINATE for v in box):
+            raise ValueError(f"a box is 4 finite pixel coordinates (x1, y1, x2, y2), got {d['box']!r}")
+        p = d.get("wbc_probability")
+        if p is not None and not (_is_real(p) and 0.0 <= p <= 1.0):
+            raise ValueError(f"wbc_probability must be a number in [0, 1] or null, got {p!r}")
+        if not _is_real(d["score"]):
+            raise ValueError(f"score must be a number, got {d['score']!r}")
         return cls(box=box, label=d["label"], score=d["score"], wbc_type=d.get("wbc_type"),  # type: ignore[arg-type]
-                   wbc_probability=d.get("wbc_probability"), probabilities=d.get("probabilities"),
+                   wbc_probability=p, probabilities=d.get("probabilities"),
                    needs_review=d.get("needs_review", False), review_reasons=tuple(d.get("review_reasons", ())))
 
 
@@ -361,6 +381,11 @@ class SmearResult:
         """Inverse of :meth:`to_dict`; ValueError naming what is missing or malformed."""
         if not isinstance(d, dict):
             raise ValueError(f"not a smearpipe field result: expected a JSON object, got {type(d).__name__}")
+        size = d.get("image_size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v <= _MAX_COORDINATE
+                        for v in size)):
+            raise ValueError(f"not a smearpipe field result: image_size must be [width, height] in pixels, got {size!r}")
         try:
             return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
                        differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
@@ -407,6 +432,7 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     >>> r = analyze_smear("datasets/bccd_samples/BloodImage_00007.jpg")   # doctest: +SKIP
     >>> r.counts, r.differential                                          # doctest: +SKIP
     """
+    _check_pipeline_args(pipeline, config)
     p = pipeline or _default_pipeline()
     cfg = config or p.config
     t0 = time.perf_counter()
@@ -440,6 +466,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     dets = p.detector.predict(rgb, conf=cfg.det_conf, iou=cfg.det_iou, imgsz=imgsz)
     if cfg.rescale == "auto" and not _rescaling(cfg):
         factor, imgsz, dets = _auto_rescale(p.detector, rgb, dets, cfg)
+    # boxes without area (a detector of the user's own may return them clipped at the border) show no cell
+    dets = [d for d in dets if d.box[2] > d.box[0] and d.box[3] > d.box[1]]
     if cfg.wbc_max_overlap is not None:
         dets = suppress_nested(dets, label="WBC", max_overlap=cfg.wbc_max_overlap)
     t2 = time.perf_counter()
@@ -587,6 +615,7 @@ def iter_fields(
     from tqdm.auto import tqdm
 
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
+    _check_pipeline_args(pipeline, config)
     p = pipeline or _default_pipeline()
     cfg = config or p.config
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
@@ -642,6 +671,7 @@ def analyze_fields(
     that cannot be read is listed in ``errors`` and the rest are processed.
     """
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
+    _check_pipeline_args(pipeline, config)
     p = pipeline or _default_pipeline()
     results, errors = [], []
     for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):
@@ -666,6 +696,9 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
     """
     import cv2
 
+    if not isinstance(result, SmearResult):
+        hint = " (a saved result: SmearResult.from_dict(d))" if isinstance(result, Mapping) else ""
+        raise TypeError(f"result must be a SmearResult from analyze_smear, got {type(result).__name__}{hint}")
     if isinstance(thickness, bool) or not isinstance(thickness, numbers.Integral) or not 1 <= thickness <= 100:
         raise ValueError(f"thickness must be an integer from 1 to 100 px, got {thickness!r}")
     rgb = load_image(image).copy()

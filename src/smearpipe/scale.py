@@ -219,6 +219,29 @@ def measure_rbc_box_px(detector: Any, fields: Iterable[Any], *, min_fraction: fl
     return float(np.median(per_field))
 
 
+KNOWN_RBC_DIAMETER_PX = (2.0, 4000.0)
+"""Red-cell diameters (pixels) a known scale may imply; outside, the unit is more likely wrong than the field."""
+
+
+def check_known_scale(*, rbc_diameter_px: float | None = None, pixel_size_um: float | None = None) -> None:
+    """ValueError unless a scale a user gives puts a red cell (7.5 um) at a size a field can show.
+
+    A pixel size given in metres or nanometres, or a diameter in micrometres, would otherwise shrink or
+    blow up every field silently (2.5e-7 "um" per pixel: each red cell 30 million pixels wide).
+    """
+    for name, v in (("rbc_diameter_px", rbc_diameter_px), ("pixel_size_um", pixel_size_um)):
+        if v is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < np.inf):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    lo, hi = KNOWN_RBC_DIAMETER_PX
+    if pixel_size_um is not None and not lo <= RBC_DIAMETER_UM / pixel_size_um <= hi:
+        raise ValueError(f"pixel_size_um={pixel_size_um!r} puts a red cell ({RBC_DIAMETER_UM} um) at "
+                         f"{RBC_DIAMETER_UM / pixel_size_um:.3g} px, outside {lo:g}-{hi:g} px: give the size of one "
+                         f"pixel in micrometres ({RBC_DIAMETER_UM / hi:.4g}-{RBC_DIAMETER_UM / lo:.4g})")
+    if rbc_diameter_px is not None and not lo <= rbc_diameter_px <= hi:
+        raise ValueError(f"rbc_diameter_px={rbc_diameter_px!r} is outside {lo:g}-{hi:g} px: give a red cell's "
+                         "diameter in pixels of the image")
+
+
 def rescale_factor(
     image: np.ndarray,
     *,
@@ -240,6 +263,7 @@ def rescale_factor(
                     ("pixel_size_um", pixel_size_um)):
         if v is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < np.inf):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    check_known_scale(rbc_diameter_px=rbc_diameter_px, pixel_size_um=pixel_size_um)
     if pixel_size_um is not None:
         rbc_diameter_px = RBC_DIAMETER_UM / pixel_size_um
     if rbc_diameter_px is None:
@@ -299,7 +323,14 @@ def detector_input_size(
     if stride < 1 or max_size < stride:
         raise ValueError(f"need 1 <= stride <= max_size, got stride={stride}, max_size={max_size}")
     long_side = max(image_shape[:2]) * factor * input_size / train_long_side
-    size = max(stride * round(long_side / stride), stride)
+    if not np.isfinite(long_side):
+        raise ValueError(f"the field would need a detector input of {long_side} px (factor {factor!r})")
+    size = stride * round(long_side / stride)
+    if size < stride:
+        warnings.warn(f"the field would need a detector input of {long_side:.3g} px to be seen at training scale; "
+                      f"raised to {stride} px, so its cells are seen {stride / max(long_side, 1e-300):.3g}x larger",
+                      stacklevel=2)
+        size = stride
     limit = max_size // stride * stride
     if size > limit:
         warnings.warn(f"the field would need a detector input of {size} px to be seen at training scale; clipped to "
