@@ -21,7 +21,7 @@ from smearpipe.cli import main as cli_main
 from smearpipe.detect import Detection
 from smearpipe.errors import ImageReadError, InvalidImageError
 from smearpipe.io import read_image
-from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize
+from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize, write_field_outputs
 from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter
 
 from .conftest import SAMPLES
@@ -560,3 +560,15 @@ def test_saved_results_are_checked_and_draw_wants_a_result(pipe):
         with pytest.raises(ValueError, match=message):
             SmearResult.from_dict({**d, **change})
     assert draw(SmearResult.from_dict(d), img).shape == img.shape
+
+
+@pytest.mark.parametrize("stem", ["../escaped", "sub/x", "", ".", ".."])
+def test_field_outputs_stay_in_their_folder(pipe, tmp_path, stem):
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    r = analyze_smear(img, pipeline=Pipeline(StubDetector([], pipe.detector.record), pipe.classifier))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="plain file name"):
+        write_field_outputs(r, img, out, stem)
+    assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.png"))
+    png, js = write_field_outputs(r, img, out, "field 1")
+    assert png.parent == out and js.parent == out

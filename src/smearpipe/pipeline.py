@@ -736,6 +736,8 @@ def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os
     """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked."""
     from .io import write_image
 
+    if not isinstance(stem, str) or not stem or stem in (".", "..") or Path(stem).name != stem:
+        raise ValueError(f"stem must be a plain file name without folders (the files go in out_dir), got {stem!r}")
     out_dir = Path(out_dir)
     png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
     if not overwrite:
