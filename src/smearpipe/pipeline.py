@@ -95,7 +95,9 @@ class PipelineConfig:
         - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
-        implies ``rescale=True``; otherwise the diameter is estimated from the field.
+        implies ``rescale=True``; otherwise the diameter is estimated from the field. A value that puts a
+        red cell outside 2-4000 px (:data:`~smearpipe.scale.KNOWN_RBC_DIAMETER_PX`) is refused: most likely
+        a wrong unit (metres or nanometres per pixel).
     slide_scale_fields : int
         With ``rescale=True`` and neither of the above, :func:`analyze_fields` / :func:`iter_fields` measure
         the red cells of the first this-many fields of the slide whose red cells can be measured (looking
