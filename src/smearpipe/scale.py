@@ -259,10 +259,9 @@ def rescale_factor(
     """
     if rbc_diameter_px is not None and pixel_size_um is not None:
         raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
-    for name, v in (("target_rbc_diameter", target_rbc_diameter), ("rbc_diameter_px", rbc_diameter_px),
-                    ("pixel_size_um", pixel_size_um)):
-        if v is not None and not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < np.inf):
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    v = target_rbc_diameter
+    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < np.inf):
+        raise ValueError(f"target_rbc_diameter must be a finite number > 0, got {v!r}")
     check_known_scale(rbc_diameter_px=rbc_diameter_px, pixel_size_um=pixel_size_um)
     if pixel_size_um is not None:
         rbc_diameter_px = RBC_DIAMETER_UM / pixel_size_um
