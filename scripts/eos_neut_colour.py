@@ -63,7 +63,8 @@ def cytoplasm_b(path: Path) -> float:
     return float(np.median(lab[..., 2][cell]) - np.median(lab[..., 2][glass]))
 
 
-def rbc_b(stem: str) -> float | None:
+def red_cell_colour(stem: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """L*a*b* of the BCCD field ``stem`` and the median L*a*b* of its annotated red cells' centres (None: no boxes)."""
     xml = BCCD / "Annotations" / f"{stem}.xml"
     if not xml.is_file():
         return None
@@ -75,10 +76,16 @@ def rbc_b(stem: str) -> float | None:
         bb = obj.find("bndbox")
         x0, y0, x1, y1 = (int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
         cx, cy, r = (x0 + x1) // 2, (y0 + y1) // 2, max(2, (x1 - x0) // 5)
-        values.append(lab[max(cy - r, 0):cy + r, max(cx - r, 0):cx + r, 2].ravel())
-    if not values:
+        values.append(lab[max(cy - r, 0):cy + r, max(cx - r, 0):cx + r].reshape(-1, 3))
+    return (lab, np.median(np.concatenate(values), axis=0)) if values else None
+
+
+def rbc_b(stem: str) -> float | None:
+    found = red_cell_colour(stem)
+    if found is None:
         return None
-    return float(np.median(np.concatenate(values)) - np.median(lab[..., 2][_glass(lab)]))
+    lab, red = found
+    return float(red[2] - np.median(lab[..., 2][_glass(lab)]))
 
 
 def describe(v: list[float]) -> dict:

@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
@@ -35,7 +34,6 @@ from smearpipe.preprocess import reinhard_normalize
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-BCCD = SHARED / "bccd" / "BCCD"
 TYPES = ("eosinophil", "neutrophil")
 
 
@@ -66,19 +64,10 @@ def pbc_red_cells(rgb: np.ndarray) -> np.ndarray | None:
 
 
 def bccd_red_cells(stem: str) -> np.ndarray | None:
-    xml = BCCD / "Annotations" / f"{stem}.xml"
-    if not xml.is_file():
-        return None
-    lab = lab_of(cv2.cvtColor(cv2.imread(str(BCCD / "JPEGImages" / f"{stem}.jpg")), cv2.COLOR_BGR2RGB))
-    values = []
-    for obj in ET.parse(xml).findall("object"):
-        if (obj.findtext("name") or "").strip() != "RBC":
-            continue
-        bb = obj.find("bndbox")
-        x0, y0, x1, y1 = (int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        cx, cy, r = (x0 + x1) // 2, (y0 + y1) // 2, max(2, (x1 - x0) // 5)
-        values.append(lab[max(cy - r, 0):cy + r, max(cx - r, 0):cx + r].reshape(-1, 3))
-    return np.median(np.concatenate(values), axis=0) if values else None
+    from eos_neut_colour import red_cell_colour  # scripts/, on the path when a script is run
+
+    found = red_cell_colour(stem)
+    return None if found is None else found[1]
 
 
 def features(raw: np.ndarray, red_cells: np.ndarray) -> dict[str, np.ndarray] | None:
