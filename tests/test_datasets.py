@@ -296,3 +296,43 @@ def test_crops_refused_when_the_image_is_not_the_annotated_size(sample_voc, tmp_
         im.save(jpg, exif=exif.tobytes())
     with pytest.raises(DatasetError, match=rf"{stem}\.jpg is 480x640 px but its annotation {stem}\.xml gives 640x480 .*EXIF"):
         extract_wbc_crops(sample_voc, tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=None)
+
+
+@pytest.mark.parametrize("convert", ["crops", "yolo"])
+def test_a_failed_rerun_keeps_the_earlier_output(sample_voc, tmp_path, convert):
+    out = tmp_path / "out"
+
+    def run():
+        if convert == "crops":
+            return extract_wbc_crops(sample_voc, out, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
+        return voc_to_yolo(sample_voc, out, splits=("train",), overwrite=True)
+
+    run()
+    before = _files(out)
+    stems = sorted(p.stem for p in (sample_voc / "Annotations").glob("*.xml"))
+    if convert == "crops":  # the last field's annotation breaks, after the others were cut
+        (sample_voc / "Annotations" / f"{stems[-1]}.xml").write_text("<annotation><size>")
+    else:  # a field added to the split without its image (the earlier output links the others' images)
+        shutil.copy(sample_voc / "Annotations" / f"{stems[-1]}.xml", sample_voc / "Annotations" / "BloodImage_99999.xml")
+        with open(sample_voc / "ImageSets" / "Main" / "train.txt", "a") as f:
+            f.write("BloodImage_99999\n")
+    with pytest.raises(DatasetError):
+        run()
+    assert _files(out) == before  # the earlier output, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "voc"]  # no partial folder left beside it
+
+
+def test_a_failed_first_run_leaves_nothing(sample_voc, tmp_path):
+    stem = sorted(p.stem for p in (sample_voc / "Annotations").glob("*.xml"))[-1]
+    (sample_voc / "Annotations" / f"{stem}.xml").write_text("<annotation><size>")
+    with pytest.raises(DatasetError):
+        extract_wbc_crops(sample_voc, tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["voc"]  # and a rerun is not refused as a foreign folder
+
+
+@pytest.mark.parametrize("split", [None, "train"])
+def test_crops_from_a_folder_that_is_not_voc(tmp_path, split):
+    (tmp_path / "not_voc").mkdir()
+    with pytest.raises(DatasetError, match="VOC folder not found"):
+        extract_wbc_crops(tmp_path / "not_voc", tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=split)
+    assert not (tmp_path / "crops").exists()

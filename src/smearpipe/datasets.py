@@ -10,10 +10,13 @@ import json
 import math
 import os
 import shutil
+import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,6 +187,28 @@ def _check_out_dir(voc_root: Path, out_dir: Path, *, overwrite: bool, report_nam
             )
 
 
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir`` to write into; it replaces ``out_dir`` only when the block succeeds.
+
+    On an error the earlier ``out_dir`` (an earlier output, or nothing) stays as it was and the partial
+    output is removed, so a failed run neither destroys a good output nor leaves a half-written one behind.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(stage, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def voc_to_yolo(
     voc_root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -294,19 +319,28 @@ def voc_to_yolo(
             f"unknown class name(s) {unknown} (known: {list(classes)}); map them with class_map= or pass on_unknown='skip'"
         )
 
+    missing = [stem for ids in split_ids.values() for stem in ids if not any(img_dir.glob(f"{stem}.*"))]
+    if missing:
+        raise DatasetError(f"image(s) for {len(missing)} annotation(s) not found in {img_dir}, e.g. {missing[:3]}")
     report = ConversionReport(unknown_labels=unknown)
-    for sub in ("images", "labels"):
-        if (out_dir / sub).exists():
-            shutil.rmtree(out_dir / sub)
+    with _staged(out_dir) as stage:
+        _write_yolo(stage, out_dir, split_ids, parsed, img_dir, canonical, class_ids, classes, splits,
+                    link_images, report)
+    return report
+
+
+def _write_yolo(stage: Path, out_dir: Path, split_ids: dict, parsed: dict, img_dir: Path, canonical: Any,
+                class_ids: dict, classes: Sequence[str], splits: tuple, link_images: bool, report: ConversionReport) -> None:
+    """The files of :func:`voc_to_yolo`, written into ``stage`` (which becomes ``out_dir``)."""
     for split, ids in split_ids.items():
-        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out_dir / "labels" / split).mkdir(parents=True, exist_ok=True)
+        (stage / "images" / split).mkdir(parents=True, exist_ok=True)
+        (stage / "labels" / split).mkdir(parents=True, exist_ok=True)
         for stem in ids:
             matches = sorted(img_dir.glob(f"{stem}.*"))
             if not matches:
                 raise DatasetError(f"image for annotation {stem} not found in {img_dir}")
             src = matches[0]
-            dst = out_dir / "images" / split / src.name
+            dst = stage / "images" / split / src.name
             try:
                 if link_images:
                     os.symlink(src.resolve(), dst)
@@ -335,7 +369,7 @@ def voc_to_yolo(
                 report.boxes[name] = report.boxes.get(name, 0) + 1
             if not lines:
                 report.images_without_boxes.append(stem)
-            (out_dir / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+            (stage / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         report.images[split] = len(ids)
 
     yaml_lines = [f"path: {out_dir.resolve()}"]
@@ -343,11 +377,9 @@ def voc_to_yolo(
         yaml_lines.append(f"{split}: images/{split}")
     yaml_lines.append("names:")
     yaml_lines += [f"  {i}: {name}" for i, name in enumerate(classes)]
-    data_yaml = out_dir / "data.yaml"
-    data_yaml.write_text("\n".join(yaml_lines) + "\n")
-    report.data_yaml = str(data_yaml)
-    (out_dir / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    return report
+    (stage / "data.yaml").write_text("\n".join(yaml_lines) + "\n")
+    report.data_yaml = str(out_dir / "data.yaml")
+    (stage / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
 
 def read_yolo_labels(
@@ -556,18 +588,33 @@ def extract_wbc_crops(
         Missing or malformed source files, an image whose size is not its annotation's, or an
         ``out_dir`` that is a file, overlaps ``voc_root`` or holds files of something else.
     """
-    from .io import read_image, write_image
-
     voc_root, out_dir = Path(voc_root), Path(out_dir)
+    folders = [voc_root / "Annotations", voc_root / "JPEGImages"] + ([voc_root / "ImageSets" / "Main"] if split else [])
+    for d in folders:
+        if not d.is_dir():
+            raise DatasetError(f"VOC folder not found: {d} (expected Annotations/, JPEGImages/"
+                               f"{', ImageSets/Main/' if split else ''} under {voc_root})")
     _check_out_dir(voc_root, out_dir, overwrite=overwrite, report_name="crop_report.json")
     labels = read_bccd_subtype_labels(labels_csv)
     if split is None:
         stems = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
+        if not stems:
+            raise DatasetError(f"no annotations (*.xml) in {voc_root / 'Annotations'}")
     else:
         stems = _read_split_file(voc_root / "ImageSets" / "Main" / f"{split}.txt")
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)  # no stale crops of an earlier extraction mixed in
     report = CropReport()
+    # written beside out_dir and moved into place at the end: an error leaves an earlier extraction as it was,
+    # and a new one never mixes with stale crops
+    with _staged(out_dir) as stage:
+        _write_crops(stage, voc_root, stems, labels, scale, report)
+    return report
+
+
+def _write_crops(stage: Path, voc_root: Path, stems: list[str], labels: Mapping[str, list[str]], scale: float,
+                 report: CropReport) -> None:
+    """The crops and report of :func:`extract_wbc_crops`, written into ``stage`` (which becomes ``out_dir``)."""
+    from .io import read_image, write_image
+
     for stem in stems:
         (width, height), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")
         wbcs = [b for b in boxes if normalize_detection_class(b.label) == "WBC" and b.xmax > b.xmin and b.ymax > b.ymin]
@@ -594,8 +641,6 @@ def extract_wbc_crops(
         for i, box in enumerate(wbcs):
             cls = field_labels[0]
             crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)
-            write_image(out_dir / cls / f"{stem}_{i}.png", crop, overwrite=overwrite)
+            write_image(stage / cls / f"{stem}_{i}.png", crop)
             report.written[cls] = report.written.get(cls, 0) + 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "crop_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    return report
+    (stage / "crop_report.json").write_text(json.dumps(report.to_dict(), indent=2))
