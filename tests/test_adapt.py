@@ -76,6 +76,12 @@ def test_adapt_batchnorm_bad_input(tiny_run, lab_crops, tmp_path):
     with pytest.raises(FileExistsError):
         adapt_batchnorm(tiny_run.weights, lab_crops, out_dir=tmp_path, name="taken")
     assert (tmp_path / "taken.json").read_text() == "{}" and not (tmp_path / "taken.safetensors").exists()
+    for name in ("../escaped", "sub/x", "", ".."):  # the files stay in out_dir
+        with pytest.raises(ValueError, match="plain file name"):
+            adapt_batchnorm(tiny_run.weights, lab_crops, out_dir=tmp_path / "out", name=name)
+    with pytest.raises(ValueError, match="existing file"):  # said before the work, not after it
+        adapt_batchnorm(tiny_run.weights, lab_crops, out_dir=tmp_path / "taken.json", name="x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.json"]
 
 
 def test_cli_adapt_classifier(tiny_run, lab_crops, tmp_path, capsys):

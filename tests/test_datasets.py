@@ -336,3 +336,23 @@ def test_crops_from_a_folder_that_is_not_voc(tmp_path, split):
     with pytest.raises(DatasetError, match="VOC folder not found"):
         extract_wbc_crops(tmp_path / "not_voc", tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=split)
     assert not (tmp_path / "crops").exists()
+
+
+@pytest.mark.parametrize("box, scale, message", [
+    ((-40, 10, -30, 40), 2.0, "outside the 120x100 image"), ((130, 10, 140, 40), 2.0, "outside"),
+    ((10, 10, float("inf"), 40), 2.0, "finite"), ((10, 10, 30, 40), float("nan"), "scale"),
+    ((10, 10, 30), 2.0, "4 numbers"), ((30, 10, 10, 40), 2.0, "positive width"),
+])
+def test_square_crop_refuses_bad_boxes(box, scale, message):
+    from smearpipe.datasets import square_crop
+
+    with pytest.raises(ValueError, match=message):
+        square_crop(np.full((100, 120, 3), 200, np.uint8), box, scale=scale)
+
+
+def test_square_crop_of_grayscale_and_rgba_at_the_border():
+    from smearpipe.datasets import square_crop
+
+    for image in (np.full((100, 120), 90, np.uint8), np.full((100, 120, 4), 90, np.uint8)):
+        crop = square_crop(image, (0, 0, 10, 10), scale=2.0)  # half of it outside the image
+        assert crop.shape == (20, 20, 3) and crop.dtype == np.uint8

@@ -346,6 +346,14 @@ def _model_from_record(record: WeightsRecord) -> Any:
     return model
 
 
+def _check_output(out_dir: str | os.PathLike, name: object) -> None:
+    """ValueError unless ``name`` is a plain file name and ``out_dir`` is (or can become) a folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"name must be a plain file name without folders (the files go in out_dir), got {name!r}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out_dir {out_dir} is an existing file; pass the path of a folder")
+
+
 def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str | os.PathLike, name: str,
                     *, fp16: bool = True, overwrite: bool = False) -> WeightsRecord:
     """Write ``<name>.safetensors`` (fp16 by default) and its record ``<name>.json`` in ``out_dir``."""
@@ -353,6 +361,8 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
     from safetensors.torch import save_file
 
     from .weights import sha256_file
+
+    _check_output(out_dir, name)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +424,8 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     ------
     FileExistsError
         ``out_dir/name`` weights or record exist (checked before any work).
+    ValueError
+        ``name`` is not a plain file name (it has folders in it), or ``out_dir`` is a file.
     DatasetError
         Fewer than :data:`MIN_ADAPT_CROPS` crops.
     InvalidImageError
@@ -438,6 +450,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_output(out_dir, name)
     target = Path(out_dir) / f"{name}.safetensors"
     if target.exists() or target.with_suffix(".json").exists():
         raise FileExistsError(f"refusing to overwrite {target} / its record: pick another name")

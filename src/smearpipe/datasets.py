@@ -485,18 +485,28 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
     -------
     crop : (S, S, 3) uint8 ndarray
     """
+    from .io import to_rgb_uint8
     from .preprocess import estimate_background
 
-    x1, y1, x2, y2 = (float(v) for v in box)
+    image = to_rgb_uint8(image)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be 4 numbers (x1, y1, x2, y2), got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box must be 4 finite numbers, got {tuple(box)}")
     if not (x2 > x1 and y2 > y1):
         raise ValueError(f"box must have positive width and height, got {tuple(box)}")
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    h, w = image.shape[:2]
+    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+        raise ValueError(f"box {tuple(box)} lies outside the {w}x{h} image")
     side = max(2, int(round(max(x2 - x1, y2 - y1) * scale)))
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    h, w = image.shape[:2]
-    src = image[max(top, 0): min(top + side, h), max(left, 0): min(left + side, w)]
+    src = image[max(top, 0): max(min(top + side, h), 0), max(left, 0): max(min(left + side, w), 0)]
     if src.shape[:2] == (side, side):
         return src.copy()
     fill = estimate_background(image).round().astype(np.uint8)
