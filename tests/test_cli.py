@@ -118,3 +118,9 @@ def test_analyze_overwrite_removes_only_plain_names_it_listed(smoke_run, tiny_ru
     assert _analyze(smoke_run, tiny_run, second, "--out", out, "--overwrite") == 0
     assert "does not list its per-field files" in capsys.readouterr().err
     assert (tmp_path / "outside.png").read_text() == "keep" and (out / f"{FIELD.stem}.png").is_file()
+
+
+def test_out_under_a_file_is_a_message_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert cli_main(["preprocess", str(FIELD), "--steps", "median", "--out", str(tmp_path / "a_file" / "out")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -356,3 +356,17 @@ def test_square_crop_of_grayscale_and_rgba_at_the_border():
     for image in (np.full((100, 120), 90, np.uint8), np.full((100, 120, 4), 90, np.uint8)):
         crop = square_crop(image, (0, 0, 10, 10), scale=2.0)  # half of it outside the image
         assert crop.shape == (20, 20, 3) and crop.dtype == np.uint8
+
+
+def test_labels_csv_with_a_bom_latin1_or_conflicting_rows(tmp_path):
+    from smearpipe.datasets import read_bccd_subtype_labels
+
+    f = tmp_path / "labels.csv"
+    f.write_bytes("\ufeffImage,Category\n3,NEUTROPHIL\n3,NEUTROPHIL\n".encode())  # Excel's "CSV UTF-8"; a repeat agreeing
+    assert read_bccd_subtype_labels(f) == {"BloodImage_00003": ["neutrophil"]}
+    f.write_bytes("Image,Category,Note\n3,NEUTROPHIL,d\xe9j\xe0 vu\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        read_bccd_subtype_labels(f)
+    f.write_text("Image,Category\n3,NEUTROPHIL\n3,EOSINOPHIL\n")
+    with pytest.raises(DatasetError, match="labelled twice"):
+        read_bccd_subtype_labels(f)

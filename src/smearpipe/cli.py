@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (SmearpipeError, FileExistsError, ValueError, TypeError) as exc:
+    except (SmearpipeError, OSError, ValueError, TypeError) as exc:  # OSError: e.g. --out under a file
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 

@@ -528,7 +528,13 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
     if not path.is_file():
         raise DatasetError(f"labels file not found: {path}")
     out: dict[str, list[str]] = {}
-    with path.open(newline="") as f:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not a column name
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    import io
+
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "Image" not in reader.fieldnames or "Category" not in reader.fieldnames:
             raise DatasetError(f"{path}: expected columns 'Image' and 'Category', got {reader.fieldnames}")
@@ -546,7 +552,10 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
                 index = int(row["Image"])
             except (TypeError, ValueError):
                 raise DatasetError(f"{path}: Image column must be an integer, got {row['Image']!r}") from None
-            out[f"BloodImage_{index:05d}"] = labels
+            key = f"BloodImage_{index:05d}"
+            if key in out and out[key] != labels:
+                raise DatasetError(f"{path}: image {index} is labelled twice, {out[key]} and {labels}")
+            out[key] = labels
     return out
 
 
