@@ -618,3 +618,28 @@ def test_fine_tune_records_its_start_by_sha256(tiny_run, tiny_crops, tmp_path):
     training = json.loads(done.record.read_text())["training"]
     assert training["pretrained"] == str(copy)
     assert training["pretrained_sha256"] == json.loads(tiny_run.record.read_text())["sha256"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classes="abcde"), "classes"), (dict(classes=["a", "a", "b", "c", "d"]), "classes"),
+    (dict(input_size=0), "input_size"), (dict(input_size="64"), "input_size"), (dict(sha256="abc"), "sha256"),
+    (dict(std=[0, 0, 0]), "std"), (dict(mean=[0.5, 0.5]), "mean"), (dict(preprocess_resized="false"), "preprocess_resized"),
+    (dict(architecture=[1]), "architecture"), (dict(architecture={"hidden": 0}), "architecture"),
+    (dict(crop_scale=float("nan")), "crop_scale"), (dict(framing={"name": "cell", "contxt": 1.8}), "contxt"),
+])
+def test_malformed_classifier_records_are_refused_at_load(tiny_run, tmp_path, change, message):
+    for ext in (".safetensors", ".json"):
+        shutil.copy(tiny_run.weights.with_suffix(ext), tmp_path / f"{tiny_run.weights.stem}{ext}")
+    edited = tmp_path / f"{tiny_run.weights.stem}.json"
+    edited.write_text(json.dumps({**json.loads(edited.read_text()), **change}))
+    with pytest.raises(WeightsError, match=message):
+        Classifier.load(tmp_path / f"{tiny_run.weights.stem}.safetensors")
+
+
+def test_record_sha256_in_capitals_is_the_same_digest(tiny_run, tmp_path):
+    for ext in (".safetensors", ".json"):
+        shutil.copy(tiny_run.weights.with_suffix(ext), tmp_path / f"{tiny_run.weights.stem}{ext}")
+    edited = tmp_path / f"{tiny_run.weights.stem}.json"
+    rec = json.loads(edited.read_text())
+    edited.write_text(json.dumps({**rec, "sha256": rec["sha256"].upper()}))
+    assert Classifier.load(tmp_path / f"{tiny_run.weights.stem}.safetensors").record.sha256 == rec["sha256"]

@@ -287,6 +287,7 @@ class Classifier:
         found = resolve(DEFAULT_CLASSIFIER if name_or_path is None else name_or_path, kind="classifier")
         if not isinstance(found, WeightsRecord):
             raise WeightsError(f"{found} has no record ({found.with_suffix('.json').name}); classifier weights need one")
+        _check_classifier_record(found)
         return cls(_model_from_record(found), found, precision=precision)
 
     def predict_proba(self, crops: Sequence[np.ndarray]) -> np.ndarray:
@@ -324,6 +325,41 @@ class Classifier:
         """Most probable class name of each crop."""
         proba = self.predict_proba(crops)
         return [self.classes[i] for i in proba.argmax(axis=1)]
+
+
+def _check_classifier_record(record: WeightsRecord) -> None:
+    """WeightsError naming the entry of a classifier record that inference cannot use as it is."""
+    meta = record.metadata
+
+    def bad(key: str, expected: str) -> WeightsError:
+        return WeightsError(f"record {record.name!r}: {key} must be {expected}, got {meta.get(key)!r}")
+
+    def real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    for key, positive in (("mean", False), ("std", True)):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(real(x) for x in v)
+                                  and (not positive or min(v) > 0)):
+            raise bad(key, "3 finite numbers" + (" > 0" if positive else ""))
+    if "preprocess_resized" in meta and not isinstance(meta["preprocess_resized"], bool):
+        raise bad("preprocess_resized", "true or false")
+    if "crop_scale" in meta and not (real(meta["crop_scale"]) and meta["crop_scale"] > 0):
+        raise bad("crop_scale", "a finite number > 0")
+    arch = meta.get("architecture", {})
+    if not isinstance(arch, dict):
+        raise bad("architecture", "a mapping")
+    if not isinstance(arch.get("batch_norm", True), bool):
+        raise bad("architecture", "a mapping with batch_norm true or false")
+    hidden, dropout = arch.get("hidden", 256), arch.get("dropout", 0.3)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise bad("architecture", "a mapping with hidden a positive integer")
+    if not (real(dropout) and 0 <= dropout < 1):
+        raise bad("architecture", "a mapping with dropout in [0, 1)")
+    try:
+        Framing.from_value(meta.get("framing"))
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{record.name}: unusable framing in its record: {exc}") from None
 
 
 def _model_from_record(record: WeightsRecord) -> Any:

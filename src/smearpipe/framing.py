@@ -86,6 +86,9 @@ class Framing:
             return cls(value)
         if isinstance(value, dict):
             fixed = {"work_size": _WORK_SIZE, "min_blue": _MIN_BLUE, "min_area": _MIN_AREA}
+            unknown = sorted(set(value) - set(fixed) - {"name", "context", "max_growth"})
+            if unknown:
+                raise ValueError(f"framing recorded with settings {unknown} that this version of smearpipe does not know")
             differs = {k: value[k] for k in fixed if k in value and value[k] != fixed[k]}
             if differs:
                 raise ValueError(f"framing recorded with nucleus-detection settings {differs} that this version of "

@@ -91,13 +91,23 @@ class WeightsRecord:
             if kind not in _KINDS:
                 raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
             core = {"name", "kind", "file", "sha256", "classes", "input_size", "preprocessing"}
+            classes = data["classes"]
+            if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) and c for c in classes)
+                    and len(set(classes)) == len(classes)):
+                raise ValueError(f"classes must be a list of distinct non-empty names, got {classes!r}")
+            size = data["input_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 8192:
+                raise ValueError(f"input_size must be an integer from 8 to 8192 px, got {size!r}")
+            sha = data["sha256"]
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)):
+                raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha!r}")
             return cls(
                 name=str(data["name"]),
                 kind=kind,
                 file=str(data["file"]),
-                sha256=str(data["sha256"]),
-                classes=tuple(str(c) for c in data["classes"]),
-                input_size=int(data["input_size"]),
+                sha256=sha.lower(),
+                classes=tuple(classes),
+                input_size=size,
                 preprocessing=Preprocessing.from_dict(data.get("preprocessing") or {}),
                 metadata={k: v for k, v in data.items() if k not in core},
                 folder=str(folder),
