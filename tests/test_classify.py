@@ -643,3 +643,11 @@ def test_record_sha256_in_capitals_is_the_same_digest(tiny_run, tmp_path):
     rec = json.loads(edited.read_text())
     edited.write_text(json.dumps({**rec, "sha256": rec["sha256"].upper()}))
     assert Classifier.load(tmp_path / f"{tiny_run.weights.stem}.safetensors").record.sha256 == rec["sha256"]
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(num_classes=2.5), "num_classes"), (dict(num_classes=True), "num_classes"),
+                                             (dict(num_classes=5, hidden=0), "hidden"),
+                                             (dict(num_classes=5, dropout=1.0), "dropout")])
+def test_build_vgg16_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_vgg16(**kwargs)

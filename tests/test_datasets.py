@@ -370,3 +370,11 @@ def test_labels_csv_with_a_bom_latin1_or_conflicting_rows(tmp_path):
     f.write_text("Image,Category\n3,NEUTROPHIL\n3,EOSINOPHIL\n")
     with pytest.raises(DatasetError, match="labelled twice"):
         read_bccd_subtype_labels(f)
+
+
+@pytest.mark.parametrize("size", [("640", "480"), 640, (640, -480), (640.0, 480), (640, 480, 3)])
+def test_yolo_image_size_must_be_two_positive_integers(tmp_path, size):
+    f = tmp_path / "a.txt"
+    f.write_text("0 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(ValueError, match="image_size"):
+        read_yolo_labels(f, image_size=size)

@@ -71,8 +71,12 @@ def build_vgg16(
     from torch import nn
     from torchvision.models import vgg16, vgg16_bn
 
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
+        raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     base = (vgg16_bn if batch_norm else vgg16)(weights=None)
     if pretrained is not None:
         state = load_imagenet_features(batch_norm=batch_norm) if str(pretrained) == "imagenet" else _load_state(pretrained)

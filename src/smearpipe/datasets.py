@@ -399,6 +399,10 @@ def read_yolo_labels(
         range, coordinates outside [0, 1], zero-size boxes, or boxes (``centre +- size / 2``) that
         extend more than 1e-3 outside the image. The message names the file and line.
     """
+    if image_size is not None and not (
+            isinstance(image_size, (tuple, list)) and len(image_size) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in image_size)):
+        raise ValueError(f"image_size must be (width, height) in pixels, two positive integers, got {image_size!r}")
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"label file not found: {path}")
