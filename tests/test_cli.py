@@ -124,3 +124,13 @@ def test_out_under_a_file_is_a_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     assert cli_main(["preprocess", str(FIELD), "--steps", "median", "--out", str(tmp_path / "a_file" / "out")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_analyze_a_file_whose_stem_is_a_dot(smoke_run, tiny_run, tmp_path):
+    odd = tmp_path / "in" / "..png"
+    odd.parent.mkdir()
+    shutil.copy(FIELD, odd)
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, odd, "--out", out) == 0
+    assert (out / "field.json").is_file() and (out / "slide_summary.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]

@@ -299,27 +299,54 @@ def test_crops_refused_when_the_image_is_not_the_annotated_size(sample_voc, tmp_
 
 
 @pytest.mark.parametrize("convert", ["crops", "yolo"])
-def test_a_failed_rerun_keeps_the_earlier_output(sample_voc, tmp_path, convert):
+def test_a_failed_rerun_keeps_the_earlier_output(sample_voc, tmp_path, convert, monkeypatch):
     out = tmp_path / "out"
 
-    def run():
+    def run(**kw):
         if convert == "crops":
             return extract_wbc_crops(sample_voc, out, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
-        return voc_to_yolo(sample_voc, out, splits=("train",), overwrite=True)
+        return voc_to_yolo(sample_voc, out, splits=("train",), overwrite=True, **kw)
 
     run()
+    (out / "notes.txt").write_text("mine")  # kept by voc_to_yolo (it replaces its own entries), not by crops
     before = _files(out)
-    stems = sorted(p.stem for p in (sample_voc / "Annotations").glob("*.xml"))
     if convert == "crops":  # the last field's annotation breaks, after the others were cut
+        stems = sorted(p.stem for p in (sample_voc / "Annotations").glob("*.xml"))
         (sample_voc / "Annotations" / f"{stems[-1]}.xml").write_text("<annotation><size>")
-    else:  # a field added to the split without its image (the earlier output links the others' images)
-        shutil.copy(sample_voc / "Annotations" / f"{stems[-1]}.xml", sample_voc / "Annotations" / "BloodImage_99999.xml")
-        with open(sample_voc / "ImageSets" / "Main" / "train.txt", "a") as f:
-            f.write("BloodImage_99999\n")
-    with pytest.raises(DatasetError):
-        run()
+    else:  # the disk fills up while images are copied
+        calls = []
+
+        def copy_fails(src, dst, **kw):
+            calls.append(src)
+            if len(calls) >= 3:
+                raise OSError(28, "No space left on device")
+            return shutil.copyfile(src, dst)
+
+        monkeypatch.setattr("smearpipe.datasets.shutil.copy2", copy_fails)
+    with pytest.raises((DatasetError, OSError)):
+        run(link_images=False) if convert == "yolo" else run()
+    assert convert == "crops" or len(calls) >= 3  # the failure came from inside the conversion
     assert _files(out) == before  # the earlier output, untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "voc"]  # no partial folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "voc"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial or replaced folder left
+
+
+@pytest.mark.parametrize("convert", ["crops", "yolo"])
+def test_overwrite_into_a_linked_folder_keeps_the_link(sample_voc, tmp_path, convert):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    for _ in range(2):  # a first run, then a rerun that replaces it
+        if convert == "crops":
+            extract_wbc_crops(sample_voc, link, labels_csv=SAMPLES / "labels.csv", split=None, overwrite=True)
+        else:
+            report = voc_to_yolo(sample_voc, link, splits=("train",), overwrite=True)
+    assert link.is_symlink() and any(real.iterdir())
+    assert not [p.name for p in real.iterdir() if p.name.startswith(".")]
+    if convert == "yolo":
+        assert Path(report.data_yaml) == link / "data.yaml"
+        assert f"path: {real.resolve()}" in (real / "data.yaml").read_text()  # the folder the files are in
+        assert len(list((real / "labels" / "train").glob("*.txt"))) == 6
 
 
 def test_a_failed_first_run_leaves_nothing(sample_voc, tmp_path):

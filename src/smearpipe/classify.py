@@ -14,6 +14,7 @@ References
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -75,7 +76,7 @@ def build_vgg16(
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
         raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     base = (vgg16_bn if batch_norm else vgg16)(weights=None)
     if pretrained is not None:

@@ -171,6 +171,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
         if not isinstance(out, Exception):
             base = stem = Path(source).stem
+            if base in ("", ".", ".."):  # e.g. a file named "..png": not a name to write outputs under
+                base = stem = "field"
             n = 2
             while stem in stems:  # two inputs with the same name: keep both
                 stem, n = f"{base}_{n}", n + 1

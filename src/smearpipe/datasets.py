@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -188,25 +189,47 @@ def _check_out_dir(voc_root: Path, out_dir: Path, *, overwrite: bool, report_nam
 
 
 @contextmanager
-def _staged(out_dir: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out_dir`` to write into; it replaces ``out_dir`` only when the block succeeds.
+def _staged(out_dir: Path, *, replace_all: bool) -> Iterator[Path]:
+    """A fresh hidden folder inside ``out_dir`` to write into; its files replace ``out_dir``'s only on success.
 
-    On an error the earlier ``out_dir`` (an earlier output, or nothing) stays as it was and the partial
-    output is removed, so a failed run neither destroys a good output nor leaves a half-written one behind.
+    On an error the earlier content of ``out_dir`` (an earlier output, or nothing) stays as it was and the
+    partial output is removed, as is ``out_dir`` itself if this call created it: a failed run neither
+    destroys a good output nor leaves a half-written one behind. On success the entries written replace
+    those of the same name (and, with ``replace_all``, every other entry of ``out_dir``: no stale files
+    mixed in). ``out_dir`` itself (a link, a mount point, its permissions) is kept, and every rename stays
+    within it, so on one filesystem.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    stage, old = out_dir / f".partial-{tag}", out_dir / f".replaced-{tag}"
     stage.mkdir()
+    aside: list[str] = []  # earlier entries moved into ``old``
+    placed: list[str] = []  # new entries moved from ``stage`` into ``out_dir``
     try:
         yield stage
+        names = [p.name for p in stage.iterdir()]
+        old.mkdir()
+        for p in list(out_dir.iterdir()):
+            if p not in (stage, old) and (replace_all or p.name in names):
+                os.rename(p, old / p.name)
+                aside.append(p.name)
+        for name in names:
+            os.rename(stage / name, out_dir / name)
+            placed.append(name)
     except BaseException:
+        for name in placed:  # undo: the new entries out, the earlier ones back
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        for name in aside:
+            os.rename(old / name, out_dir / name)
         shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    if out_dir.exists():
-        os.rename(out_dir, old)
-    os.rename(stage, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)
+    stage.rmdir()
 
 
 def voc_to_yolo(
@@ -247,8 +270,9 @@ def voc_to_yolo(
         counted in the report.
     overwrite : bool
         Allow writing into an existing, non-empty ``out_dir`` written by an earlier conversion (it holds
-        ``conversion_report.json``); its ``images``/``labels`` are replaced. Other non-empty folders
-        are never written into.
+        ``conversion_report.json``); its ``images``/``labels``, ``data.yaml`` and report are replaced,
+        and only once the new conversion has succeeded (a failed one leaves them as they were). Other
+        non-empty folders are never written into.
     link_images : bool
         Symlink images instead of copying them (falls back to copying where links fail).
     allow_overlap : bool
@@ -323,7 +347,7 @@ def voc_to_yolo(
     if missing:
         raise DatasetError(f"image(s) for {len(missing)} annotation(s) not found in {img_dir}, e.g. {missing[:3]}")
     report = ConversionReport(unknown_labels=unknown)
-    with _staged(out_dir) as stage:
+    with _staged(out_dir, replace_all=False) as stage:  # images/, labels/, data.yaml and the report
         _write_yolo(stage, out_dir, split_ids, parsed, img_dir, canonical, class_ids, classes, splits,
                     link_images, report)
     return report
@@ -398,6 +422,8 @@ def read_yolo_labels(
         Missing or non-text file, wrong number of fields, non-numeric values, class ids out of
         range, coordinates outside [0, 1], zero-size boxes, or boxes (``centre +- size / 2``) that
         extend more than 1e-3 outside the image. The message names the file and line.
+    ValueError
+        ``image_size`` is not two positive integers.
     """
     if image_size is not None and not (
             isinstance(image_size, (tuple, list)) and len(image_size) == 2
@@ -480,6 +506,7 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
     Parameters
     ----------
     image : (H, W, 3) uint8 ndarray
+        Or anything :func:`~smearpipe.io.to_rgb_uint8` converts (grayscale, RGBA, uint16, float).
     box : (x1, y1, x2, y2)
         Pixel box of the cell.
     scale : float
@@ -488,6 +515,14 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
     Returns
     -------
     crop : (S, S, 3) uint8 ndarray
+
+    Raises
+    ------
+    InvalidImageError
+        ``image`` is not an image (grayscale and RGBA are converted, as by :func:`~smearpipe.io.to_rgb_uint8`).
+    ValueError
+        ``box`` not 4 finite numbers with positive width and height, or outside the image; ``scale`` not a
+        finite number > 0.
     """
     from .io import to_rgb_uint8
     from .preprocess import estimate_background
@@ -536,9 +571,7 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not a column name
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    import io
-
-    with io.StringIO(text, newline="") as f:
+    with StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "Image" not in reader.fieldnames or "Category" not in reader.fieldnames:
             raise DatasetError(f"{path}: expected columns 'Image' and 'Category', got {reader.fieldnames}")
@@ -603,7 +636,8 @@ def extract_wbc_crops(
         Crop side relative to the box (see :func:`square_crop`).
     overwrite : bool
         Replace an existing, non-empty ``out_dir`` written by an earlier extraction (it holds
-        ``crop_report.json``). Other non-empty folders are never deleted.
+        ``crop_report.json``), once the new extraction has succeeded (a failed one leaves it as it was).
+        Other non-empty folders are never deleted.
 
     Raises
     ------
@@ -628,7 +662,7 @@ def extract_wbc_crops(
     report = CropReport()
     # written beside out_dir and moved into place at the end: an error leaves an earlier extraction as it was,
     # and a new one never mixes with stale crops
-    with _staged(out_dir) as stage:
+    with _staged(out_dir, replace_all=True) as stage:
         _write_crops(stage, voc_root, stems, labels, scale, report)
     return report
 

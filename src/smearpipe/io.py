@@ -172,8 +172,9 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
     try:
         decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as exc:  # e.g. more pixels than OpenCV decodes (2**30): a stitched slide, not a field
-        raise ImageReadError(f"cannot decode image file {path}: {str(exc).strip().splitlines()[-1]} (an image larger "
-                             "than OpenCV reads, 2**30 pixels, must be split into fields or tiles first)") from None
+        hint = (" (an image larger than OpenCV reads, 2**30 pixels, must be split into fields or tiles first)"
+                if "MAX_IMAGE_PIXELS" in str(exc) else "")
+        raise ImageReadError(f"cannot decode image file {path}: {str(exc).strip().splitlines()[-1]}{hint}") from None
     if decoded is None:
         raise ImageReadError(f"cannot decode image file (corrupt or not an image): {path}")
     # IMREAD_UNCHANGED keeps 16-bit samples and alpha but ignores the EXIF orientation a camera (a phone

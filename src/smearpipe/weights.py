@@ -139,7 +139,10 @@ def _read_record(json_path: Path) -> WeightsRecord:
         data = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise WeightsError(f"cannot read weights record {json_path}: {exc}") from None
-    return WeightsRecord.from_dict(data, folder=json_path.parent)
+    try:
+        return WeightsRecord.from_dict(data, folder=json_path.parent)
+    except WeightsError as exc:
+        raise WeightsError(f"{json_path}: {exc}") from None
 
 
 def available(kind: str | None = None) -> list[str]:
