@@ -389,8 +389,9 @@ def _model_from_record(record: WeightsRecord) -> Any:
 
 def _check_output(out_dir: str | os.PathLike, name: object) -> None:
     """ValueError unless ``name`` is a plain file name and ``out_dir`` is (or can become) a folder."""
-    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
-        raise ValueError(f"name must be a plain file name without folders (the files go in out_dir), got {name!r}")
+    from .io import require_file_name
+
+    require_file_name(name)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is an existing file; pass the path of a folder")
 

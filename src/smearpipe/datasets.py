@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import shutil
 import uuid
@@ -536,8 +537,7 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
         raise ValueError(f"box must be 4 finite numbers, got {tuple(box)}")
     if not (x2 > x1 and y2 > y1):
         raise ValueError(f"box must have positive width and height, got {tuple(box)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-            or not 0 < scale < math.inf:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     h, w = image.shape[:2]
     if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:

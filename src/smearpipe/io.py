@@ -229,6 +229,13 @@ def require_image_list(images: object, *, caller: str, hint: str) -> None:
         raise TypeError(f"{caller} takes a list of images or paths, not a single one; {hint}")
 
 
+def require_file_name(name: object, *, what: str = "name") -> None:
+    """ValueError unless ``name`` is a plain file name: no folders in it (which would write outside the
+    output folder), not empty, not ``.`` or ``..``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"{what} must be a plain file name without folders (the files go in out_dir), got {name!r}")
+
+
 def load_image(image: ImageLike, *, name: str = "image") -> np.ndarray:
     """Return ``image`` as RGB uint8 ``(H, W, 3)``: read it if it is a path, convert it if it is an array."""
     if isinstance(image, (str, os.PathLike)):

@@ -673,8 +673,7 @@ def analyze_fields(
     that cannot be read is listed in ``errors`` and the rest are processed.
     """
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
-    _check_pipeline_args(pipeline, config)
-    p = pipeline or _default_pipeline()
+    p = pipeline or _default_pipeline()  # a wrong type is refused by iter_fields, before any field is read
     results, errors = [], []
     for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):
         if isinstance(out, SmearResult):
@@ -736,10 +735,9 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
 def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os.PathLike, stem: str,
                         *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked."""
-    from .io import write_image
+    from .io import require_file_name, write_image
 
-    if not isinstance(stem, str) or not stem or stem in (".", "..") or Path(stem).name != stem:
-        raise ValueError(f"stem must be a plain file name without folders (the files go in out_dir), got {stem!r}")
+    require_file_name(stem, what="stem")
     out_dir = Path(out_dir)
     png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
     if not overwrite:
