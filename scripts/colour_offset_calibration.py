@@ -28,11 +28,11 @@ from sklearn.metrics import f1_score
 from smearpipe.classify import Classifier
 from smearpipe.framing import apply_framing
 from smearpipe.io import read_image
-from smearpipe.preprocess import Preprocessing, ReinhardReference
+from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource, center_crop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cross_lab_protocol import BCCD_CROPS, SHARED, field_split  # noqa: E402  (sibling script)
+from cross_lab_protocol import BCCD_CROPS, SHARED, field_split, pbc_only_lineage  # noqa: E402  (sibling script)
 
 GRID = (-9.0, -6.0, -3.0, 0.0, 3.0, 6.0, 9.0)
 
@@ -50,9 +50,8 @@ def shifted(clf: Classifier, steps: tuple[str, ...], da: float, db: float) -> Cl
     """``clf`` with its Reinhard reference moved by (0, da, db) and framing left to the caller (crops pre-framed)."""
     pre = Preprocessing(steps=steps).resolved() if steps else clf.preprocessing.resolved()
     ref = pre.reinhard_reference
-    moved = ReinhardReference(mean=(ref.mean[0], ref.mean[1] + da, ref.mean[2] + db), std=ref.std,
-                              source=f"{ref.source}; shifted by da*={da}, db*={db}", region=ref.region,
-                              min_stained_fraction=ref.min_stained_fraction)
+    moved = dataclasses.replace(ref, mean=(ref.mean[0], ref.mean[1] + da, ref.mean[2] + db),
+                                source=f"{ref.source}; shifted by da*={da}, db*={db}")
     record = dataclasses.replace(clf.record, preprocessing=dataclasses.replace(pre, reinhard_reference=moved),
                                  metadata={**clf.record.metadata, "framing": {"name": "as_given"}})
     return Classifier(clf.model, record)
@@ -78,7 +77,8 @@ def main() -> None:
     clf = Classifier.load(args.weights)
     steps = tuple(x for x in args.inference_preprocess.split(",") if x)
     if "reinhard" not in (steps or clf.preprocessing.steps):
-        sys.exit("the classifier's preprocessing has no 'reinhard' step to shift")
+        sys.exit(f"no 'reinhard' step to shift in the preprocessing, got steps {list(steps or clf.preprocessing.steps)}")
+    pbc_only_lineage(clf)  # refuses a model that saw BCCD: the shift is chosen and scored on BCCD crops
 
     bccd = CropSource(str(BCCD_CROPS), name="bccd-wbc-subtypes-all").samples(clf.classes)
     pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="val",
@@ -97,14 +97,13 @@ def main() -> None:
         for db in GRID:
             model = shifted(clf, steps, da, db)
             pb, pp = model.predict_proba(framed_bccd), model.predict_proba(framed_pbc)
-            grid.append({"da": da, "db": db, "im_dev": round(im_objective(pb[dev]), 5),
-                         "im_pbc_val": round(im_objective(pp), 5),
+            grid.append({"da": da, "db": db, "im_dev": im_objective(pb[dev]), "im_pbc_val": im_objective(pp),
                          "context_only": {"dev": scores(y_bccd[dev], pb[dev], k), "test": scores(y_bccd[test], pb[test], k),
                                           "all": scores(y_bccd, pb, k), "pbc_val_quarter": scores(y_pbc, pp, k)}})
             print(f"da={da:+.0f} db={db:+.0f} im_dev={grid[-1]['im_dev']:.4f} im_pbc={grid[-1]['im_pbc_val']:.4f} "
                   f"dev={grid[-1]['context_only']['dev']['accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
 
-    def pick(key: str) -> dict:  # lowest objective; ties: the smaller shift
+    def pick(key: str) -> dict:  # lowest objective (unrounded); ties: the smaller |da*| + |db*|, then grid order
         return min(grid, key=lambda g: (g[key], abs(g["da"]) + abs(g["db"])))
 
     chosen, at_home = pick("im_dev"), pick("im_pbc_val")
@@ -123,6 +122,8 @@ def main() -> None:
         "all_settings": grid,
         "seconds": round(time.time() - t0, 1),
     }
+    for g in grid:
+        g["im_dev"], g["im_pbc_val"] = round(g["im_dev"], 5), round(g["im_pbc_val"], 5)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for key in ("chosen_on_dev_unlabelled", "no_shift", "context_best_labelled_dev"):

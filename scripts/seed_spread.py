@@ -19,8 +19,14 @@ from pathlib import Path
 
 
 def predictions(run: Path) -> dict[str, tuple[str, str]]:
-    with (run / "bccd_all_crops" / "predictions.csv").open(newline="") as f:
-        return {Path(r["path"]).name: (r["true"], r["pred"]) for r in csv.DictReader(f)}
+    """``{class folder/file name: (true, predicted)}`` of one run (keys independent of where the crops were)."""
+    path = run / "bccd_all_crops" / "predictions.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    found = {str(Path(*Path(r["path"]).parts[-2:])): (r["true"], r["pred"]) for r in rows}
+    if len(found) != len(rows):
+        sys.exit(f"{path}: {len(rows)} rows name only {len(found)} distinct crops")
+    return found
 
 
 def headline(run: Path) -> dict:
@@ -41,8 +47,13 @@ def main() -> None:
     if args.out.exists():
         sys.exit(f"{args.out} exists; choose another --out")
     a, b = (predictions(r) for r in args.runs)
-    if a.keys() != b.keys() or any(a[k][0] != b[k][0] for k in a):
-        sys.exit("the two runs were not scored on the same labelled crops")
+    if a.keys() != b.keys():
+        sys.exit(f"the two runs were not scored on the same crops: {len(a.keys() - b.keys())} only in the first, "
+                 f"{len(b.keys() - a.keys())} only in the second (e.g. {sorted(a.keys() ^ b.keys())[0]})")
+    relabelled = sorted(k for k in a if a[k][0] != b[k][0])
+    if relabelled:
+        sys.exit(f"{len(relabelled)} crops carry different labels in the two runs, e.g. {relabelled[0]}: "
+                 f"{a[relabelled[0]][0]} vs {b[relabelled[0]][0]}")
     wrong_a = {k for k, (t, p) in a.items() if p != t}
     wrong_b = {k for k, (t, p) in b.items() if p != t}
     shared: dict[str, int] = {}
@@ -54,7 +65,8 @@ def main() -> None:
               "typed_differently": sum(a[k][1] != b[k][1] for k in a),
               "errors": {"run_a": len(wrong_a), "run_b": len(wrong_b), "both": len(wrong_a & wrong_b),
                          "only_a": len(wrong_a - wrong_b), "only_b": len(wrong_b - wrong_a)},
-              "errors_of_both_runs": dict(sorted(shared.items(), key=lambda kv: -kv[1]))}
+              "errors_of_both_runs": dict(sorted(shared.items(), key=lambda kv: (-kv[1], kv[0])))}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("typed_differently", "errors", "errors_of_both_runs")}, indent=1))
 
