@@ -1,0 +1,82 @@
+"""Pure-numpy parts of the cross-lab experiment scripts (no network, no dataset)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+
+def _script(name: str):
+    sys.path.insert(0, str(REPO / "scripts"))  # the scripts import their sibling cross_lab_protocol
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return module
+
+
+def test_information_maximisation_objective():
+    im = _script("colour_offset_calibration").im_objective
+    k = 5
+    confident_and_diverse = np.eye(k)[np.arange(20) % k]  # each crop sure, all classes used: the minimum
+    assert im(confident_and_diverse) == pytest.approx(-math.log(k))
+    collapsed = np.eye(k)[np.zeros(20, int)]  # each crop sure, all the same class: no reward
+    assert im(collapsed) == pytest.approx(0.0, abs=1e-9)
+    unsure = np.full((20, k), 1 / k)
+    assert im(unsure) == pytest.approx(0.0, abs=1e-9)
+    mixed = 0.5 * confident_and_diverse + 0.5 * unsure
+    assert -math.log(k) < im(mixed) < 0
+
+
+def _run(folder, rows):
+    (folder / "bccd_all_crops").mkdir(parents=True)
+    with (folder / "bccd_all_crops" / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "pred"])
+        w.writerows(rows)
+    score = {"n": len(rows), "accuracy": float(np.mean([t == p for _, t, p in rows])), "macro_f1": 0.5}
+    (folder / "summary.json").write_text(json.dumps({
+        "classifier": {"name": folder.name, "sha256": "0" * 64}, "bccd_all_crops": score,
+        "bccd_by_field_split": {"dev": score, "test": score}, "pbc_test": score}))
+    return folder
+
+
+def test_seed_spread_counts_shared_errors(tmp_path, monkeypatch):
+    script = _script("seed_spread")
+    crops = [f"/data/{c}/BloodImage_{i:05d}_1.jpg" for i, c in enumerate(["Eosinophil"] * 3 + ["Neutrophil"] * 3)]
+    truth = ["eosinophil"] * 3 + ["neutrophil"] * 3
+    a = _run(tmp_path / "a", list(zip(crops, truth, ["neutrophil", "neutrophil", "eosinophil",
+                                                     "neutrophil", "monocyte", "neutrophil"], strict=True)))
+    # b: the same crops read from elsewhere, so only class folder and file name match
+    b = _run(tmp_path / "b", list(zip([c.replace("/data/", "/other/place/") for c in crops], truth,
+                                      ["neutrophil", "eosinophil", "eosinophil", "neutrophil", "lymphocyte", "eosinophil"], strict=True)))
+    out = tmp_path / "reports" / "spread.json"
+    monkeypatch.setattr(sys, "argv", ["seed_spread.py", str(a), str(b), "--out", str(out)])
+    script.main()
+    got = json.loads(out.read_text())
+    assert got["bccd_crops"] == 6 and got["typed_differently"] == 3
+    assert got["errors"] == {"run_a": 3, "run_b": 3, "both": 2, "only_a": 1, "only_b": 1}
+    assert got["errors_of_both_runs"] == {"eosinophil called neutrophil": 1, "neutrophil, each run wrong differently": 1}
+    assert [r["classifier"] for r in got["runs"]] == ["a", "b"]
+    with pytest.raises(SystemExit, match="exists"):  # never silently replaced
+        script.main()
+
+    relabelled = _run(tmp_path / "c", list(zip(crops, ["neutrophil"] + truth[1:], truth, strict=True)))
+    monkeypatch.setattr(sys, "argv", ["seed_spread.py", str(a), str(relabelled), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="1 crops carry different labels"):
+        script.main()
+    fewer = _run(tmp_path / "d", list(zip(crops[:5], truth[:5], truth[:5], strict=True)))
+    monkeypatch.setattr(sys, "argv", ["seed_spread.py", str(a), str(fewer), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="1 only in the first"):
+        script.main()
+    assert not (tmp_path / "x.json").exists()
