@@ -80,3 +80,40 @@ def test_seed_spread_counts_shared_errors(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="1 only in the first"):
         script.main()
     assert not (tmp_path / "x.json").exists()
+
+
+def test_error_gallery_of_shared_errors(tmp_path, monkeypatch):
+    import cv2
+
+    script = _script("error_gallery")
+    paths = []
+    for i, cls in enumerate(["Eosinophil", "Eosinophil", "Neutrophil"]):
+        (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+        paths.append(tmp_path / "data" / cls / f"BloodImage_{i:05d}_1.jpg")
+        cv2.imwrite(str(paths[-1]), np.full((50, 60, 3), 40 * i, np.uint8))
+
+    def predictions(name, preds):
+        csv_path = tmp_path / f"{name}.csv"
+        with csv_path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "true", "pred", "p_eosinophil", "p_neutrophil", "p_monocyte"])
+            for p, true, pred in zip(paths, ["eosinophil", "eosinophil", "neutrophil"], preds, strict=True):
+                w.writerow([p, true, pred, 0.2, 0.7 if pred == "neutrophil" else 0.1, 0.7 if pred == "monocyte" else 0.1])
+        return csv_path
+
+    a = predictions("a", ["neutrophil", "neutrophil", "monocyte"])
+    b = predictions("b", ["neutrophil", "monocyte", "monocyte"])  # shares the first and the third mistake
+    out = tmp_path / "g" / "shared.png"
+    monkeypatch.setattr(sys, "argv", ["error_gallery.py", str(a), str(out), "--shared-with", str(b)])
+    script.main()
+    with out.with_suffix(".csv").open() as f:
+        shown = [(r["row"], r["true"], r["pred"], r["crop"]) for r in csv.DictReader(f)]
+    assert sorted(shown) == [("1", "eosinophil", "neutrophil", "Eosinophil/BloodImage_00000_1.jpg"),
+                             ("2", "neutrophil", "monocyte", "Neutrophil/BloodImage_00002_1.jpg")]
+    assert cv2.imread(str(out)).shape[0] == 2 * script.TILE  # one row per confusion
+    with pytest.raises(SystemExit, match="exists"):  # never silently replaced
+        script.main()
+    monkeypatch.setattr(sys, "argv", ["error_gallery.py", str(a), str(out), "--shared-with", str(a), "--overwrite"])
+    script.main()  # with itself: every mistake is shared
+    with out.with_suffix(".csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 3
