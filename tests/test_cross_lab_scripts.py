@@ -117,3 +117,22 @@ def test_error_gallery_of_shared_errors(tmp_path, monkeypatch):
     script.main()  # with itself: every mistake is shared
     with out.with_suffix(".csv").open() as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+def test_red_cell_shift_moves_only_the_colour():
+    import cv2
+
+    from smearpipe.preprocess import Preprocessing, reinhard_normalize
+
+    script = _script("red_cell_shift")
+    ref = Preprocessing(steps=("reinhard",)).resolved().reinhard_reference
+    rng = np.random.default_rng(0)
+    crop = cv2.GaussianBlur(rng.integers(60, 220, (64, 64, 3), dtype=np.uint8), (5, 5), 0)
+    assert np.array_equal(script.reinhard_shifted(crop, ref, np.zeros(2)), reinhard_normalize(crop, reference=ref))
+
+    def lab_mean(rgb):
+        return cv2.cvtColor(rgb.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(axis=0)
+
+    moved = lab_mean(script.reinhard_shifted(crop, ref, np.array([4.0, -6.0]))) - lab_mean(reinhard_normalize(crop, reference=ref))
+    np.testing.assert_allclose(moved, [0.0, 4.0, -6.0], atol=1.0)  # uint8 rounding and gamut clipping aside
+    assert script.red_cell_lab(np.full((80, 80, 3), 235, np.uint8)) is None  # glass only: no red cells, no shift
