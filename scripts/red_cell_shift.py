@@ -24,7 +24,7 @@ import numpy as np
 
 from smearpipe.classify import Classifier, resize_preprocessed
 from smearpipe.io import read_image
-from smearpipe.preprocess import _REINHARD_MIN_STD, Preprocessing, _lab_with_statistics
+from smearpipe.preprocess import _REINHARD_MIN_STD, Preprocessing, _lab_with_statistics, reinhard_normalize
 from smearpipe.train import CropSource, center_crop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,26 +47,20 @@ def red_cell_lab(raw: np.ndarray) -> np.ndarray | None:
     return np.median(lab[m], axis=0) if m.sum() >= MIN_PIXELS else None
 
 
-def normalised_red_cells(raw: np.ndarray, framed: np.ndarray, ref) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(red-cell a*, b* after the framed crop's own Reinhard transform, that transform's mean, its scale)."""
+def normalised_red_cells(raw: np.ndarray, framed: np.ndarray, ref) -> np.ndarray | None:
+    """Red-cell a*, b* after the framed crop's own Reinhard transform (plan, step 3), or None without red cells."""
     rbc = red_cell_lab(raw)
     if rbc is None:
         return None
     _, mean, std = _lab_with_statistics(framed, region=ref.region, min_stained_fraction=ref.min_stained_fraction)
     scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
-    return ((rbc - mean) * scale + np.asarray(ref.mean))[1:], mean, scale
+    return ((rbc - mean) * scale + np.asarray(ref.mean))[1:]
 
 
 def reinhard_shifted(framed: np.ndarray, ref, shift_ab: np.ndarray) -> np.ndarray:
-    """:func:`smearpipe.preprocess.reinhard_normalize` of ``framed`` with (0, a*, b*) added before going back to RGB."""
-    lab, mean, std = _lab_with_statistics(framed, region=ref.region, min_stained_fraction=ref.min_stained_fraction)
-    scale = np.asarray(ref.std) / np.maximum(std, _REINHARD_MIN_STD)
-    out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
-    out[..., 1:] += np.asarray(shift_ab, np.float32)
-    np.clip(out[..., 0], 0.0, 100.0, out=out[..., 0])
-    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
-    np.maximum(rgb, 0.0, out=rgb)
-    return cv2.convertScaleAbs(rgb, alpha=255.0)
+    """Reinhard normalisation of ``framed`` with (0, a*, b*) added: the same as a reference mean moved by it."""
+    moved = dataclasses.replace(ref, mean=(ref.mean[0], ref.mean[1] + float(shift_ab[0]), ref.mean[2] + float(shift_ab[1])))
+    return reinhard_normalize(framed, reference=moved)
 
 
 def main() -> None:
@@ -98,7 +92,7 @@ def main() -> None:
     train = CropSource(str(PBC), split="train", splits_csv=str(SPLITS), center_fraction=0.7).samples(clf.classes)[::10]
     raws, framed, _ = load(train, 0.7)
     found = [normalised_red_cells(r, f, ref) for r, f in zip(raws, framed, strict=True)]
-    target = np.median(np.array([x[0] for x in found if x is not None]), axis=0)
+    target = np.median(np.array([x for x in found if x is not None]), axis=0)
     reference = {"a_b": [round(float(v), 3) for v in target], "images": len(train),
                  "with_red_cells": sum(x is not None for x in found)}
     print("reference", reference, f"({time.time() - t0:.0f} s)", flush=True)
@@ -108,7 +102,7 @@ def main() -> None:
         for r, f in zip(raws, framed, strict=True):
             plain.append(reinhard_shifted(f, ref, np.zeros(2)))
             found = normalised_red_cells(r, f, ref)
-            shift = np.zeros(2) if found is None else np.clip(target - found[0], -MAX_SHIFT, MAX_SHIFT)
+            shift = np.zeros(2) if found is None else np.clip(target - found, -MAX_SHIFT, MAX_SHIFT)
             shifts.append(shift)
             shifted.append(reinhard_shifted(f, ref, shift))
         res = {}
