@@ -142,6 +142,36 @@ def test_lowres_augmentation_removes_fine_detail_only():
     assert abs(float(out.mean() - x.mean())) < 0.02  # the image itself is kept
 
 
+def test_random_convolution_changes_texture_and_colour_but_keeps_shapes_and_brightness():
+    import torch
+
+    from smearpipe.augment import random_convolution_batch
+
+    # a dark disc ("nucleus") on a light, noisy background, 8 crops
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 24) ** 2 + (xx - 24) ** 2 < 12**2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    base = 0.85 - 0.5 * disc[None, None] * np.array([0.6, 1.0, 0.3], np.float32)[None, :, None, None]
+    x = torch.from_numpy((base + rng.normal(0, 0.03, (8, 3, 48, 48))).clip(0, 1).astype(np.float32))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(random_convolution_batch(x, 0.0, generator=g), x)  # p = 0: untouched
+    out = random_convolution_batch(x, 1.0, (3,), generator=g)
+    assert out.shape == x.shape and out.dtype == x.dtype and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert float((out - x).abs().mean()) > 0.01  # the crops changed
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.03, rtol=0)  # brightness kept
+    mask = torch.from_numpy(disc > 0)
+    inside, outside = out[..., mask].mean(-1), out[..., ~mask].mean(-1)  # (8, 3) per channel
+    contrast = (inside - outside).abs().max(1).values
+    assert bool((contrast > 0.05).all())  # the disc is still there in every crop
+    half = random_convolution_batch(x, 0.5, generator=torch.Generator().manual_seed(2))
+    changed = (half - x).abs().flatten(1).max(1).values > 0
+    assert 0 < int(changed.sum()) < 8  # only a share of the crops is filtered
+    with pytest.raises(ValueError, match="randconv_p"):
+        random_convolution_batch(x, 1.5)
+    with pytest.raises(ValueError, match="randconv_kernels"):
+        random_convolution_batch(x, 0.5, (2,))
+
+
 def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     """The training-time (torch) normalisation gives what inference's uint8 one gives, shifted crops included."""
     import cv2

@@ -44,6 +44,8 @@ class AugmentConfig:
     noise_std_max: float = 0.03
     lowres_p: float = 0.0  # share of crops seen through a coarser camera: downsampled, then upsampled back
     lowres_max: float = 3.0  # largest downsampling factor (drawn from [1.5, lowres_max])
+    randconv_p: float = 0.0  # share of crops seen through a random convolution (texture/colour randomisation)
+    randconv_kernels: tuple[int, ...] = (1, 3, 5)  # its kernel sizes, one drawn per batch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,9 +164,44 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
             sub = F.conv2d(F.pad(sub, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
             x = x.clone()
             x[pick] = sub
+    if cfg.randconv_p:
+        x = random_convolution_batch(x, cfg.randconv_p, cfg.randconv_kernels, generator=generator)
     if cfg.noise_std_max:
         x = x + torch.randn(x.shape, generator=generator) * u(0, cfg.noise_std_max, b)[:, None, None, None]
     return x.clamp(0.0, 1.0)
+
+
+def random_convolution_batch(x: Any, p: float, kernels: tuple[int, ...] = (1, 3, 5), generator: Any = None) -> Any:
+    """Random-convolution augmentation (Xu et al. 2021, "RandConv") of a float batch (B, 3, H, W) in [0, 1].
+
+    A share ``p`` of the crops is filtered by one random 3 -> 3 convolution (kernel size drawn from
+    ``kernels``, weights ~ N(0, 1 / (3 k^2)), reflect padding), which scrambles local texture and colour but
+    keeps shapes. Each filtered crop is rescaled to its own per-channel mean and standard deviation, so
+    that it stays an image of the same brightness, then mixed with the original by a weight drawn from
+    U(0, 1) per crop (RandConv's "mix" variant), and clipped to [0, 1].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"randconv_p must be in [0, 1], got {p!r}")
+    if not kernels or any(int(k) != k or k < 1 or k % 2 == 0 for k in kernels):
+        raise ValueError(f"randconv_kernels must be odd positive integers, got {kernels!r}")
+    b = x.shape[0]
+    pick = torch.rand(b, generator=generator) < p
+    if not pick.any():
+        return x
+    k = int(kernels[int(torch.randint(len(kernels), (1,), generator=generator))])
+    weight = torch.randn(3, 3, k, k, generator=generator, dtype=x.dtype) / float(np.sqrt(3 * k * k))
+    sub = x[pick]
+    r = k // 2
+    out = F.conv2d(F.pad(sub, (r, r, r, r), mode="reflect") if r else sub, weight)
+    mean, std = sub.mean(dim=(2, 3), keepdim=True), sub.std(dim=(2, 3), keepdim=True)
+    out = (out - out.mean(dim=(2, 3), keepdim=True)) / out.std(dim=(2, 3), keepdim=True).clamp_min(1e-6) * std + mean
+    alpha = torch.rand(sub.shape[0], 1, 1, 1, generator=generator, dtype=x.dtype)
+    x = x.clone()
+    x[pick] = (alpha * sub + (1 - alpha) * out).clamp(0.0, 1.0)
+    return x
 
 
 # sRGB (D65) -> XYZ, as OpenCV's COLOR_RGB2LAB; white point (Xn, Yn, Zn) = (0.950456, 1, 1.088754)
