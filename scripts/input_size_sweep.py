@@ -7,7 +7,8 @@ Usage:
 For each model and input size (the record's ``input_size`` replaced, nothing else): accuracy and macro-F1 on
 PBC val (1,030 images, centre 70 % as in training) and on the 280 ``bccd_wbc_subtypes`` crops of BCCD
 train/val fields (the protocol's "dev" crops), with the recorded preprocessing and, with ``--with-sharpen``,
-also with ``"sharpen"`` added after it (as the protocol model is scored). Validation data only: no test
+also with ``"sharpen"`` added after it (as the protocol model is scored); confusion matrices (rows: true
+class, columns: predicted, in the record's class order). Validation data only: no test
 split is read. The "train-test resolution discrepancy" (Touvron et al. 2019) says a network trained with
 random-resized crops may do better at a somewhat larger test size; this measures it here.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from cross_lab_protocol import BCCD_CROPS, SHARED, field_split, score
+from sklearn.metrics import confusion_matrix
 
 from smearpipe.classify import Classifier
 from smearpipe.io import read_image
@@ -73,8 +75,9 @@ def main() -> None:
                 for key, (crops, y) in data.items():
                     pred = sized.predict_proba(crops).argmax(1)
                     s = score(y, pred, classes)
+                    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
                     row[key] = {"n": s["n"], "correct": int((pred == y).sum()), "accuracy": s["accuracy"],
-                                "macro_f1": s["macro_f1"]}
+                                "macro_f1": s["macro_f1"], "confusion_matrix": cm.tolist()}
                 results.append(row)
                 print(f"{clf.name} {'+'.join(steps) or 'none'} {size:3d} px: "
                       + "  ".join(f"{k} {v['correct']}/{v['n']} ({100 * v['accuracy']:.2f} %)" for k, v in row.items()

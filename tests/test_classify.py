@@ -170,6 +170,11 @@ def test_random_convolution_changes_texture_and_colour_but_keeps_shapes_and_brig
         random_convolution_batch(x, 1.5)
     with pytest.raises(ValueError, match="randconv_kernels"):
         random_convolution_batch(x, 0.5, (2,))
+    with pytest.raises(ValueError, match="randconv_p"):  # refused when configured, not at the first training batch
+        AugmentConfig(randconv_p=-0.1)
+    with pytest.raises(ValueError, match="randconv_kernels"):
+        AugmentConfig(randconv_p=0.5, randconv_kernels=(3.0,))
+    assert AugmentConfig(randconv_kernels=[3, 5]).randconv_kernels == (3, 5)  # as read back from a JSON record
 
 
 def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):

@@ -47,6 +47,10 @@ class AugmentConfig:
     randconv_p: float = 0.0  # share of crops seen through a random convolution (texture/colour randomisation)
     randconv_kernels: tuple[int, ...] = (1, 3, 5)  # its kernel sizes, one drawn per batch
 
+    def __post_init__(self) -> None:
+        _check_randconv(self.randconv_p, self.randconv_kernels)
+        object.__setattr__(self, "randconv_kernels", tuple(int(k) for k in self.randconv_kernels))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -117,7 +121,8 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     """Random colour/stain/resolution/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1].
 
     Low resolution (``cfg.lowres_p`` of the crops, one factor per batch drawn from
-    ``[1.5, max(1.5, cfg.lowres_max)]``): downsampled with antialiasing, then upsampled back.
+    ``[1.5, max(1.5, cfg.lowres_max)]``): downsampled with antialiasing, then upsampled back. Random
+    convolution (``cfg.randconv_p`` of the crops, :func:`random_convolution_batch`) comes last, before the noise.
     """
     import torch
     import torch.nn.functional as F
@@ -171,6 +176,14 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     return x.clamp(0.0, 1.0)
 
 
+def _check_randconv(p: float, kernels: Any) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"randconv_p must be a number in [0, 1], got {p!r}")
+    if (isinstance(kernels, (str, bytes)) or not hasattr(kernels, "__len__") or not len(kernels)
+            or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0 for k in kernels)):
+        raise ValueError(f"randconv_kernels must be odd positive integers, got {kernels!r}")
+
+
 def random_convolution_batch(x: Any, p: float, kernels: tuple[int, ...] = (1, 3, 5), generator: Any = None) -> Any:
     """Random-convolution augmentation (Xu et al. 2021, "RandConv") of a float batch (B, 3, H, W) in [0, 1].
 
@@ -179,14 +192,34 @@ def random_convolution_batch(x: Any, p: float, kernels: tuple[int, ...] = (1, 3,
     keeps shapes. Each filtered crop is rescaled to its own per-channel mean and standard deviation, so
     that it stays an image of the same brightness, then mixed with the original by a weight drawn from
     U(0, 1) per crop (RandConv's "mix" variant), and clipped to [0, 1].
+
+    Parameters
+    ----------
+    x : (B, 3, H, W) float tensor in [0, 1]
+    p : float in [0, 1]
+        Share of the crops filtered (each crop drawn independently).
+    kernels : tuple of odd int
+        Kernel sizes; one is drawn per call, with one random kernel for all crops filtered in that call.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    (B, 3, H, W) float tensor in [0, 1]; ``x`` itself when no crop is drawn.
+
+    Raises
+    ------
+    ValueError
+        ``p`` outside [0, 1], or a kernel size that is not an odd positive integer.
+
+    References
+    ----------
+    Xu, Liu, Yang, Niethammer & Raffel (2021), "Robust and Generalizable Visual Representation Learning via
+    Random Convolutions", ICLR.
     """
     import torch
     import torch.nn.functional as F
 
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"randconv_p must be in [0, 1], got {p!r}")
-    if not kernels or any(int(k) != k or k < 1 or k % 2 == 0 for k in kernels):
-        raise ValueError(f"randconv_kernels must be odd positive integers, got {kernels!r}")
+    _check_randconv(p, kernels)
     b = x.shape[0]
     pick = torch.rand(b, generator=generator) < p
     if not pick.any():
