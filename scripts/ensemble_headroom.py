@@ -18,11 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from input_size_sweep import PBC_CENTER, SHARED
+from input_size_sweep import pbc_val
 
 from smearpipe.classify import Classifier
-from smearpipe.io import read_image
-from smearpipe.train import CropSource, center_crop
 
 
 def main() -> None:
@@ -35,8 +33,6 @@ def main() -> None:
         raise SystemExit(f"{out} exists; pick another name")
     if not 2 <= len(args.models) <= 6:
         raise SystemExit("give 2 to 6 models")
-    pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="val",
-                     splits_csv=str(SHARED / "pbc" / "splits.csv"), center_fraction=PBC_CENTER)
     proba, models, classes, items = {}, [], None, None
     for model in args.models:
         clf = Classifier.load(model)
@@ -44,9 +40,8 @@ def main() -> None:
         if key in proba:
             raise SystemExit(f"{model}: given twice")
         if classes is None:
-            classes, items = clf.classes, pbc.samples(clf.classes)
-            crops = [center_crop(read_image(p), PBC_CENTER) for p, _ in items]
-            y = np.array([c for _, c in items])
+            classes = clf.classes
+            items, crops, y = pbc_val(classes)
         elif clf.classes != classes:
             raise SystemExit(f"{clf.name}: classes {clf.classes} differ from the first model's {classes}")
         proba[key] = clf.predict_proba(crops)
@@ -61,17 +56,18 @@ def main() -> None:
             pred = np.mean([proba[k] for k in combo], axis=0).argmax(1)
             combos.append({"members": list(combo), "correct": int((pred == y).sum()), "n": int(len(y)),
                            "accuracy": float((pred == y).mean())})
-    names = [str(Path(*Path(items[i][0]).parts[-2:])) for i in sorted(set.union(*wrong.values()))]
+
+    def names(indices: set[int]) -> list[str]:  # class folder/file name, independent of where PBC lives
+        return sorted(str(Path(*Path(items[i][0]).parts[-2:])) for i in indices)
+
     result = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "classes": list(classes), "models": models,
-              "ensembles": combos, "errors": {k: sorted(str(Path(*Path(items[i][0]).parts[-2:])) for i in v)
-                                              for k, v in wrong.items()},
-              "errors_of_any_model": len(names), "errors_of_every_model": sorted(
-                  str(Path(*Path(items[i][0]).parts[-2:])) for i in shared)}
+              "ensembles": combos, "errors": {k: names(v) for k, v in wrong.items()},
+              "errors_of_any_model": len(set.union(*wrong.values())), "errors_of_every_model": names(shared)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for c in combos:
         print(" + ".join(c["members"]), f"{c['correct']}/{c['n']}")
-    print(f"images any model gets wrong: {len(names)}; every model: {len(shared)}")
+    print(f"images any model gets wrong: {result['errors_of_any_model']}; every model: {len(shared)}")
 
 
 if __name__ == "__main__":

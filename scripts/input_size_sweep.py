@@ -31,13 +31,17 @@ from smearpipe.train import CropSource, center_crop
 PBC_CENTER = 0.7  # as scripts/train_default_classifier.py
 
 
-def validation_crops(classes: tuple[str, ...]) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
-    """``{"pbc_val": (crops, labels), "bccd_dev": (crops, labels)}``; labels index ``classes``."""
+def pbc_val(classes: tuple[str, ...]) -> tuple[list[tuple[Path, int]], list[np.ndarray], np.ndarray]:
+    """PBC val as in training: ``(items, crops, labels)``, items ``(path, class index)``, crops the central 70 %."""
     pbc = CropSource(str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), split="val",
                      splits_csv=str(SHARED / "pbc" / "splits.csv"), center_fraction=PBC_CENTER)
-    out = {}
     items = pbc.samples(classes)
-    out["pbc_val"] = ([center_crop(read_image(p), PBC_CENTER) for p, _ in items], np.array([c for _, c in items]))
+    return items, [center_crop(read_image(p), PBC_CENTER) for p, _ in items], np.array([c for _, c in items])
+
+
+def validation_crops(classes: tuple[str, ...]) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """``{"pbc_val": (crops, labels), "bccd_dev": (crops, labels)}``; labels index ``classes``."""
+    out = {"pbc_val": pbc_val(classes)[1:]}
     items = [(p, c) for p, c in CropSource(str(BCCD_CROPS)).samples(classes) if field_split(Path(p)) in ("train", "val")]
     out["bccd_dev"] = ([read_image(p) for p, _ in items], np.array([c for _, c in items]))
     return out
