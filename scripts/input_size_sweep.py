@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 from cross_lab_protocol import BCCD_CROPS, SHARED, field_split, score
 from sklearn.metrics import confusion_matrix
+from train_default_classifier import PBC_CENTER  # the centre of each PBC image that training uses
 
 from smearpipe.classify import Classifier
 from smearpipe.io import read_image
 from smearpipe.train import CropSource, center_crop
-
-PBC_CENTER = 0.7  # as scripts/train_default_classifier.py
 
 
 def pbc_val(classes: tuple[str, ...]) -> tuple[list[tuple[Path, int]], list[np.ndarray], np.ndarray]:
