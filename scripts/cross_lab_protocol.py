@@ -21,6 +21,9 @@ statistics (Li et al. 2016, "AdaBN"; :func:`smearpipe.classify.adapt_batchnorm`,
 ``smearpipe adapt-classifier``): the BN running means/variances are re-estimated on unlabelled BCCD
 crops. Reported twice: transductively on all crops, and adapted on the crops of BCCD train/val fields
 and scored on those of test fields (``dev_to_test``), the way a lab would calibrate on earlier slides.
+``--entropy`` measures :func:`smearpipe.classify.adapt_entropy` (TENT with the running statistics kept;
+its default settings) the same way, and also adapted on PBC val and scored there (``home``: does
+calibrating on the lab a model was trained in cost anything?).
 
 ``--inference-preprocess STEPS`` is a control: the model's recorded preprocessing is replaced at inference
 only (e.g. ``reinhard`` on a model trained without it), to separate a preprocessing step's effect from that
@@ -92,18 +95,22 @@ def field_split(path: Path) -> str:
     return _bccd_split_of().get(Path(path).stem.rsplit("_", 1)[0], "not_in_bccd")
 
 
-def adabn(clf: Classifier, source: CropSource) -> dict:
-    """Test-time batch-norm adaptation (:func:`smearpipe.classify.adapt_batchnorm`) on unlabelled BCCD crops.
+def adapted(clf: Classifier, source: CropSource, method: str) -> dict:
+    """Test-time adaptation on unlabelled BCCD crops: ``method`` "adabn" (:func:`smearpipe.classify.adapt_batchnorm`)
+    or "entropy" (:func:`smearpipe.classify.adapt_entropy`, its default settings).
 
-    ``all_crops``: statistics from all 351 crops, scored on the same crops (transductive).
-    ``dev_to_test``: statistics from the crops of BCCD train/val fields only, scored on the crops of
+    ``all_crops``: adapted on all 351 crops, scored on the same crops (transductive).
+    ``dev_to_test``: adapted on the crops of BCCD train/val fields only, scored on the crops of
     test fields, which the adaptation never saw: what a lab gets by calibrating on earlier slides.
+    ``dev_field_crops``: that adaptation scored on the crops it was adapted on. ``home`` ("entropy" only): adapted on PBC val (1,030 crops, central 70 %), scored there, with the score
+    without adaptation beside it.
     """
     import tempfile
 
-    from smearpipe.classify import adapt_batchnorm
+    from smearpipe.classify import adapt_batchnorm, adapt_entropy
     from smearpipe.io import read_image
 
+    adapt = {"adabn": adapt_batchnorm, "entropy": adapt_entropy}[method]
     items = source.samples(clf.classes)
     crops = [read_image(p) for p, _ in items]
     y = np.array([c for _, c in items])
@@ -115,11 +122,21 @@ def adabn(clf: Classifier, source: CropSource) -> dict:
         return score(y[keep], pred, clf.classes)
 
     with tempfile.TemporaryDirectory() as tmp:
-        every = adapt_batchnorm(clf, crops, out_dir=tmp, name="adabn-all")
-        on_dev = adapt_batchnorm(clf, [c for c, k in zip(crops, dev, strict=True) if k], out_dir=tmp, name="adabn-dev")
-        return {"all_crops": scores(every, np.ones(len(y), bool)),
-                "dev_to_test": {"adapted_on": int(dev.sum()), **scores(on_dev, test)},
-                "test_without_adaptation": scores(clf, test)}
+        every = adapt(clf, crops, out_dir=tmp, name=f"{method}-all")
+        on_dev = adapt(clf, [c for c, k in zip(crops, dev, strict=True) if k], out_dir=tmp, name=f"{method}-dev")
+        out = {"all_crops": scores(every, np.ones(len(y), bool)),
+               "dev_field_crops": {"adapted_on": int(dev.sum()), **scores(on_dev, dev)},
+               "dev_to_test": {"adapted_on": int(dev.sum()), **scores(on_dev, test)},
+               "test_without_adaptation": scores(clf, test)}
+        if method == "entropy":
+            from input_size_sweep import pbc_val
+
+            _, val_crops, val_y = pbc_val(clf.classes)
+            at_home = adapt(clf, val_crops, out_dir=tmp, name=f"{method}-pbc-val")
+            out["home"] = {"adapted_on": "pbc_val",
+                           **score(val_y, at_home.predict_proba(val_crops).argmax(1), clf.classes),
+                           "without_adaptation": score(val_y, clf.predict_proba(val_crops).argmax(1), clf.classes)}
+        return out
 
 
 def pbc_only_lineage(clf: Classifier) -> list[str]:
@@ -149,7 +166,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights", help="classifier .safetensors with its record beside it (or a registered name)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--adabn", action="store_true")
+    ap.add_argument("--adabn", action="store_true", help="also measure AdaBN calibration (adapt_batchnorm)")
+    ap.add_argument("--entropy", action="store_true", help="also measure entropy calibration (adapt_entropy)")
     ap.add_argument("--inference-preprocess", default=None, metavar="STEPS",
                     help="control experiment: replace the model's recorded preprocessing by these comma-separated steps "
                          "at inference only (e.g. 'reinhard' on a model trained without it)")
@@ -176,13 +194,15 @@ def main() -> None:
     summary["bccd_all_crops"] = summarize(evaluate_classifier(bccd, classifier=clf, out_dir=out / "bccd_all_crops", overwrite=True))
     summary["bccd_by_field_split"] = by_bccd_split(out / "bccd_all_crops" / "predictions.csv", clf.classes)
     summary["pbc_test"] = summarize(evaluate_classifier(pbc, classifier=clf, out_dir=out / "pbc_test", overwrite=True))
-    if args.adabn:
-        summary["bccd_adabn"] = adabn(clf, bccd)
+    for method in ("adabn", "entropy"):
+        if getattr(args, method):
+            summary[f"bccd_{method}"] = adapted(clf, bccd, method)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for k in ("bccd_all_crops", "pbc_test"):
         print(k, json.dumps({m: summary[k][m] for m in ("n", "accuracy", "macro_f1")}))
-    for k, m in summary.get("bccd_adabn", {}).items():
-        print(f"adabn {k}", json.dumps({x: m[x] for x in ("n", "accuracy", "macro_f1")}))
+    for method in ("adabn", "entropy"):
+        for k, m in summary.get(f"bccd_{method}", {}).items():
+            print(f"{method} {k}", json.dumps({x: m[x] for x in ("n", "accuracy", "macro_f1")}))
     for split, m in summary["bccd_by_field_split"].items():
         print(f"bccd crops of {split} fields", json.dumps({k: m[k] for k in ("n", "accuracy", "macro_f1")}))
 

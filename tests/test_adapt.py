@@ -1,4 +1,4 @@
-"""Calibrating the classifier to another lab on unlabelled crops (AdaBN)."""
+"""Calibrating the classifier to another lab on unlabelled crops (AdaBN, entropy minimisation)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from smearpipe.classify import MIN_ADAPT_CROPS, Classifier, adapt_batchnorm, prepare_crops
+from smearpipe.classify import MIN_ADAPT_CROPS, Classifier, adapt_batchnorm, adapt_entropy, prepare_crops
 from smearpipe.cli import main as cli_main
 from smearpipe.errors import DatasetError, InvalidImageError
 from smearpipe.io import read_image, write_image
@@ -84,6 +84,48 @@ def test_adapt_batchnorm_bad_input(tiny_run, lab_crops, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.json"]
 
 
+def mean_entropy(clf: Classifier, crops: list[np.ndarray]) -> float:
+    p = clf.predict_proba(crops)
+    return float(-(p * np.log(np.clip(p, 1e-12, None))).sum(1).mean())
+
+
+def test_adapt_entropy_moves_only_batchnorm_scale_and_shift_and_lowers_entropy(tiny_run, lab_crops, tmp_path):
+    import torch
+
+    source = Classifier.load(tiny_run.weights)
+    adapted = adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab", lr=1e-2, epochs=5, batch_size=8)
+    rec = json.loads((tmp_path / "lab.json").read_text())
+    assert rec["adapted"]["from"] == source.name and rec["adapted"]["from_sha256"] == source.record.sha256
+    assert (rec["adapted"]["n_crops"], rec["adapted"]["lr"], rec["adapted"]["epochs"]) == (len(lab_crops), 1e-2, 5)
+    assert "TENT" in rec["adapted"]["method"] and "metrics" not in rec
+    assert adapted.classes == source.classes and adapted.preprocessing == source.preprocessing
+    before, after = dict(source.model.named_parameters()), dict(adapted.model.named_parameters())
+    bn = {n for n, m in source.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    moved = {n for n in before if not torch.allclose(after[n].float(), before[n].float(), atol=2e-3, rtol=1e-2)}
+    assert moved and all(n.rsplit(".", 1)[0] in bn for n in moved)  # convolutions and head kept (fp16)
+    stats = [n for n, _ in source.model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    b0, b1 = dict(source.model.named_buffers()), dict(adapted.model.named_buffers())
+    for n in stats:  # the training lab's running statistics are kept
+        torch.testing.assert_close(b1[n].float(), b0[n].float(), atol=2e-3, rtol=1e-2)
+    assert mean_entropy(adapted, lab_crops) < 0.9 * mean_entropy(source, lab_crops)
+    again = adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab-again", lr=1e-2, epochs=5, batch_size=8)
+    assert again.record.sha256 == adapted.record.sha256  # the seed fixes the crop order: same weights
+    with pytest.raises(FileExistsError):
+        adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab")
+
+
+def test_adapt_entropy_bad_input(tiny_run, lab_crops, tmp_path):
+    for kwargs, match in (({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"lr": True}, "lr"), ({"epochs": 0}, "epochs"),
+                          ({"epochs": 1.5}, "epochs"), ({"seed": -1}, "seed"), ({"batch_size": 0}, "batch_size")):
+        with pytest.raises(ValueError, match=match):
+            adapt_entropy(tiny_run.weights, lab_crops, out_dir=tmp_path, name="x", **kwargs)
+    with pytest.raises(DatasetError, match="adapt_entropy needs at least"):
+        adapt_entropy(tiny_run.weights, lab_crops[:5], out_dir=tmp_path, name="x")
+    with pytest.raises(InvalidImageError, match="crop 33"):
+        adapt_entropy(tiny_run.weights, lab_crops[:33] + [np.zeros((4, 4), np.float32) + np.nan], out_dir=tmp_path, name="x")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_cli_adapt_classifier(tiny_run, lab_crops, tmp_path, capsys):
     folder = tmp_path / "crops" / "slide1"
     for i, c in enumerate(lab_crops):
@@ -92,6 +134,10 @@ def test_cli_adapt_classifier(tiny_run, lab_crops, tmp_path, capsys):
                      "--classifier", str(tiny_run.weights)])
     assert code == 0 and (tmp_path / "w" / "lab.safetensors").is_file()
     assert f"on {len(lab_crops)} WBC crops" in capsys.readouterr().out
+    code = cli_main(["adapt-classifier", str(tmp_path / "crops"), "--out", str(tmp_path / "w"), "--name", "lab-e",
+                     "--classifier", str(tiny_run.weights), "--method", "entropy"])
+    assert code == 0 and "adapted (entropy)" in capsys.readouterr().out
+    assert "TENT" in json.loads((tmp_path / "w" / "lab-e.json").read_text())["adapted"]["method"]
     (tmp_path / "crops" / ".hidden").mkdir()
     write_image(tmp_path / "crops" / ".hidden" / "x.png", lab_crops[0])  # e.g. .ipynb_checkpoints: skipped
     code = cli_main(["adapt-classifier", str(folder / "c0.png"), "--out", str(tmp_path / "w"), "--name", "lab2",

@@ -92,7 +92,7 @@ def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[P
 
 
 def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
-    from .classify import adapt_batchnorm
+    from .classify import adapt_batchnorm, adapt_entropy
     from .errors import DatasetError
     from .io import read_image
 
@@ -114,8 +114,9 @@ def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
         classifier = pipeline.classifier
     else:
         crops, classifier = [read_image(p) for p in paths], args.classifier
-    clf = adapt_batchnorm(classifier, crops, out_dir=args.out, name=args.name)
-    print(f"adapted {clf.record.metadata['adapted']['from']} on {len(crops)} WBC crops from {len(paths)} images -> "
+    adapt = {"batchnorm": adapt_batchnorm, "entropy": adapt_entropy}[args.method]
+    clf = adapt(classifier, crops, out_dir=args.out, name=args.name)
+    print(f"adapted ({args.method}) {clf.record.metadata['adapted']['from']} on {len(crops)} WBC crops from {len(paths)} images -> "
           f"{clf.record.path}")
     return 0
 
@@ -379,13 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_evaluate_classifier)
 
-    p = sub.add_parser("adapt-classifier", help="calibrate the classifier to your lab on unlabelled WBC crops (AdaBN)")
+    p = sub.add_parser("adapt-classifier", help="calibrate the classifier to your lab on unlabelled WBC crops")
     p.add_argument("paths", nargs="+", help="WBC crop images or folders of them (searched recursively)")
     p.add_argument("--fields", action="store_true", help="the images are smear fields: cut WBC crops with the detector")
     p.add_argument("--out", required=True, help="folder for NAME.safetensors and its record (never overwritten)")
     p.add_argument("--name", required=True, help="name of the adapted weights, e.g. classifier-mylab")
     p.add_argument("--classifier", default=None, help="weights to adapt: name or .safetensors path (default: shipped)")
     p.add_argument("--detector", default=None, help="with --fields: detector name or .pt path (default: shipped)")
+    p.add_argument("--method", choices=("batchnorm", "entropy"), default="batchnorm",
+                   help="batchnorm: re-estimate batch-norm statistics (AdaBN, adapt_batchnorm); entropy: move batch-norm "
+                        "scale and shift to make the answers confident (TENT, adapt_entropy)")
     p.set_defaults(func=_cmd_adapt_classifier)
     return parser
 
