@@ -279,17 +279,18 @@ class MagnifiedDetector(StubDetector):
     """A field whose red cells are ``cell_px`` wide: the same boxes at every input size (as a detector that finds
     them); remembers every input size it was asked for."""
 
-    def __init__(self, record, cell_px, n_rbc=6):
+    def __init__(self, record, cell_px, n_rbc=6, wbc=True):
         super().__init__([], record)
-        self.cell_px, self.n_rbc, self.sizes = cell_px, n_rbc, []
+        self.cell_px, self.n_rbc, self.wbc, self.sizes = cell_px, n_rbc, wbc, []
 
     def predict(self, image, *, conf=None, iou=None, imgsz=None):
         self.sizes.append(imgsz)
-        call = len(self.sizes) - 1  # cell_px and n_rbc: one value, or one per call
+        call = len(self.sizes) - 1  # cell_px, n_rbc and wbc: one value, or one per call
         s = float(self.cell_px if np.isscalar(self.cell_px) else self.cell_px[call])
         n = self.n_rbc if isinstance(self.n_rbc, int) else self.n_rbc[call]
+        wbc = self.wbc if isinstance(self.wbc, bool) else self.wbc[call]
         rbcs = [Detection((20.0 + 1.2 * s * k, 20.0, 20.0 + 1.2 * s * k + s, 20.0 + s), "RBC", 0.9) for k in range(n)]
-        return [*rbcs, Detection((10.0, 200.0, 110.0, 300.0), "WBC", 0.95)]
+        return [*rbcs, *([Detection((10.0, 200.0, 110.0, 300.0), "WBC", 0.95)] if wbc else [])]
 
 
 def _auto_record(pipe, **meta):
@@ -342,6 +343,19 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
     r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None, 1280] and r.scale_factor == 1.0 and r.detector_imgsz is None
     assert r.counts["RBC"] == 2  # the first detection's
+    # the ruler's view loses the WBC and no red-cell box confirms it (a high magnification: few, large cells, a
+    # WBC filling the field): taken for a wrong scale, the first detection stays
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=[2, 0], wbc=[True, False])
+    r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == 1.0 and r.detector_imgsz is None and r.counts["WBC"] == 1
+    # red-cell boxes of the right size confirm it: followed, even without a WBC there
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=[2, 6],
+                            wbc=[True, False])
+    r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5) and r.counts == {"WBC": 0, "RBC": 6, "Platelets": 0}
+    # nor does it matter when the first view had no WBC either
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=[2, 0], wbc=False)
+    assert analyze_smear(img, pipeline=Pipeline(det, pipe.classifier)).scale_factor == pytest.approx(2.5)
     blank = np.full((480, 640, 3), 230, np.uint8)  # nothing to measure at all: as it is, no error
     det.sizes.clear()
     assert analyze_smear(blank, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0 and det.sizes == [None]

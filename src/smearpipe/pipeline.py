@@ -228,14 +228,21 @@ def _implausible_view(factor: float, shape: tuple[int, ...], train_long_side: fl
     return None if RESCALE_RANGE[0] <= view <= RESCALE_RANGE[1] else view
 
 
+def _found_wbc(dets: list, meta: dict[str, float]) -> bool:
+    """Whether ``dets`` hold a WBC box at the record's counting threshold."""
+    return any(d.label == "WBC" and d.score >= meta["wbc_score"] for d in dets)
+
+
 def _auto_metadata(detector: Any) -> dict[str, float] | None:
-    """What ``rescale="auto"`` needs from the detector record (None: it cannot measure fields), and the score
-    a red-cell box needs to count, as when ``rbc_box_px`` was measured (the record's counting threshold)."""
+    """What ``rescale="auto"`` needs from the detector record (None: it cannot measure fields), and the scores
+    a red-cell box needs to count, as when ``rbc_box_px`` was measured, and a WBC box (the record's counting
+    thresholds)."""
     meta = detector.record.metadata
     if meta.get("rbc_box_px") is None or meta.get("train_long_side_px") is None:
         return None
     out = {k: float(meta[k]) for k in ("rbc_box_px", "train_long_side_px", "rbc_diameter_px") if meta.get(k) is not None}
     out["rbc_score"] = counting_threshold(meta, "RBC")
+    out["wbc_score"] = counting_threshold(meta, "WBC")
     return out
 
 
@@ -252,6 +259,11 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
     for k in range(_AUTO_PASSES):
         # measured at the record's threshold whatever the caller's det_conf: low-score fragments would read small
         diameter = rbc_box_diameter([d for d in dets if d.score >= meta["rbc_score"]], rgb.shape)
+        if diameter is None and imgsz is not None and _found_wbc(first, meta) and not _found_wbc(dets, meta):
+            # the image's ruler chose this view and no red-cell box confirms it, and it lost every WBC the first
+            # view found: taken for a wrong scale (a few large cells of a high magnification, a WBC filling the
+            # field, read as a red-cell size by granulometry); the first detection stays
+            return 1.0, None, first
         if diameter is not None:
             need = meta["rbc_box_px"] / diameter
         elif k == 0 and meta.get("rbc_diameter_px"):
