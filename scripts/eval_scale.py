@@ -118,12 +118,41 @@ def mosaic(stems: list[str], factor: float, *, canvas_scale: float = 1.0,
         canvas[y0:y0 + th, x0:x0 + tw] = field if same else cv2.resize(field, (tw, th), interpolation=cv2.INTER_AREA)
         sx, sy = tw / field.shape[1], th / field.shape[0]
         placements.append((x0, y0, sx, sy))
-        for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
-            label = normalize_detection_class(b.label)
-            if label is not None and b.xmax > b.xmin and b.ymax > b.ymin:  # BCCD has a few empty boxes
-                boxes.append(((b.xmin * sx + x0, b.ymin * sy + y0, b.xmax * sx + x0, b.ymax * sy + y0),
-                              DETECTION_CLASSES.index(label), edge_cut(b, field.shape)))
+        for b, cls in field_truth(stem):
+            boxes.append(((b.xmin * sx + x0, b.ymin * sy + y0, b.xmax * sx + x0, b.ymax * sy + y0), cls,
+                          edge_cut(b, field.shape)))
     return canvas, boxes, fields, placements
+
+
+def field_truth(stem: str) -> list[tuple]:
+    """A BCCD field's VOC boxes with their class index in ``DETECTION_CLASSES`` (empty boxes left out)."""
+    out = []
+    for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
+        label = normalize_detection_class(b.label)
+        if label is not None and b.xmax > b.xmin and b.ymax > b.ymin:  # BCCD has a few empty boxes
+            out.append((b, DETECTION_CLASSES.index(label)))
+    return out
+
+
+def write_report(metrics_path: Path, metrics: dict, table_path: Path, rows: list[dict]) -> None:
+    """The metrics as indented JSON and the per-image rows as CSV (their folder created)."""
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    with table_path.open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+
+
+def ap_by_class(stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]], targets: list[int]) -> tuple[dict, dict]:
+    """AP@0.5 and AP@0.5:0.95 per class name (ultralytics' ``ap_per_class``) from per-image ``(tp, conf, cls)``."""
+    from ultralytics.utils.metrics import ap_per_class
+
+    res = ap_per_class(np.concatenate([s[0] for s in stats]), np.concatenate([s[1] for s in stats]),
+                       np.concatenate([s[2] for s in stats]), np.array(targets))
+    ap50 = {DETECTION_CLASSES[int(c)]: float(a[0]) for c, a in zip(res[6], res[5], strict=True)}
+    ap = {DETECTION_CLASSES[int(c)]: float(a.mean()) for c, a in zip(res[6], res[5], strict=True)}
+    return ap50, ap
 
 
 def correct_matrix(preds: list, gts: list) -> np.ndarray:
@@ -153,8 +182,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.factor < args.tiles:
         ap.error(f"--factor must be >= {args.tiles} ({args.tiles}x{args.tiles} shrunk fields must fit on one field-sized canvas)")
-    from ultralytics.utils.metrics import ap_per_class
-
     det = Detector.load(args.detector)
     out = Path(args.out) / det.record.name
     suffix = f"_x{args.factor:g}" + ("" if args.tiles == 2 else "_single") + ("" if args.split == "test" else f"_{args.split}")
@@ -234,12 +261,7 @@ def main() -> None:
     has_native = native_rbc > 0
     has_mosaic = mosaic_rbc > 0
     for m in all_modes:
-        tp = np.concatenate([s[0] for s in stats[m]])
-        conf = np.concatenate([s[1] for s in stats[m]])
-        cls = np.concatenate([s[2] for s in stats[m]])
-        res = ap_per_class(tp, conf, cls, np.array(targets))
-        ap50 = {DETECTION_CLASSES[int(c)]: float(a[0]) for c, a in zip(res[6], res[5], strict=True)}
-        ap = {DETECTION_CLASSES[int(c)]: float(a.mean()) for c, a in zip(res[6], res[5], strict=True)}
+        ap50, ap = ap_by_class(stats[m], targets)
         pred_rbc = np.array([r[f"{m}_RBC"] for r in rows], float)
         report[m] = {
             "AP50": ap50, "AP50_95": ap, "mAP50": float(np.mean(list(ap50.values()))),
@@ -263,12 +285,7 @@ def main() -> None:
                                      "total_pct_error": float((native_rbc.sum() - gt_rbc.sum()) / gt_rbc.sum() * 100)},
         "WBC_count_exact": float(np.mean([r["native_pred_WBC"] == r["gt_WBC"] for r in rows])),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"metrics{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (out / f"per_mosaic{suffix}.csv").open("w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_report(out / f"metrics{suffix}.json", report, out / f"per_mosaic{suffix}.csv", rows)
     print(json.dumps({k: v for k, v in report.items() if k in (*all_modes, "native_scale_reference", "rbc_recall_at_counting_threshold", "scale_factor_estimated",
                                                                  "scale_factor_slide")}, indent=1))
 

@@ -4,8 +4,8 @@ Usage:
   python scripts/eval_scale_up.py [--zoom 2.0] [--split test] [--out reports/scale] [--overwrite]
 
 A higher magnification on the same camera shows fewer cells, each larger, in a field of the same pixel
-size. Here each of the 72 BCCD test fields is enlarged ``--zoom`` times (bicubic) and a 640x480 window is
-cut from it, centred on its first annotated WBC (clamped to the image), as a user centres the cell of
+size. Here each BCCD field of ``--split`` (72 test, 87 val) is enlarged ``--zoom`` times (bicubic) and a 640x480
+window is cut from it, centred on its first annotated WBC (clamped to the image), as a user centres the cell of
 interest: with ``--zoom 2`` the WBCs are ~200-300 px wide. The ground truth is the field's VOC boxes,
 enlarged, clipped to the window and kept where at least half of the box is inside (cells cut by the window's
 edge count when most of them shows). For each window the shipped pipeline runs (a) ``as_is``: the detector at
@@ -15,7 +15,7 @@ reference, (c) ``native``: the unenlarged field through the default pipeline, it
 window by the same rule. Reported: AP@0.5 and AP@0.5:0.95 per class (a and b; conf 0.001, ultralytics'
 ``ap_per_class``), WBC count exactness, red-cell count error (against the kept annotations and against
 ``native``), and the WBC type of the field end to end where ``labels.csv`` gives one type and the field has
-exactly one annotated WBC (``eval_end_to_end.py``'s rule). Writes ``metrics_zoom<zoom>.json`` and
+exactly one annotated WBC (``eval_end_to_end.py``'s rule; that WBC is inside its window). Writes ``metrics_zoom<zoom>.json`` and
 ``per_field_zoom<zoom>.csv`` under ``--out``/<detector name>/ (``_val`` with ``--split val``); an existing
 report is kept unless ``--overwrite``.
 """
@@ -23,16 +23,15 @@ report is kept unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
-from eval_scale import BCCD, correct_matrix
+from eval_scale import BCCD, ap_by_class, correct_matrix, field_truth, write_report
 
-from smearpipe.datasets import DETECTION_CLASSES, normalize_detection_class, read_bccd_subtype_labels, read_voc
+from smearpipe.datasets import DETECTION_CLASSES, read_bccd_subtype_labels
 from smearpipe.io import read_image
 from smearpipe.pipeline import PipelineConfig, analyze_smear, load_pipeline
 
@@ -40,6 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = REPO.parent / "shared" / "datasets" / "bccd_wbc_subtypes" / "labels.csv"
 WINDOW = (640, 480)  # w, h: BCCD's own field size
 MIN_VISIBLE = 0.5
+
+
+def pct_error(pred: float, ref: float) -> float | None:
+    """``(pred - ref) / ref`` in percent; None where nothing is to count (``ref`` 0)."""
+    return float((pred - ref) / ref * 100) if ref else None
 
 
 def in_window(box: tuple[float, ...], zoom: float, x0: float, y0: float) -> tuple[float, ...] | None:
@@ -59,11 +63,7 @@ def window_of(stem: str, zoom: float) -> tuple[np.ndarray, list[tuple[tuple[floa
     field = read_image(BCCD / "JPEGImages" / f"{stem}.jpg")
     h, w = field.shape[:2]
     big = cv2.resize(field, (round(w * zoom), round(h * zoom)), interpolation=cv2.INTER_CUBIC)
-    boxes = []
-    for b in read_voc(BCCD / "Annotations" / f"{stem}.xml")[1]:
-        label = normalize_detection_class(b.label)
-        if label is not None and b.xmax > b.xmin and b.ymax > b.ymin:  # BCCD has a few empty boxes
-            boxes.append(((b.xmin, b.ymin, b.xmax, b.ymax), DETECTION_CLASSES.index(label)))  # as eval_scale.py
+    boxes = [((b.xmin, b.ymin, b.xmax, b.ymax), c) for b, c in field_truth(stem)]
     wbcs = [b for b, c in boxes if DETECTION_CLASSES[c] == "WBC"]
     cx, cy = ((wbcs[0][0] + wbcs[0][2]) / 2 * zoom, (wbcs[0][1] + wbcs[0][3]) / 2 * zoom) if wbcs else (w * zoom / 2, h * zoom / 2)
     x0 = float(np.clip(round(cx - WINDOW[0] / 2), 0, big.shape[1] - WINDOW[0]))
@@ -82,8 +82,6 @@ def main() -> None:
     args = ap.parse_args()
     if not 1.0 < args.zoom <= 4.0:
         ap.error("--zoom must be in (1, 4]")
-    from ultralytics.utils.metrics import ap_per_class
-
     pipes = {"as_is": load_pipeline(config=PipelineConfig(rescale=False)), "auto": load_pipeline()}
     det = pipes["auto"].detector
     out = Path(args.out) / det.record.name
@@ -93,6 +91,8 @@ def main() -> None:
         ap.error(f"{', '.join(map(str, written))} exist: pass --overwrite to replace them")
     labels = read_bccd_subtype_labels(LABELS)
     stems = (BCCD / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
+    if not stems:
+        raise SystemExit(f"no fields in the BCCD {args.split} split")
     modes = ("as_is", "auto")
     stats: dict[str, list] = {m: [] for m in modes}
     targets: list[int] = []
@@ -103,7 +103,9 @@ def main() -> None:
         targets += [c for _, c in truth]
         n_true = {k: sum(DETECTION_CLASSES[c] == k for _, c in truth) for k in DETECTION_CLASSES}
         field_label = labels.get(stem)
-        typed_field = bool(field_label) and len(set(field_label)) == 1 and n_true["WBC"] == 1 == len(field_label)
+        field_wbcs = sum(DETECTION_CLASSES[c] == "WBC" for _, c in field_truth(stem))
+        typed_field = (bool(field_label) and len(set(field_label)) == 1 and field_wbcs == 1 == len(field_label)
+                       and n_true["WBC"] == 1)
         native = analyze_smear(read_image(BCCD / "JPEGImages" / f"{stem}.jpg"), pipeline=pipes["auto"])
         native_in = [c for c in native.detections if in_window(c.box, args.zoom, x0, y0) is not None]
         row = {"field": stem, "window_x0": x0, "window_y0": y0, "label": ",".join(field_label or []),
@@ -135,27 +137,17 @@ def main() -> None:
     for m in ("native", *modes):
         res = {}
         if m in stats:
-            tp = np.concatenate([s[0] for s in stats[m]])
-            conf = np.concatenate([s[1] for s in stats[m]])
-            cls = np.concatenate([s[2] for s in stats[m]])
-            ap_res = ap_per_class(tp, conf, cls, np.array(targets))
-            res["AP50"] = {DETECTION_CLASSES[int(c)]: float(a[0]) for c, a in zip(ap_res[6], ap_res[5], strict=True)}
-            res["AP50_95"] = {DETECTION_CLASSES[int(c)]: float(a.mean()) for c, a in zip(ap_res[6], ap_res[5], strict=True)}
+            res["AP50"], res["AP50_95"] = ap_by_class(stats[m], targets)
         pred_rbc = np.array([r[f"{m}_RBC"] for r in rows], float)
         typed = [r[f"{m}_type_correct"] for r in rows if r[f"{m}_type_correct"] is not None]
         res.update({
             "WBC_count_exact": float(np.mean([r[f"{m}_WBC"] == r["true_WBC"] for r in rows])),
-            "RBC_total_pct_error_vs_annotations": float((pred_rbc.sum() - true_rbc.sum()) / true_rbc.sum() * 100),
-            "RBC_total_pct_error_vs_native": float((pred_rbc.sum() - native_rbc.sum()) / native_rbc.sum() * 100),
+            "RBC_total_pct_error_vs_annotations": pct_error(pred_rbc.sum(), true_rbc.sum()),
+            "RBC_total_pct_error_vs_native": pct_error(pred_rbc.sum(), native_rbc.sum()),
             "wbc_type": {"correct": int(sum(typed)), "fields": len(typed)},
         })
         report[m] = res
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"metrics{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (out / f"per_field{suffix}.csv").open("w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_report(out / f"metrics{suffix}.json", report, out / f"per_field{suffix}.csv", rows)
     print(json.dumps(report, indent=1))
 
 

@@ -108,8 +108,11 @@ def test_adapt_entropy_moves_only_batchnorm_scale_and_shift_and_lowers_entropy(t
     for n in stats:  # the training lab's running statistics are kept
         torch.testing.assert_close(b1[n].float(), b0[n].float(), atol=2e-3, rtol=1e-2)
     assert mean_entropy(adapted, lab_crops) < 0.9 * mean_entropy(source, lab_crops)
+    assert (rec["adapted"]["batch_size"], rec["adapted"]["seed"]) == (8, 0)
     again = adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab-again", lr=1e-2, epochs=5, batch_size=8)
     assert again.record.sha256 == adapted.record.sha256  # the seed fixes the crop order: same weights
+    other = adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab-seed1", lr=1e-2, epochs=5, batch_size=8, seed=1)
+    assert other.record.sha256 != adapted.record.sha256  # another order, other steps
     with pytest.raises(FileExistsError):
         adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab")
 

@@ -353,6 +353,10 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
                             wbc=[True, False])
     r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5) and r.counts == {"WBC": 0, "RBC": 6, "Platelets": 0}
+    # the same when the box ruler chose the view (6 boxes at first), if the new view has none to confirm it
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 40, n_rbc=[6, 0], wbc=[True, False])
+    r = analyze_smear(img, pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == 1.0 and r.counts["RBC"] == 6 and r.counts["WBC"] == 1
     # nor does it matter when the first view had no WBC either
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=[2, 0], wbc=False)
     assert analyze_smear(img, pipeline=Pipeline(det, pipe.classifier)).scale_factor == pytest.approx(2.5)

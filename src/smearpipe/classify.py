@@ -585,18 +585,26 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
 
     Parameters
     ----------
-    classifier : Classifier, name or path, or None for the shipped default
+    classifier : Classifier, str or path, or None
+        The classifier to adapt: loaded, a registered name, a ``.safetensors`` file with its record, or
+        None for the shipped default.
     crops : list of (H, W, 3) uint8 ndarray
         Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS`.
-    out_dir, name :
-        Writes ``out_dir/name.safetensors`` and its record ``name.json`` (as :func:`adapt_batchnorm`; the
-        record also gives ``lr``, ``epochs``, ``batch_size`` and ``seed``).
+    out_dir : str or path
+        Folder for the adapted weights (created if missing).
+    name : str
+        Plain file name: writes ``out_dir/name.safetensors`` and its record ``name.json`` (as
+        :func:`adapt_batchnorm`; the record also gives ``lr``, ``epochs``, ``batch_size`` and ``seed``).
+        The weights are stored in float16, as the shipped ones; the small steps of the scale and shift are
+        rounded with them (the project's measurements are of the saved weights).
     lr : float
-        Adam learning rate of the batch-norm scale and shift.
+        Adam learning rate of the batch-norm scale and shift, in (0, 1).
     epochs : int
-        Passes over the crops, in a random order drawn from ``seed``; each batch is one step.
+        Passes over the crops; each batch is one step.
     batch_size : int
         Crops per step.
+    seed : int
+        Seeds the random order of the crops in each pass: the same inputs give the same weights.
 
     Returns
     -------
@@ -610,6 +618,8 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
 
     Examples
     --------
+    >>> from pathlib import Path
+    >>> from smearpipe.io import read_image
     >>> crops = [read_image(p) for p in Path("mylab_crops").glob("*.png")]    # doctest: +SKIP
     >>> clf = adapt_entropy(None, crops, out_dir="weights_mylab", name="classifier-mylab-tent")  # doctest: +SKIP
 

@@ -83,7 +83,9 @@ class PipelineConfig:
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is, and so is
           one whose measurement would move the detector's view outside :data:`RESCALE_RANGE` (0.2-5x; a warning
-          says so).
+          says so). A rescaled view with too few red-cell boxes to confirm it that has lost every WBC the first
+          detection found (at the record's WBC threshold) is taken for a wrong scale: the first detection stays
+          (at a higher magnification, granulometry may read a WBC filling the field as the red-cell size).
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
           seen as they are (``load_pipeline`` warns).
         - ``True``: the red-cell diameter comes from ``rbc_diameter_px`` / ``pixel_size_um`` or else from
@@ -260,9 +262,9 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
         # measured at the record's threshold whatever the caller's det_conf: low-score fragments would read small
         diameter = rbc_box_diameter([d for d in dets if d.score >= meta["rbc_score"]], rgb.shape)
         if diameter is None and imgsz is not None and _found_wbc(first, meta) and not _found_wbc(dets, meta):
-            # the image's ruler chose this view and no red-cell box confirms it, and it lost every WBC the first
-            # view found: taken for a wrong scale (a few large cells of a high magnification, a WBC filling the
-            # field, read as a red-cell size by granulometry); the first detection stays
+            # a rescaled view that no red-cell box confirms and that lost every WBC the first view found is taken
+            # for a wrong scale; the first detection stays. Mostly the image ruler's view at a high magnification:
+            # a WBC filling the field and a few cut red cells, the WBC read as the red-cell size by granulometry
             return 1.0, None, first
         if diameter is not None:
             need = meta["rbc_box_px"] / diameter
