@@ -136,3 +136,19 @@ def test_red_cell_shift_moves_only_the_colour():
     moved = lab_mean(script.reinhard_shifted(crop, ref, np.array([4.0, -6.0]))) - lab_mean(reinhard_normalize(crop, reference=ref))
     np.testing.assert_allclose(moved, [0.0, 4.0, -6.0], atol=1.0)  # uint8 rounding and gamut clipping aside
     assert script.red_cell_lab(np.full((80, 80, 3), 235, np.uint8)) is None  # glass only: no red cells, no shift
+
+
+def test_scale_up_window_keeps_boxes_mostly_inside():
+    mod = _script("eval_scale_up")
+    w, h = mod.WINDOW
+    # enlarged 2x and shifted by (100, 50): a box well inside is scaled and shifted
+    assert mod.in_window((100, 50, 150, 100), 2.0, 100, 50) == pytest.approx((100, 50, 200, 150))
+    # cut by the window's left edge: 80 % inside -> clipped and kept; 40 % inside -> dropped
+    assert mod.in_window((40, 100, 90, 150), 2.0, 100, 50) == pytest.approx((0, 150, 80, 250))
+    assert mod.in_window((40, 100, 90, 150), 2.0, 140, 50) is None
+    # exactly half inside is kept (the rule is "at least half"), beyond the far corner nothing is
+    assert mod.in_window((150, 0, 170, 10), 2.0, 320, 0) == pytest.approx((0, 0, 20, 20))
+    assert mod.in_window((w, h, w + 10, h + 10), 1.5, 0, 0) is None
+    assert mod.in_window((10, 10, 10, 20), 2.0, 0, 0) is None  # no area
+    assert mod.pct_error(90, 100) == pytest.approx(-10.0)
+    assert mod.pct_error(3, 0) is None  # nothing to count: no percentage, not inf in the JSON
