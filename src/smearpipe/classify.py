@@ -634,9 +634,10 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
 
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < 1:
         raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
-    for key, value in (("epochs", epochs), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (1 if key == "epochs" else 0):
-            raise ValueError(f"{key} must be an integer >= {1 if key == 'epochs' else 0}, got {value!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     clf, x_all = _adaptation_inputs(classifier, crops, out_dir=out_dir, name=name, batch_size=batch_size,
                                     caller="adapt_entropy")
     model = copy.deepcopy(clf.model).float().to(memory_format=torch.contiguous_format).eval()
@@ -656,8 +657,6 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
                 optimizer.zero_grad()
                 entropy.backward()
                 optimizer.step()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return _save_adapted(model, clf, out_dir, name, n_crops=len(crops),
                          method="TENT with running statistics kept: batch-norm scale and shift moved by Adam to lower "
                                 "the entropy of the predictions on unlabelled crops",
