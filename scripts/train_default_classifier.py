@@ -120,6 +120,9 @@ def main() -> None:
                     help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
     ap.add_argument("--randconv", type=float, default=0.0,
                     help="share of training crops seen through a random convolution (AugmentConfig.randconv_p)")
+    ap.add_argument("--mixstyle", type=float, default=0.0,
+                    help="chance per batch that each of the first three VGG stages mixes feature statistics between "
+                         "crops (MixStyle, AugmentConfig.mixstyle_p)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of initialisation, sampling and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
@@ -142,7 +145,7 @@ def main() -> None:
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
-                                                          randconv_p=args.randconv),
+                                                          randconv_p=args.randconv, mixstyle_p=args.mixstyle),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,

@@ -177,6 +177,51 @@ def test_random_convolution_changes_texture_and_colour_but_keeps_shapes_and_brig
     assert AugmentConfig(randconv_kernels=[3, 5]).randconv_kernels == (3, 5)  # as read back from a JSON record
 
 
+def test_mix_style_swaps_feature_statistics_keeps_content_and_acts_only_in_training():
+    import torch
+
+    from smearpipe.augment import add_mix_style, mix_style
+    from smearpipe.classify import build_vgg16
+
+    torch.manual_seed(0)
+    # 6 crops whose feature maps share content but differ in per-channel "style" (mean and spread)
+    content = torch.randn(1, 4, 8, 8).expand(6, -1, -1, -1)
+    x = content * (torch.rand(6, 4, 1, 1) * 2 + 0.5) + (torch.rand(6, 4, 1, 1) * 4 - 2)
+    out = mix_style(x, alpha=0.1)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    norm = lambda t: (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)  # noqa: E731
+    torch.testing.assert_close(norm(out), norm(x), atol=1e-3, rtol=0)  # content kept
+    x_mu, out_mu = x.mean((2, 3), keepdim=True), out.mean((2, 3), keepdim=True)
+    assert float((out_mu - x_mu).abs().max()) > 0.1  # statistics moved
+    lo, hi = x_mu.amin(0, keepdim=True), x_mu.amax(0, keepdim=True)
+    assert bool(((out_mu >= lo - 1e-4) & (out_mu <= hi + 1e-4)).all())  # mixed within the batch's own statistics
+    assert torch.equal(mix_style(x[:1]), x[:1])  # a lone crop has nobody to mix with
+    assert mix_style(x.bfloat16()).dtype == torch.bfloat16
+
+    model = build_vgg16(5)
+    handles = add_mix_style(model.features, p=1.0)
+    assert len(handles) == 3
+    crops = torch.rand(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain = model(crops)
+        torch.testing.assert_close(model(crops), plain)  # eval mode: the plain network
+        model.train()
+        torch.manual_seed(1)
+        mixed = model.features(crops)
+        for h in handles:
+            h.remove()
+        torch.manual_seed(1)
+        unhooked = model.features(crops)  # same dropout-free path, hooks taken off
+    assert float((mixed - unhooked).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="mixstyle_p"):
+        add_mix_style(model.features, p=1.5)
+    with pytest.raises(ValueError, match="mixstyle_alpha"):
+        AugmentConfig(mixstyle_p=0.5, mixstyle_alpha=0)
+    with pytest.raises(ValueError, match="blocks"):
+        add_mix_style(model.features, p=0.5, blocks=9)
+
+
 def test_reinhard_batch_is_reinhard_normalize_on_a_batch(pbc_crops):
     """The training-time (torch) normalisation gives what inference's uint8 one gives, shifted crops included."""
     import cv2
@@ -250,6 +295,20 @@ def test_normalize_after_augment_then_sharpen(tiny_crops, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="normalize_after_augment"):  # cached crops are larger than the input
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                          preprocessing=prep)
+
+
+def test_train_with_mix_style(tiny_crops, tmp_path, monkeypatch):
+    """AugmentConfig(mixstyle_p=1): three stages mix styles on every training batch, never in validation."""
+    import smearpipe.augment as augment
+
+    shapes = []
+    real = augment.mix_style
+    monkeypatch.setattr(augment, "mix_style", lambda x, *a, **k: shapes.append(tuple(x.shape)) or real(x, *a, **k))
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, augment=AugmentConfig(mixstyle_p=1.0))
+    assert shapes == [(5, 64, 16, 16), (5, 128, 8, 8), (5, 256, 4, 4)] * 3  # 3 batches x 3 stages; no eval call
+    assert json.loads(run.record.read_text())["training"]["augment"]["mixstyle_p"] == 1.0
+    assert Classifier.load(run.weights).predict_proba([np.zeros((40, 40, 3), np.uint8)]).shape == (1, 5)
 
 
 def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):

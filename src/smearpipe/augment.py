@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch",
-           "match_sharpness_batch"]
+           "match_sharpness_batch", "mix_style", "add_mix_style"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -46,9 +46,12 @@ class AugmentConfig:
     lowres_max: float = 3.0  # largest downsampling factor (drawn from [1.5, lowres_max])
     randconv_p: float = 0.0  # share of crops seen through a random convolution (texture/colour randomisation)
     randconv_kernels: tuple[int, ...] = (1, 3, 5)  # its kernel sizes, one drawn per batch
+    mixstyle_p: float = 0.0  # chance per batch and block that feature statistics are mixed between crops (MixStyle)
+    mixstyle_alpha: float = 0.1  # Beta(alpha, alpha) mixing weights
 
     def __post_init__(self) -> None:
         _check_randconv(self.randconv_p, self.randconv_kernels)
+        _check_mix_style(self.mixstyle_p, self.mixstyle_alpha)
         object.__setattr__(self, "randconv_kernels", tuple(int(k) for k in self.randconv_kernels))
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,6 +238,69 @@ def random_convolution_batch(x: Any, p: float, kernels: tuple[int, ...] = (1, 3,
     x = x.clone()
     x[pick] = (alpha * sub + (1 - alpha) * out).clamp(0.0, 1.0)
     return x
+
+
+def _check_mix_style(p: float, alpha: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"mixstyle_p must be a number in [0, 1], got {p!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not np.isfinite(alpha):
+        raise ValueError(f"mixstyle_alpha must be a positive finite number, got {alpha!r}")
+
+
+def mix_style(x: Any, alpha: float = 0.1, eps: float = 1e-6) -> Any:
+    """MixStyle (Zhou et al. 2021) on a feature batch (B, C, H, W): mix each map's style with another crop's.
+
+    Each crop's feature maps are normalised by their own per-channel mean and standard deviation
+    (over H, W; not back-propagated through) and given statistics mixed with those of another crop
+    of the batch (a random permutation), by a weight drawn from Beta(alpha, alpha) per crop. Content
+    (the normalised maps) is kept; "style" (feature statistics, which follow stain and camera) is
+    randomised between the crops of one batch. Computed in float32, returned in ``x``'s dtype.
+
+    Draws from torch's global random generator (seeded by :func:`~smearpipe.train.train_classifier`).
+    Returns ``x`` unchanged for a batch of one crop.
+
+    References
+    ----------
+    Zhou, Yang, Qiao & Xiang (2021), "Domain Generalization with MixStyle", ICLR.
+    """
+    import torch
+
+    b = x.shape[0]
+    if b < 2:
+        return x
+    f = x.float()
+    mu = f.mean(dim=(2, 3), keepdim=True).detach()
+    sig = (f.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((b, 1, 1, 1)).to(f.device)
+    perm = torch.randperm(b, device=f.device)
+    mu_mix = lam * mu + (1 - lam) * mu[perm]
+    sig_mix = lam * sig + (1 - lam) * sig[perm]
+    return ((f - mu) / sig * sig_mix + mu_mix).to(x.dtype)
+
+
+def add_mix_style(features: Any, p: float, alpha: float = 0.1, blocks: int = 3) -> list[Any]:
+    """Apply :func:`mix_style` after the first ``blocks`` pooling layers of a VGG ``features`` module.
+
+    Forward hooks, active only in training mode: each hooked layer mixes the styles of a batch with
+    chance ``p`` per forward pass (the paper's p = 0.5 after the first three stages). In eval mode
+    the network is unchanged, so inference and the saved weights do not depend on it.
+
+    Returns the hook handles (``handle.remove()`` takes a hook off). ValueError for ``p`` outside
+    [0, 1], a non-positive ``alpha``, or fewer than ``blocks`` pooling layers.
+    """
+    import torch
+
+    _check_mix_style(p, alpha)
+    pools = [m for m in features.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= len(pools):
+        raise ValueError(f"blocks must be an integer in [1, {len(pools)}] (pooling layers found), got {blocks!r}")
+
+    def hook(module: Any, inputs: Any, output: Any) -> Any:
+        if module.training and float(torch.rand(())) < p:
+            return mix_style(output, alpha)
+        return None
+
+    return [m.register_forward_hook(hook) for m in pools[:blocks]]
 
 
 # sRGB (D65) -> XYZ, as OpenCV's COLOR_RGB2LAB; white point (Xn, Yn, Zn) = (0.950456, 1, 1.088754)

@@ -763,7 +763,14 @@ def train_classifier(
     from torch.utils.data import DataLoader, WeightedRandomSampler
     from tqdm.auto import tqdm
 
-    from .augment import AugmentConfig, color_augment_batch, geometric_transform, match_sharpness_batch, reinhard_batch
+    from .augment import (
+        AugmentConfig,
+        add_mix_style,
+        color_augment_batch,
+        geometric_transform,
+        match_sharpness_batch,
+        reinhard_batch,
+    )
     from .classify import IMAGENET_MEAN, IMAGENET_STD, build_vgg16, save_classifier
     from .datasets import WBC_CLASSES
 
@@ -894,6 +901,8 @@ def train_classifier(
     start_sha256 = (sha256_file(pretrained) if pretrained is not None and str(pretrained) != "imagenet"
                     and Path(pretrained).is_file() else None)
     model = model.to(dev, memory_format=torch.channels_last)
+    if aug and aug.mixstyle_p:  # training-mode hooks: validation and the saved network are plain VGG
+        add_mix_style(model.features, aug.mixstyle_p, aug.mixstyle_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
