@@ -248,16 +248,27 @@ def _check_mix_style(p: float, alpha: float) -> None:
 
 
 def mix_style(x: Any, alpha: float = 0.1, eps: float = 1e-6) -> Any:
-    """MixStyle (Zhou et al. 2021) on a feature batch (B, C, H, W): mix each map's style with another crop's.
+    """MixStyle (Zhou et al. 2021) on a feature batch: mix each crop's feature statistics with another crop's.
 
     Each crop's feature maps are normalised by their own per-channel mean and standard deviation
     (over H, W; not back-propagated through) and given statistics mixed with those of another crop
     of the batch (a random permutation), by a weight drawn from Beta(alpha, alpha) per crop. Content
     (the normalised maps) is kept; "style" (feature statistics, which follow stain and camera) is
-    randomised between the crops of one batch. Computed in float32, returned in ``x``'s dtype.
+    randomised between the crops of one batch. Draws from torch's global random generator (seeded by
+    :func:`~smearpipe.train.train_classifier`).
 
-    Draws from torch's global random generator (seeded by :func:`~smearpipe.train.train_classifier`).
-    Returns ``x`` unchanged for a batch of one crop.
+    Parameters
+    ----------
+    x : (B, C, H, W) float tensor
+        Feature maps (float32 or bfloat16 under autocast).
+    alpha : float
+        Beta(alpha, alpha) mixing weights; 0.1, the paper's, mostly keeps one crop's style or the other's.
+    eps : float
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    (B, C, H, W) tensor of ``x``'s dtype, computed in float32; ``x`` itself for a batch of one crop.
 
     References
     ----------
@@ -283,10 +294,37 @@ def add_mix_style(features: Any, p: float, alpha: float = 0.1, blocks: int = 3) 
 
     Forward hooks, active only in training mode: each hooked layer mixes the styles of a batch with
     chance ``p`` per forward pass (the paper's p = 0.5 after the first three stages). In eval mode
-    the network is unchanged, so inference and the saved weights do not depend on it.
+    the network is unchanged, so validation, inference and the saved weights do not depend on it.
 
-    Returns the hook handles (``handle.remove()`` takes a hook off). ValueError for ``p`` outside
-    [0, 1], a non-positive ``alpha``, or fewer than ``blocks`` pooling layers.
+    Parameters
+    ----------
+    features : torch.nn.Module
+        The network's convolutional part (``model.features`` of :func:`~smearpipe.classify.build_vgg16`).
+    p : float in [0, 1]
+        Chance per training forward pass and hooked layer.
+    alpha : float > 0
+        Beta(alpha, alpha) mixing weights (:func:`mix_style`).
+    blocks : int
+        How many stages, from the input on, are followed by a mix.
+
+    Returns
+    -------
+    list of torch.utils.hooks.RemovableHandle
+        ``handle.remove()`` takes a hook off.
+
+    Raises
+    ------
+    ValueError
+        ``p`` outside [0, 1], ``alpha`` not a positive finite number, or ``blocks`` not in
+        [1, number of pooling layers].
+
+    Example
+    -------
+    >>> from smearpipe.classify import build_vgg16
+    >>> model = build_vgg16(5)
+    >>> handles = add_mix_style(model.features, p=0.5)
+    >>> len(handles)
+    3
     """
     import torch
 
