@@ -318,8 +318,8 @@ def add_mix_style(features: Any, p: float, alpha: float = 0.1, blocks: int = 3) 
         ``p`` outside [0, 1], ``alpha`` not a positive finite number, or ``blocks`` not in
         [1, number of pooling layers].
 
-    Example
-    -------
+    Examples
+    --------
     >>> from smearpipe.classify import build_vgg16
     >>> model = build_vgg16(5)
     >>> handles = add_mix_style(model.features, p=0.5)

@@ -684,6 +684,8 @@ def train_classifier(
         (``Preprocessing(steps=("reinhard", "sharpen"))`` with ``normalize_after_augment=True``).
     augment : AugmentConfig, optional
         Augmentation strengths (default :class:`~smearpipe.augment.AugmentConfig`); ``False`` disables.
+        Its ``mixstyle_p`` acts inside the network, during training steps only
+        (:func:`~smearpipe.augment.add_mix_style`; not with ``freeze_features``, whose features run in eval mode).
     rebalance : {"sampler", "loss", "none"}
         Class rebalancing: a weighted sampler drawing classes equally often (times each source's
         ``weight``), inverse-frequency class weights in the loss, or nothing.
