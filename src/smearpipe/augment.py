@@ -179,9 +179,13 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     return x.clamp(0.0, 1.0)
 
 
-def _check_randconv(p: float, kernels: Any) -> None:
+def _check_probability(name: str, p: Any) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"randconv_p must be a number in [0, 1], got {p!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
+
+
+def _check_randconv(p: float, kernels: Any) -> None:
+    _check_probability("randconv_p", p)
     if (isinstance(kernels, (str, bytes)) or not hasattr(kernels, "__len__") or not len(kernels)
             or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0 for k in kernels)):
         raise ValueError(f"randconv_kernels must be odd positive integers, got {kernels!r}")
@@ -241,8 +245,7 @@ def random_convolution_batch(x: Any, p: float, kernels: tuple[int, ...] = (1, 3,
 
 
 def _check_mix_style(p: float, alpha: float) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"mixstyle_p must be a number in [0, 1], got {p!r}")
+    _check_probability("mixstyle_p", p)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"mixstyle_alpha must be a positive finite number, got {alpha!r}")
 
