@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--mixstyle", type=float, default=0.0,
                     help="chance per batch that each of the first three VGG stages mixes feature statistics between "
                          "crops (MixStyle, AugmentConfig.mixstyle_p)")
+    ap.add_argument("--consistency", type=float, default=0.0,
+                    help="weight of the Jensen-Shannon consistency between two colour augmentations of each crop "
+                         "(train_classifier(consistency=...); 0: off; twice the compute per step)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of initialisation, sampling and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
@@ -147,7 +150,7 @@ def main() -> None:
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
                                                           randconv_p=args.randconv, mixstyle_p=args.mixstyle),
                               normalize_after_augment=args.normalize_after_augment,
-                              ema=args.ema,
+                              ema=args.ema, consistency=args.consistency,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
                               num_workers=args.workers, device=args.device, resume=args.resume, seed=args.seed,
                               **preprocessing(args))

@@ -311,6 +311,48 @@ def test_train_with_mix_style(tiny_crops, tmp_path, monkeypatch):
     assert Classifier.load(run.weights).predict_proba([np.zeros((40, 40, 3), np.uint8)]).shape == (1, 5)
 
 
+def test_js_divergence_zero_for_equal_symmetric_and_bounded():
+    import torch
+
+    from smearpipe.train import js_divergence
+
+    a = torch.tensor([[4.0, 0.0, -1.0], [0.0, 2.0, 1.0]])
+    b = torch.tensor([[0.0, 4.0, -1.0], [1.0, 0.0, 3.0]])
+    assert float(js_divergence(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(js_divergence(a, b)) == pytest.approx(float(js_divergence(b, a)))
+    p, q = torch.softmax(a, 1), torch.softmax(b, 1)
+    m = (p + q) / 2
+    expected = float(((p * (p / m).log()).sum(1) + (q * (q / m).log()).sum(1)).mean() / 2)  # by hand, per row then mean
+    assert float(js_divergence(a, b)) == pytest.approx(expected, rel=1e-5)
+    far = torch.tensor([[40.0, 0.0], [0.0, 40.0]])
+    assert float(js_divergence(far, far.flip(1))) == pytest.approx(np.log(2), rel=1e-4)  # disjoint: ln 2
+
+
+def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
+    """consistency > 0: each batch is colour-augmented twice, both views normalised, and their answers compared."""
+    import smearpipe.augment as augment
+    import smearpipe.train as train
+
+    calls, pairs = [], []
+    real_colour, real_norm, real_js = augment.color_augment_batch, augment.reinhard_batch, train.js_divergence
+    monkeypatch.setattr(augment, "color_augment_batch", lambda x, *a, **k: calls.append(("colour", len(x))) or real_colour(x, *a, **k))
+    monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: calls.append(("normalise", len(x))) or real_norm(x, *a, **k))
+    monkeypatch.setattr(train, "js_divergence", lambda p, q: pairs.append((tuple(p.shape), tuple(q.shape))) or real_js(p, q))
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, normalize_after_augment=True, consistency=12)
+    assert calls == [("colour", 5), ("normalise", 5)] * 6  # 3 batches x 2 independent colour views
+    assert pairs == [((5, 5), (5, 5))] * 3  # the two views' logits, once per batch; not in validation
+    assert json.loads(run.record.read_text())["training"]["consistency"] == 12.0
+    assert json.loads((run.run_dir / "run_config.json").read_text())["consistency"] == 12.0
+    for bad in (-1.0, float("nan"), True, "12"):
+        with pytest.raises(ValueError, match="consistency"):
+            train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                             num_workers=0, consistency=bad)
+    with pytest.raises(ValueError, match="needs augmentation"):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         num_workers=0, consistency=1.0, augment=False)
+
+
 def test_normalize_after_augment(tiny_crops, tmp_path, monkeypatch):
     """Training crops are cached un-normalised; each batch is colour-augmented, then normalised."""
     import smearpipe.augment as augment

@@ -32,6 +32,7 @@ __all__ = [
     "ClassifierTrainResult",
     "train_classifier",
     "center_crop",
+    "js_divergence",
 ]
 
 
@@ -588,6 +589,23 @@ def _training_device(device: Any) -> Any:
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
 
 
+def js_divergence(logits_a: Any, logits_b: Any) -> Any:
+    """Mean Jensen-Shannon divergence (natural log; 0 to ln 2) between the softmax distributions of two logit batches.
+
+    As in AugMix (Hendrycks et al. 2020): the mixture is clamped to [1e-7, 1] before its log.
+
+    >>> import torch
+    >>> a = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
+    >>> round(float(js_divergence(a, a)), 6), round(float(js_divergence(a, a.flip(1))), 3)
+    (0.0, 0.603)
+    """
+    import torch.nn.functional as F
+
+    p, q = F.softmax(logits_a, dim=1), F.softmax(logits_b, dim=1)
+    log_m = ((p + q) / 2).clamp(1e-7, 1.0).log()
+    return (F.kl_div(log_m, p, reduction="batchmean") + F.kl_div(log_m, q, reduction="batchmean")) / 2
+
+
 def _save_atomic(torch: Any, obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a run killed while saving keeps its last checkpoint."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -637,6 +655,7 @@ class ClassifierTrainConfig:
     framing: Framing | str = "cell"
     normalize_after_augment: bool = False
     ema: float = 0.0
+    consistency: float = 0.0
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -726,6 +745,14 @@ def train_classifier(
         are forgotten within tens of steps; 0.998 averages over roughly the last 500 steps. The
         batch-norm statistics are averaged too (not re-measured for the averaged weights). TypeError
         for a non-number, ValueError outside [0, 1).
+    consistency : float
+        Weight of a colour-consistency term (0, the default, turns it off). Each batch is then
+        colour-augmented twice (two independent draws of ``augment``'s colour, stain, blur and noise
+        ops on the same geometric view, each normalised as ``normalize_after_augment`` says), both go through
+        the network in one batch, and the loss is the mean cross-entropy of the two plus ``consistency``
+        times the Jensen-Shannon divergence of their predicted distributions (:func:`js_divergence`; AugMix,
+        Hendrycks et al. 2020, uses 12). The answer should not depend on the stain. Twice the compute per
+        step. Needs augmentation on.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -756,8 +783,8 @@ def train_classifier(
         known = [f.name for f in dataclasses.fields(ClassifierTrainConfig)]
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
-     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, ema, cache_scale,
-     max_minutes, bf16, device,
+     pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, ema, consistency,
+     cache_scale, max_minutes, bf16, device,
      num_workers, seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
@@ -797,6 +824,11 @@ def train_classifier(
     ema = float(ema)
     if not 0 <= ema < 1:  # NaN fails too
         raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
+    if isinstance(consistency, bool) or not isinstance(consistency, numbers.Real) or not consistency >= 0:
+        raise ValueError(f"consistency must be a weight >= 0, got {consistency!r}")  # NaN fails too
+    consistency = float(consistency)
+    if consistency and not aug:
+        raise ValueError("consistency compares two colour augmentations of each crop; it needs augmentation on")
     if normalize_after_augment and (prep.steps not in (("reinhard",), ("reinhard", "sharpen")) or not preprocess_resized
                                     or not aug):
         raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) or ('reinhard', 'sharpen'), "
@@ -822,7 +854,8 @@ def train_classifier(
               "augment": aug.to_dict() if aug else None, "rebalance": rebalance, "batch_norm": batch_norm,
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
               "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
-              "normalize_after_augment": normalize_after_augment, "ema": ema, "cache_scale": cache_scale, "seed": seed,
+              "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
+              "cache_scale": cache_scale, "seed": seed,
               "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
@@ -834,7 +867,7 @@ def train_classifier(
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
-                  "normalize_after_augment": False, "ema": 0.0}
+                  "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
@@ -938,6 +971,16 @@ def train_classifier(
         pred = p.argmax(1).numpy()
         return loss, float((pred == va_y).mean()), float(f1_score(va_y, pred, average="macro")), pred
 
+    def colour_view(x: torch.Tensor) -> torch.Tensor:
+        if aug:
+            x = color_augment_batch(x, aug)
+        if normalize_after_augment:
+            x = reinhard_batch(x, reference=prep.reinhard_reference)
+            if "sharpen" in prep.steps:
+                x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
+                                          max_amount=prep.sharpen_max_amount)
+        return x
+
     # on resume, minutes continue from the last finished epoch: history and wall time cover the whole run
     t_start = time.time() - 60 * (history[-1]["minutes"] if history else 0.0)
     stopped = "completed"
@@ -949,18 +992,18 @@ def train_classifier(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10)
         for xb, yb in bar:
             x = xb.float().div(255)
-            if aug:
-                x = color_augment_batch(x, aug)
-            if normalize_after_augment:
-                x = reinhard_batch(x, reference=prep.reinhard_reference)
-                if "sharpen" in prep.steps:
-                    x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
-                                              max_amount=prep.sharpen_max_amount)
+            views = 2 if consistency else 1  # two colour draws of the same geometric view
+            x = torch.cat([colour_view(x) for _ in range(views)]) if views > 1 else colour_view(x)
             x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
             yb = yb.to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
-            loss = criterion(logits.float(), yb)
+            if views > 1:
+                pair = logits.float().chunk(2)
+                loss = (criterion(pair[0], yb) + criterion(pair[1], yb)) / 2 + consistency * js_divergence(*pair)
+                logits = pair[0]
+            else:
+                loss = criterion(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1015,7 +1058,7 @@ def train_classifier(
                 "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
                 "pretrained_sha256": start_sha256,
                 "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
-                "normalize_after_augment": normalize_after_augment, "ema": ema,
+                "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
                 "wall_minutes": round((time.time() - t_start) / 60, 1),
             },
             "metrics": {"best_val_macro_f1": best_f1, "history": history},
