@@ -747,8 +747,9 @@ def train_classifier(
         for a non-number, ValueError outside [0, 1).
     consistency : float
         Weight of a colour-consistency term (0, the default, turns it off). Each batch is then
-        colour-augmented twice (two independent draws of ``augment``'s colour, stain, blur and noise
-        ops on the same geometric view, each normalised as ``normalize_after_augment`` says), both go through
+        colour-augmented twice (two independent draws of :func:`~smearpipe.augment.color_augment_batch`:
+        stain, colour, blur, noise; the geometry and JPEG artefacts, drawn per crop when loading, are shared;
+        each view normalised as ``normalize_after_augment`` says), both go through
         the network in one batch, and the loss is the mean cross-entropy of the two plus ``consistency``
         times the Jensen-Shannon divergence of their predicted distributions (:func:`js_divergence`; AugMix,
         Hendrycks et al. 2020, uses 12). The answer should not depend on the stain. Twice the compute per
