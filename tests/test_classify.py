@@ -544,10 +544,10 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
 
     code = cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--epochs", "1", "--input-size", "32", "--batch", "5", "--out", str(tmp_path), "--preprocess", "",
-                     "--framing", "as_given"])
+                     "--framing", "as_given", "--consistency", "2"])
     assert code == 0
     rec = json.loads((tmp_path / "train" / "classifier.json").read_text())
-    assert rec["framing"]["name"] == "as_given"
+    assert rec["framing"]["name"] == "as_given" and rec["training"]["consistency"] == 2.0
     assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "unsharp", "--out", str(tmp_path)]) == 2
@@ -558,7 +558,7 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     opts = dict(epochs=2, batch_size=5, input_size=32, out_dir=tmp_path, name="old", num_workers=0, framing="as_given")
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
     saved = json.loads((first.run_dir / "run_config.json").read_text())
-    del saved["framing"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as written before they existed
+    del saved["framing"], saved["consistency"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as before they existed
     for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
         del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))
