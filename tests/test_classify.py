@@ -326,6 +326,9 @@ def test_js_divergence_zero_for_equal_symmetric_and_bounded():
     assert float(js_divergence(a, b)) == pytest.approx(expected, rel=1e-5)
     far = torch.tensor([[40.0, 0.0], [0.0, 40.0]])
     assert float(js_divergence(far, far.flip(1))) == pytest.approx(np.log(2), rel=1e-4)  # disjoint: ln 2
+    for x, y in ((a, a[:1]), (a[0], a[0])):
+        with pytest.raises(ValueError, match="js_divergence"):
+            js_divergence(x, y)
 
 
 def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
@@ -337,15 +340,19 @@ def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
     real_colour, real_norm, real_js = augment.color_augment_batch, augment.reinhard_batch, train.js_divergence
     monkeypatch.setattr(augment, "color_augment_batch", lambda x, *a, **k: calls.append(("colour", len(x))) or real_colour(x, *a, **k))
     monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: calls.append(("normalise", len(x))) or real_norm(x, *a, **k))
-    monkeypatch.setattr(train, "js_divergence", lambda p, q: pairs.append((tuple(p.shape), tuple(q.shape))) or real_js(p, q))
+    # the divergence, replaced by 1 (keeping its graph): the loss must then exceed the weight, 12
+    monkeypatch.setattr(train, "js_divergence",
+                        lambda p, q: pairs.append((tuple(p.shape), tuple(q.shape))) or real_js(p, q) * 0 + 1.0)
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
                            out_dir=tmp_path, num_workers=0, normalize_after_augment=True, consistency=12)
     assert calls == [("colour", 5), ("normalise", 5)] * 6  # 3 batches x 2 independent colour views
     assert pairs == [((5, 5), (5, 5))] * 3  # the two views' logits, once per batch; not in validation
+    assert all(12 < h["train_loss"] < 20 for h in run.history)  # weight x 1 + the cross-entropy (~ln 5 untrained)
     assert json.loads(run.record.read_text())["training"]["consistency"] == 12.0
     assert json.loads((run.run_dir / "run_config.json").read_text())["consistency"] == 12.0
-    for bad in (-1.0, float("nan"), True, "12"):
-        with pytest.raises(ValueError, match="consistency"):
+    for bad, error in ((-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError),
+                       ("12", TypeError)):
+        with pytest.raises(error, match="consistency"):
             train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                              num_workers=0, consistency=bad)
     with pytest.raises(ValueError, match="needs augmentation"):
@@ -562,6 +569,8 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
         del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="consistency"):  # the old run had no consistency term: not one now
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, consistency=12, **opts)
     done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
     assert [h["epoch"] for h in done.history] == [1, 2]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import shutil
@@ -590,10 +591,29 @@ def _training_device(device: Any) -> Any:
 
 
 def js_divergence(logits_a: Any, logits_b: Any) -> Any:
-    """Mean Jensen-Shannon divergence (natural log; 0 to ln 2) between the softmax distributions of two logit batches.
+    """Mean Jensen-Shannon divergence between the softmax distributions of two batches of logits.
 
-    As in AugMix (Hendrycks et al. 2020): the mixture is clamped to [1e-7, 1] before its log.
+    Parameters
+    ----------
+    logits_a, logits_b : torch.Tensor
+        Logits of the same shape (N, C): N crops, C classes.
 
+    Returns
+    -------
+    torch.Tensor
+        0-dim: the divergence of each row pair (natural log, so between 0 and ln 2), averaged over the N rows.
+
+    Raises
+    ------
+    ValueError
+        If the inputs are not 2-D or their shapes differ.
+
+    Notes
+    -----
+    As in AugMix (Hendrycks et al., "AugMix", ICLR 2020), the mixture is clamped to [1e-7, 1] before its log.
+
+    Examples
+    --------
     >>> import torch
     >>> a = torch.tensor([[4.0, 0.0], [0.0, 4.0]])
     >>> round(float(js_divergence(a, a)), 6), round(float(js_divergence(a, a.flip(1))), 3)
@@ -601,6 +621,9 @@ def js_divergence(logits_a: Any, logits_b: Any) -> Any:
     """
     import torch.nn.functional as F
 
+    if logits_a.ndim != 2 or tuple(logits_a.shape) != tuple(logits_b.shape):
+        raise ValueError(f"js_divergence needs two (N, C) logit batches of one shape, got {tuple(logits_a.shape)} "
+                         f"and {tuple(logits_b.shape)}")
     p, q = F.softmax(logits_a, dim=1), F.softmax(logits_b, dim=1)
     log_m = ((p + q) / 2).clamp(1e-7, 1.0).log()
     return (F.kl_div(log_m, p, reduction="batchmean") + F.kl_div(log_m, q, reduction="batchmean")) / 2
@@ -747,13 +770,15 @@ def train_classifier(
         for a non-number, ValueError outside [0, 1).
     consistency : float
         Weight of a colour-consistency term (0, the default, turns it off). Each batch is then
-        colour-augmented twice (two independent draws of :func:`~smearpipe.augment.color_augment_batch`:
-        stain, colour, blur, noise; the geometry and JPEG artefacts, drawn per crop when loading, are shared;
-        each view normalised as ``normalize_after_augment`` says), both go through
-        the network in one batch, and the loss is the mean cross-entropy of the two plus ``consistency``
-        times the Jensen-Shannon divergence of their predicted distributions (:func:`js_divergence`; AugMix,
-        Hendrycks et al. 2020, uses 12). The answer should not depend on the stain. Twice the compute per
-        step. Needs augmentation on.
+        colour-augmented twice: two independent draws of everything
+        :func:`~smearpipe.augment.color_augment_batch` does (stain, colour, low resolution, blur, RandConv,
+        noise), while the geometry and JPEG artefacts, drawn per crop when loading, are shared; each view is
+        normalised as ``normalize_after_augment`` says. Both go through the network in one batch, and the loss
+        is the mean cross-entropy of the two plus ``consistency`` times the Jensen-Shannon divergence of their
+        predicted distributions (:func:`js_divergence`; AugMix, Hendrycks et al. 2020, uses 12). The answer
+        should not depend on the stain. Twice the compute per step. The history's ``train_loss`` is then
+        that whole loss and ``train_acc`` that of the first view. TypeError for a non-number, ValueError if
+        negative or not finite, or with ``augment=False``.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -825,9 +850,11 @@ def train_classifier(
     ema = float(ema)
     if not 0 <= ema < 1:  # NaN fails too
         raise ValueError(f"ema must be a decay in [0, 1), got {ema!r}")
-    if isinstance(consistency, bool) or not isinstance(consistency, numbers.Real) or not consistency >= 0:
-        raise ValueError(f"consistency must be a weight >= 0, got {consistency!r}")  # NaN fails too
+    if isinstance(consistency, bool) or not isinstance(consistency, numbers.Real):
+        raise TypeError(f"consistency must be a real number (a weight >= 0), got {type(consistency).__name__}")
     consistency = float(consistency)
+    if not (math.isfinite(consistency) and consistency >= 0):
+        raise ValueError(f"consistency must be a finite weight >= 0, got {consistency!r}")
     if consistency and not aug:
         raise ValueError("consistency compares two colour augmentations of each crop; it needs augmentation on")
     if normalize_after_augment and (prep.steps not in (("reinhard",), ("reinhard", "sharpen")) or not preprocess_resized
