@@ -1009,6 +1009,8 @@ def train_classifier(
                                           max_amount=prep.sharpen_max_amount)
         return x
 
+    views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
+
     # on resume, minutes continue from the last finished epoch: history and wall time cover the whole run
     t_start = time.time() - 60 * (history[-1]["minutes"] if history else 0.0)
     stopped = "completed"
@@ -1020,18 +1022,16 @@ def train_classifier(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10)
         for xb, yb in bar:
             x = xb.float().div(255)
-            views = 2 if consistency else 1  # two colour draws of the same geometric view
-            x = torch.cat([colour_view(x) for _ in range(views)]) if views > 1 else colour_view(x)
+            x = torch.cat([colour_view(x) for _ in range(views)])
             x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
             yb = yb.to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
+            per_view = logits.float().chunk(views)
+            loss = sum(criterion(v, yb) for v in per_view) / views
             if views > 1:
-                pair = logits.float().chunk(2)
-                loss = (criterion(pair[0], yb) + criterion(pair[1], yb)) / 2 + consistency * js_divergence(*pair)
-                logits = pair[0]
-            else:
-                loss = criterion(logits.float(), yb)
+                loss = loss + consistency * js_divergence(*per_view)
+            logits = per_view[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
