@@ -118,6 +118,9 @@ def main() -> None:
                     help="exponential moving average of the weights with this decay, validated and saved (0: off)")
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
                     help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
+    ap.add_argument("--stain-vector", type=float, default=0.0,
+                    help="stain colour augmentation: move each H and E absorbance vector component by up to this "
+                         "(AugmentConfig.stain_vector; 0: off)")
     ap.add_argument("--randconv", type=float, default=0.0,
                     help="share of training crops seen through a random convolution (AugmentConfig.randconv_p)")
     ap.add_argument("--mixstyle", type=float, default=0.0,
@@ -148,7 +151,8 @@ def main() -> None:
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
-                                                          randconv_p=args.randconv, mixstyle_p=args.mixstyle),
+                                                          randconv_p=args.randconv, mixstyle_p=args.mixstyle,
+                                                          stain_vector=args.stain_vector),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema, consistency=args.consistency,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,

@@ -11,6 +11,7 @@ from smearpipe.augment import (
     AugmentConfig,
     color_augment_batch,
     geometric_transform,
+    jitter_stain_vectors,
     match_sharpness_batch,
     reinhard_batch,
     stain_jitter,
@@ -126,6 +127,41 @@ def test_stain_jitter_keeps_structure_changes_stain():
     assert corr > 0.9
     out = color_augment_batch(x, AugmentConfig())
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_stain_vectors_change_hue_not_strength():
+    import torch
+
+    from smearpipe.augment import _RGB_FROM_HED
+
+    base = torch.as_tensor(_RGB_FROM_HED)
+    assert torch.equal(jitter_stain_vectors(3, 0.0), base.repeat(3, 1, 1))  # off: the decomposition's own vectors
+    v = jitter_stain_vectors(64, 0.15, torch.Generator().manual_seed(0))
+    assert v.shape == (64, 3, 3) and v.dtype == torch.float32
+    torch.testing.assert_close(v.norm(dim=2), base.norm(dim=1).expand(64, 3))  # every vector keeps its length
+    assert torch.equal(v[:, 2], base[2].expand(64, 3))  # the DAB row (the residual) is kept
+    assert float(v.min()) > 0  # no negative absorbance
+    moved = (v[:, :2] - base[:2]).abs()
+    assert float(moved.max()) < 0.3 and float(moved.mean()) > 0.02  # moved, by about the amount asked
+    assert (v[0] != v[1]).any()  # one draw per crop
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(0.2, 0.95, (64, 3, 24, 24)).astype(np.float32))
+    ones, zeros = torch.ones(64, 3), torch.zeros(64, 3)
+    torch.testing.assert_close(stain_jitter(x, ones, zeros, base.repeat(64, 1, 1)), stain_jitter(x, ones, zeros))
+    changed = stain_jitter(x, ones, zeros, v)
+    assert changed.shape == x.shape and float(changed.min()) >= 0 and float(changed.max()) <= 1
+    assert (changed - x).abs().mean() > 0.01
+    corr = np.corrcoef(changed.mean(1).flatten().numpy(), x.mean(1).flatten().numpy())[0, 1]
+    assert corr > 0.9  # structure kept
+
+    off = dict(stain_alpha=0, stain_beta=0, brightness=0, contrast=0, saturation=0, gamma=0, white_balance=0, blur_p=0,
+               noise_std_max=0)
+    out = color_augment_batch(x, AugmentConfig(**off, stain_vector=0.15), generator=torch.Generator().manual_seed(1))
+    assert (out - x.clamp_min(1e-3)).abs().mean() > 0.01  # the option alone changes colour
+    for bad in (-0.1, 0.6, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match="stain_vector"):
+            AugmentConfig(stain_vector=bad)
 
 
 def test_lowres_augmentation_removes_fine_detail_only():

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "reinhard_batch",
-           "match_sharpness_batch", "mix_style", "add_mix_style"]
+__all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "jitter_stain_vectors",
+           "reinhard_batch", "match_sharpness_batch", "mix_style", "add_mix_style"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -34,6 +34,7 @@ class AugmentConfig:
     jpeg_p: float = 0.2
     stain_alpha: float = 0.2  # HED concentration scale in [1-a, 1+a]
     stain_beta: float = 0.05  # HED concentration shift in [-b, b]
+    stain_vector: float = 0.0  # stain colour: each component of the H and E absorbance vectors moved by U(-v, v)
     brightness: float = 0.15
     contrast: float = 0.2
     saturation: float = 0.25
@@ -50,6 +51,9 @@ class AugmentConfig:
     mixstyle_alpha: float = 0.1  # Beta(alpha, alpha) mixing weights
 
     def __post_init__(self) -> None:
+        if (isinstance(self.stain_vector, bool) or not isinstance(self.stain_vector, (int, float))
+                or not 0.0 <= self.stain_vector <= 0.5):
+            raise ValueError(f"stain_vector must be a number in [0, 0.5], got {self.stain_vector!r}")
         _check_randconv(self.randconv_p, self.randconv_kernels)
         _check_mix_style(self.mixstyle_p, self.mixstyle_alpha)
         object.__setattr__(self, "randconv_kernels", tuple(int(k) for k in self.randconv_kernels))
@@ -104,10 +108,12 @@ def geometric_transform(size: int, cfg: AugmentConfig, fill: tuple[int, int, int
     return v2.Compose(ops)
 
 
-def stain_jitter(x: Any, alpha: Any, beta: Any) -> Any:
+def stain_jitter(x: Any, alpha: Any, beta: Any, stains: Any = None) -> Any:
     """HED stain jitter on a float batch in [0, 1]: concentrations ``c * alpha + beta`` (Tellez et al. 2018).
 
-    ``x``: (B, 3, H, W); ``alpha``, ``beta``: (B, 3). Returns a batch in [0, 1].
+    ``x``: (B, 3, H, W); ``alpha``, ``beta``: (B, 3). ``stains``: optional (B, 3, 3) absorbance vectors (rows H,
+    E, DAB) to rebuild each crop with instead of the ones it was decomposed with (:func:`jitter_stain_vectors`),
+    so that the stains change colour, not only amount. Returns a batch in [0, 1].
     """
     import torch
 
@@ -116,8 +122,32 @@ def stain_jitter(x: Any, alpha: Any, beta: Any) -> Any:
     od = -torch.log(x.clamp_min(1e-3))  # (B, 3, H, W)
     conc = torch.einsum("bchw,cd->bdhw", od, hed_from_rgb)
     conc = conc * alpha[:, :, None, None] + beta[:, :, None, None]
-    od2 = torch.einsum("bdhw,dc->bchw", conc, rgb_from_hed)
+    if stains is None:
+        od2 = torch.einsum("bdhw,dc->bchw", conc, rgb_from_hed)
+    else:
+        od2 = torch.einsum("bdhw,bdc->bchw", conc, stains.to(x.device, x.dtype))
     return torch.exp(-od2).clamp(0.0, 1.0)
+
+
+def jitter_stain_vectors(batch: int, amount: float, generator: Any = None) -> Any:
+    """Per-crop absorbance vectors for :func:`stain_jitter`: another lab's stain colours.
+
+    Each component of the haematoxylin and eosin vectors (rows 0 and 1 of scikit-image's ``rgb_from_hed``) is moved
+    by U(-amount, amount), kept positive (a stain absorbs no negative light), and the vector rescaled to its
+    length, so that the stain changes hue (a yellower eosin, a bluer or redder azure) but not strength. The DAB
+    row, which holds only the part of a Romanowsky stain that H and E do not explain, is kept. Stain amount is
+    :func:`stain_jitter`'s ``alpha``/``beta``; a colour cast of the whole image is white balance.
+
+    Returns a (batch, 3, 3) float32 tensor.
+    """
+    import torch
+
+    base = torch.as_tensor(_RGB_FROM_HED)
+    out = base.repeat(batch, 1, 1)
+    if amount:
+        moved = (base[:2] + (torch.rand(batch, 2, 3, generator=generator) * 2 - 1) * amount).clamp_min(0.01)
+        out[:, :2] = moved * (base[:2].norm(dim=1) / moved.norm(dim=2))[..., None]
+    return out
 
 
 def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> Any:
@@ -135,8 +165,9 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator) * (hi - lo) + lo
 
-    if cfg.stain_alpha or cfg.stain_beta:
-        x = stain_jitter(x, u(1 - cfg.stain_alpha, 1 + cfg.stain_alpha, b, 3), u(-cfg.stain_beta, cfg.stain_beta, b, 3))
+    if cfg.stain_alpha or cfg.stain_beta or cfg.stain_vector:
+        x = stain_jitter(x, u(1 - cfg.stain_alpha, 1 + cfg.stain_alpha, b, 3), u(-cfg.stain_beta, cfg.stain_beta, b, 3),
+                         jitter_stain_vectors(b, cfg.stain_vector, generator) if cfg.stain_vector else None)
     if cfg.white_balance:
         x = x * u(1 - cfg.white_balance, 1 + cfg.white_balance, b, 3)[:, :, None, None]
     if cfg.brightness:
