@@ -51,8 +51,12 @@ def main() -> None:
     crops = _locate_crops(Path(args.subtypes) / "BCCD_cropped", Path(args.bccd))
     runs = {}
     for p in args.predictions:
+        preds = {}
         with open(p) as f:
-            preds = {_key(r["path"]): r for r in csv.DictReader(f)}
+            for r in csv.DictReader(f):
+                if _key(r["path"]) in preds:
+                    sys.exit(f"{p}: {_key(r['path'])} is listed twice")
+                preds[_key(r["path"])] = r
         missing = [c["crop"] for c in crops if c["crop"] not in preds]
         if missing:
             sys.exit(f"{p}: no prediction for {len(missing)} crops, e.g. {missing[0]}")
@@ -62,12 +66,12 @@ def main() -> None:
                 sys.exit(f"{p}: {c['crop']} is labelled {preds[c['crop']]['true']!r} there")
     for i, p in enumerate(args.predictions):
         for c in crops:
-            c[f"pred_{i}"] = runs[p][c["crop"]]["pred"]
+            c[f"pred_{i}"] = normalize_wbc_class(runs[p][c["crop"]]["pred"])
 
     groups = {
         "all": lambda c: True,
         "in BCCD, one WBC box in the field, the crop shows it": lambda c: c["group"] == "one",
-        "in BCCD, several WBC boxes in the field": lambda c: c["group"] == "several",
+        "in BCCD, several WBC boxes in the field, the crop shows one": lambda c: c["group"] == "several",
         "in BCCD, the crop shows no annotated WBC box": lambda c: c["group"] == "none",
         "not in BCCD (Kaggle original)": lambda c: c["group"] == "not in bccd",
     }
@@ -89,7 +93,7 @@ def main() -> None:
         summary["groups"][name] = entry
 
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["crop", "label", "field", "group", "wbc_boxes", "box_cover", "match", "x", "y", "side"]
+    fields = ["crop", "label", "field", "group", "wbc_boxes", "box_cover", "match", "x", "y", "width", "height"]
     fields += [f"pred_{i}" for i in range(len(args.predictions))]
     with (out / "crops.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -121,21 +125,21 @@ def _locate_crops(crop_root: Path, bccd: Path) -> list[dict]:
         _, best, _, (x, y) = cv2.minMaxLoc(score)
         if best < MATCH_MIN:
             sys.exit(f"{path}: not found in {image_path} (best correlation {best:.3f})")
-        side = crop.shape[0]
+        h, w = crop.shape
         _, boxes = read_voc(bccd / "Annotations" / f"{stem}.xml")
         wbcs = [b for b in boxes if normalize_detection_class(b.label) == "WBC"]
-        covers = [_cover(b, x, y, side) for b in wbcs]
+        covers = [_cover(b, x, y, w, h) for b in wbcs]
         shown = max(covers, default=0.0)
         group = "none" if shown < COVER_MIN else ("one" if len(wbcs) == 1 else "several")
         rows.append(row | {"group": group, "wbc_boxes": len(wbcs), "box_cover": round(shown, 3),
-                           "match": round(best, 4), "x": x, "y": y, "side": side})
+                           "match": round(best, 4), "x": x, "y": y, "width": w, "height": h})
     return rows
 
 
-def _cover(box, x: int, y: int, side: int) -> float:
-    """Share of ``box``'s area inside the square crop at (x, y) of side ``side``."""
-    w = max(0.0, min(box.xmax, x + side) - max(box.xmin, x))
-    h = max(0.0, min(box.ymax, y + side) - max(box.ymin, y))
+def _cover(box, x: int, y: int, width: int, height: int) -> float:
+    """Share of ``box``'s area inside the crop whose top left corner is at (x, y) in the field."""
+    w = max(0.0, min(box.xmax, x + width) - max(box.xmin, x))
+    h = max(0.0, min(box.ymax, y + height) - max(box.ymin, y))
     area = (box.xmax - box.xmin) * (box.ymax - box.ymin)
     return w * h / area if area > 0 else 0.0
 

@@ -129,7 +129,7 @@ def test_stain_jitter_keeps_structure_changes_stain():
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-def test_stain_vectors_change_hue_not_strength():
+def test_stain_vectors_move_hue_keep_length():
     import torch
 
     from smearpipe.augment import _RGB_FROM_HED
@@ -144,24 +144,42 @@ def test_stain_vectors_change_hue_not_strength():
     moved = (v[:, :2] - base[:2]).abs()
     assert float(moved.max()) < 0.3 and float(moved.mean()) > 0.02  # moved, by about the amount asked
     assert (v[0] != v[1]).any()  # one draw per crop
+    cos = (v[:, :2] * base[:2]).sum(-1) / base[:2].norm(dim=1) ** 2
+    assert float(cos.min()) < 0.995  # the directions turn: another hue, not only a rescaled vector
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(0.2, 0.95, (64, 3, 24, 24)).astype(np.float32))
     ones, zeros = torch.ones(64, 3), torch.zeros(64, 3)
-    torch.testing.assert_close(stain_jitter(x, ones, zeros, base.repeat(64, 1, 1)), stain_jitter(x, ones, zeros))
-    changed = stain_jitter(x, ones, zeros, v)
+    torch.testing.assert_close(stain_jitter(x, ones, zeros, stains=base.repeat(64, 1, 1)), stain_jitter(x, ones, zeros))
+    changed = stain_jitter(x, ones, zeros, stains=v)
     assert changed.shape == x.shape and float(changed.min()) >= 0 and float(changed.max()) <= 1
     assert (changed - x).abs().mean() > 0.01
     corr = np.corrcoef(changed.mean(1).flatten().numpy(), x.mean(1).flatten().numpy())[0, 1]
     assert corr > 0.9  # structure kept
+    with pytest.raises(ValueError, match=r"stains must be \(64, 3, 3\)"):
+        stain_jitter(x, ones, zeros, stains=base)
 
     off = dict(stain_alpha=0, stain_beta=0, brightness=0, contrast=0, saturation=0, gamma=0, white_balance=0, blur_p=0,
                noise_std_max=0)
+    assert torch.equal(color_augment_batch(x, AugmentConfig(**off)), x)
     out = color_augment_batch(x, AugmentConfig(**off, stain_vector=0.15), generator=torch.Generator().manual_seed(1))
     assert (out - x.clamp_min(1e-3)).abs().mean() > 0.01  # the option alone changes colour
-    for bad in (-0.1, 0.6, True, "0.1", float("nan")):
-        with pytest.raises(ValueError, match="stain_vector"):
-            AugmentConfig(stain_vector=bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.6, True, "0.1", float("nan"), None])
+def test_stain_vector_amount_refused(bad):
+    with pytest.raises(ValueError, match="stain_vector"):
+        AugmentConfig(stain_vector=bad)
+    with pytest.raises(ValueError, match="stain_vector"):
+        jitter_stain_vectors(2, bad)
+
+
+def test_stain_vector_bounds_and_batch():
+    assert AugmentConfig(stain_vector=0).stain_vector == 0 and AugmentConfig(stain_vector=0.5).stain_vector == 0.5
+    assert jitter_stain_vectors(0, 0.5).shape == (0, 3, 3)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="batch"):
+            jitter_stain_vectors(bad, 0.1)
 
 
 def test_lowres_augmentation_removes_fine_detail_only():
@@ -341,9 +359,10 @@ def test_train_with_mix_style(tiny_crops, tmp_path, monkeypatch):
     real = augment.mix_style
     monkeypatch.setattr(augment, "mix_style", lambda x, *a, **k: shapes.append(tuple(x.shape)) or real(x, *a, **k))
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
-                           out_dir=tmp_path, num_workers=0, augment=AugmentConfig(mixstyle_p=1.0))
+                           out_dir=tmp_path, num_workers=0, augment=AugmentConfig(mixstyle_p=1.0, stain_vector=0.2))
     assert shapes == [(5, 64, 16, 16), (5, 128, 8, 8), (5, 256, 4, 4)] * 3  # 3 batches x 3 stages; no eval call
-    assert json.loads(run.record.read_text())["training"]["augment"]["mixstyle_p"] == 1.0
+    recorded = json.loads(run.record.read_text())["training"]["augment"]
+    assert recorded["mixstyle_p"] == 1.0 and recorded["stain_vector"] == 0.2
     assert Classifier.load(run.weights).predict_proba([np.zeros((40, 40, 3), np.uint8)]).shape == (1, 5)
 
 
@@ -602,6 +621,7 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
     saved = json.loads((first.run_dir / "run_config.json").read_text())
     del saved["framing"], saved["consistency"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as before they existed
+    del saved["augment"]["stain_vector"]
     for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
         del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))

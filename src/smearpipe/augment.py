@@ -2,7 +2,7 @@
 
 Geometric augmentations (the method paper's rotation, flips, scaling, shifts/shear, elastic
 deformation) run per sample on uint8 tensors; colour augmentations for robustness across labs
-(stain jitter in haematoxylin-eosin-DAB optical-density space, brightness/contrast/saturation,
+(stain amount and colour jitter in haematoxylin-eosin-DAB optical-density space, brightness/contrast/saturation,
 gamma, white balance, blur, noise) run vectorised on a float batch.
 """
 
@@ -34,7 +34,7 @@ class AugmentConfig:
     jpeg_p: float = 0.2
     stain_alpha: float = 0.2  # HED concentration scale in [1-a, 1+a]
     stain_beta: float = 0.05  # HED concentration shift in [-b, b]
-    stain_vector: float = 0.0  # stain colour: each component of the H and E absorbance vectors moved by U(-v, v)
+    stain_vector: float = 0.0  # stain colour, in [0, 0.5]: H and E absorbance vectors moved by U(-v, v) per component
     brightness: float = 0.15
     contrast: float = 0.2
     saturation: float = 0.25
@@ -51,9 +51,7 @@ class AugmentConfig:
     mixstyle_alpha: float = 0.1  # Beta(alpha, alpha) mixing weights
 
     def __post_init__(self) -> None:
-        if (isinstance(self.stain_vector, bool) or not isinstance(self.stain_vector, (int, float))
-                or not 0.0 <= self.stain_vector <= 0.5):
-            raise ValueError(f"stain_vector must be a number in [0, 0.5], got {self.stain_vector!r}")
+        _check_stain_vector(self.stain_vector)
         _check_randconv(self.randconv_p, self.randconv_kernels)
         _check_mix_style(self.mixstyle_p, self.mixstyle_alpha)
         object.__setattr__(self, "randconv_kernels", tuple(int(k) for k in self.randconv_kernels))
@@ -108,12 +106,26 @@ def geometric_transform(size: int, cfg: AugmentConfig, fill: tuple[int, int, int
     return v2.Compose(ops)
 
 
-def stain_jitter(x: Any, alpha: Any, beta: Any, stains: Any = None) -> Any:
+def stain_jitter(x: Any, alpha: Any, beta: Any, *, stains: Any = None) -> Any:
     """HED stain jitter on a float batch in [0, 1]: concentrations ``c * alpha + beta`` (Tellez et al. 2018).
 
-    ``x``: (B, 3, H, W); ``alpha``, ``beta``: (B, 3). ``stains``: optional (B, 3, 3) absorbance vectors (rows H,
-    E, DAB) to rebuild each crop with instead of the ones it was decomposed with (:func:`jitter_stain_vectors`),
-    so that the stains change colour, not only amount. Returns a batch in [0, 1].
+    Parameters
+    ----------
+    x : (B, 3, H, W) float32 tensor in [0, 1]
+    alpha, beta : (B, 3) float32 tensors
+        Scale and shift of each crop's H, E and DAB concentrations.
+    stains : (B, 3, 3) float32 tensor, optional
+        Absorbance vectors (rows H, E, DAB) to rebuild each crop with instead of the ones it was decomposed with
+        (:func:`jitter_stain_vectors`), so that the stains change colour, not only amount.
+
+    Returns
+    -------
+    (B, 3, H, W) float32 tensor in [0, 1]
+
+    References
+    ----------
+    Ruifrok & Johnston 2001, "Quantification of histochemical staining by color deconvolution" (the vectors);
+    Tellez et al. 2018, "Whole-slide mitosis detection in H&E breast histology using PHH3 ..." (the jitter).
     """
     import torch
 
@@ -125,7 +137,9 @@ def stain_jitter(x: Any, alpha: Any, beta: Any, stains: Any = None) -> Any:
     if stains is None:
         od2 = torch.einsum("bdhw,dc->bchw", conc, rgb_from_hed)
     else:
-        od2 = torch.einsum("bdhw,bdc->bchw", conc, stains.to(x.device, x.dtype))
+        if tuple(stains.shape) != (x.shape[0], 3, 3):
+            raise ValueError(f"stains must be ({x.shape[0]}, 3, 3) for a batch of {x.shape[0]}, got {tuple(stains.shape)}")
+        od2 = torch.einsum("bdhw,bdc->bchw", conc, stains.to(device=x.device, dtype=rgb_from_hed.dtype))
     return torch.exp(-od2).clamp(0.0, 1.0)
 
 
@@ -133,19 +147,38 @@ def jitter_stain_vectors(batch: int, amount: float, generator: Any = None) -> An
     """Per-crop absorbance vectors for :func:`stain_jitter`: another lab's stain colours.
 
     Each component of the haematoxylin and eosin vectors (rows 0 and 1 of scikit-image's ``rgb_from_hed``) is moved
-    by U(-amount, amount), kept positive (a stain absorbs no negative light), and the vector rescaled to its
-    length, so that the stain changes hue (a yellower eosin, a bluer or redder azure) but not strength. The DAB
-    row, which holds only the part of a Romanowsky stain that H and E do not explain, is kept. Stain amount is
-    :func:`stain_jitter`'s ``alpha``/``beta``; a colour cast of the whole image is white balance.
+    by U(-amount, amount) and kept positive (a stain absorbs no negative light); then the vector is rescaled to its
+    original length (so a component may end up moved by somewhat more than ``amount``). The stain changes hue (a
+    yellower eosin, a bluer or redder azure), not strength. The DAB row, which holds only the part of a Romanowsky
+    stain that H and E do not explain, is kept. Stain amount is :func:`stain_jitter`'s ``alpha``/``beta``; a colour
+    cast of the whole image is white balance.
 
-    Returns a (batch, 3, 3) float32 tensor.
+    Parameters
+    ----------
+    batch : int
+        Number of crops, >= 0.
+    amount : float
+        In [0, 0.5]; 0 gives the unchanged vectors.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    (batch, 3, 3) float32 tensor
+
+    Raises
+    ------
+    ValueError
+        ``batch`` not an integer >= 0, or ``amount`` not a number in [0, 0.5].
     """
     import torch
 
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
+        raise ValueError(f"batch must be an integer >= 0, got {batch!r}")
+    _check_stain_vector(amount)
     base = torch.as_tensor(_RGB_FROM_HED)
-    out = base.repeat(batch, 1, 1)
+    out = base.repeat(int(batch), 1, 1)
     if amount:
-        moved = (base[:2] + (torch.rand(batch, 2, 3, generator=generator) * 2 - 1) * amount).clamp_min(0.01)
+        moved = (base[:2] + (torch.rand(int(batch), 2, 3, generator=generator) * 2 - 1) * amount).clamp_min(0.01)
         out[:, :2] = moved * (base[:2].norm(dim=1) / moved.norm(dim=2))[..., None]
     return out
 
@@ -153,7 +186,8 @@ def jitter_stain_vectors(batch: int, amount: float, generator: Any = None) -> An
 def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> Any:
     """Random colour/stain/resolution/blur/noise augmentation of a float batch (B, 3, H, W) in [0, 1].
 
-    Low resolution (``cfg.lowres_p`` of the crops, one factor per batch drawn from
+    Stain: HED concentrations (``cfg.stain_alpha``, ``cfg.stain_beta``) and, with ``cfg.stain_vector``, the stains'
+    colours (:func:`jitter_stain_vectors`), one draw per crop. Low resolution (``cfg.lowres_p`` of the crops, one factor per batch drawn from
     ``[1.5, max(1.5, cfg.lowres_max)]``): downsampled with antialiasing, then upsampled back. Random
     convolution (``cfg.randconv_p`` of the crops, :func:`random_convolution_batch`) comes last, before the noise.
     """
@@ -167,7 +201,7 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
 
     if cfg.stain_alpha or cfg.stain_beta or cfg.stain_vector:
         x = stain_jitter(x, u(1 - cfg.stain_alpha, 1 + cfg.stain_alpha, b, 3), u(-cfg.stain_beta, cfg.stain_beta, b, 3),
-                         jitter_stain_vectors(b, cfg.stain_vector, generator) if cfg.stain_vector else None)
+                         stains=jitter_stain_vectors(b, cfg.stain_vector, generator) if cfg.stain_vector else None)
     if cfg.white_balance:
         x = x * u(1 - cfg.white_balance, 1 + cfg.white_balance, b, 3)[:, :, None, None]
     if cfg.brightness:
@@ -213,6 +247,11 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
 def _check_probability(name: str, p: Any) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
+
+
+def _check_stain_vector(amount: Any) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 0.5:
+        raise ValueError(f"stain_vector must be a number in [0, 0.5], got {amount!r}")
 
 
 def _check_randconv(p: float, kernels: Any) -> None:
