@@ -124,8 +124,8 @@ def stain_jitter(x: Any, alpha: Any, beta: Any, *, stains: Any = None) -> Any:
 
     References
     ----------
-    Ruifrok & Johnston 2001, "Quantification of histochemical staining by color deconvolution" (the vectors);
-    Tellez et al. 2018, "Whole-slide mitosis detection in H&E breast histology using PHH3 ..." (the jitter).
+    Ruifrok & Johnston 2001, "Quantification of histochemical staining by color deconvolution", Anal. Quant. Cytol.
+    Histol. (the vectors); Tellez et al. 2018, IEEE Trans. Med. Imaging (the concentration jitter).
     """
     import torch
 
