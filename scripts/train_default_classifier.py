@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--stain-vector", type=float, default=0.0,
                     help="stain colour augmentation: move each H and E absorbance vector component by up to this "
                          "(AugmentConfig.stain_vector; 0: off)")
+    ap.add_argument("--gray", type=float, default=0.0,
+                    help="share of training crops shown in grey, after normalisation (AugmentConfig.gray_p; 0: off)")
     ap.add_argument("--randconv", type=float, default=0.0,
                     help="share of training crops seen through a random convolution (AugmentConfig.randconv_p)")
     ap.add_argument("--mixstyle", type=float, default=0.0,
@@ -152,7 +154,7 @@ def main() -> None:
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
                                                           randconv_p=args.randconv, mixstyle_p=args.mixstyle,
-                                                          stain_vector=args.stain_vector),
+                                                          stain_vector=args.stain_vector, gray_p=args.gray),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema, consistency=args.consistency,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,

@@ -11,6 +11,7 @@ from smearpipe.augment import (
     AugmentConfig,
     color_augment_batch,
     geometric_transform,
+    grayscale_batch,
     jitter_stain_vectors,
     match_sharpness_batch,
     reinhard_batch,
@@ -182,6 +183,25 @@ def test_stain_vector_bounds_and_batch():
             jitter_stain_vectors(bad, 0.1)
 
 
+def test_grayscale_batch_greys_a_share_and_keeps_the_rest():
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (200, 3, 8, 8)).astype(np.float32))
+    assert grayscale_batch(x, 0.0) is x
+    out = grayscale_batch(x, 0.25, torch.Generator().manual_seed(0))
+    grey = (out[:, 0] == out[:, 1]).all(dim=(1, 2)) & (out[:, 1] == out[:, 2]).all(dim=(1, 2))
+    assert 30 <= int(grey.sum()) <= 70  # about a quarter
+    assert torch.equal(out[~grey], x[~grey])  # the others untouched
+    luma = 0.299 * x[grey, 0] + 0.587 * x[grey, 1] + 0.114 * x[grey, 2]
+    torch.testing.assert_close(out[grey, 0], luma)
+    assert bool(grayscale_batch(x, 1.0).std(dim=1).max() == 0)
+    for bad in (-0.1, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="gray_p"):
+            grayscale_batch(x, bad)
+        with pytest.raises(ValueError, match="gray_p"):
+            AugmentConfig(gray_p=bad)
+
+
 def test_lowres_augmentation_removes_fine_detail_only():
     import torch
 
@@ -340,10 +360,15 @@ def test_normalize_after_augment_then_sharpen(tiny_crops, tmp_path, monkeypatch)
     monkeypatch.setattr(augment, "reinhard_batch", lambda x, *a, **k: calls.append("normalise") or real_norm(x, *a, **k))
     monkeypatch.setattr(augment, "match_sharpness_batch",
                         lambda x, *a, **k: calls.append(("sharpen", k["target"])) or real_sharpen(x, *a, **k))
+    real_grey = augment.grayscale_batch
+    monkeypatch.setattr(augment, "grayscale_batch", lambda x, p, *a: calls.append(("grey", p)) or real_grey(x, p, *a))
     prep = Preprocessing(steps=("reinhard", "sharpen"), sharpen_target=0.5)
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
-                           out_dir=tmp_path, num_workers=0, normalize_after_augment=True, preprocessing=prep)
-    assert calls == ["colour", "normalise", ("sharpen", 0.5)] * 3  # every training batch, in this order
+                           out_dir=tmp_path, num_workers=0, normalize_after_augment=True, preprocessing=prep,
+                           augment=AugmentConfig(gray_p=0.3))
+    # every training batch, in this order; grey last, so that no normalisation sees a grey crop
+    assert calls == ["colour", "normalise", ("sharpen", 0.5), ("grey", 0.3)] * 3
+    assert json.loads(run.record.read_text())["training"]["augment"]["gray_p"] == 0.3
     loaded = Classifier.load(run.weights).preprocessing
     assert loaded.steps == ("reinhard", "sharpen") and loaded.sharpen_target == 0.5  # inference does the same
     with pytest.raises(ValueError, match="normalize_after_augment"):  # cached crops are larger than the input
@@ -621,7 +646,7 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
     saved = json.loads((first.run_dir / "run_config.json").read_text())
     del saved["framing"], saved["consistency"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as before they existed
-    del saved["augment"]["stain_vector"]
+    del saved["augment"]["stain_vector"], saved["augment"]["gray_p"]
     for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
         del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))

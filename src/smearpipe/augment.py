@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 __all__ = ["AugmentConfig", "geometric_transform", "color_augment_batch", "stain_jitter", "jitter_stain_vectors",
-           "reinhard_batch", "match_sharpness_batch", "mix_style", "add_mix_style"]
+           "reinhard_batch", "match_sharpness_batch", "mix_style", "add_mix_style",
+           "grayscale_batch"]
 
 # scikit-image's rgb_from_hed (Ruifrok & Johnston 2001), rows H, E, DAB
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], np.float32)
@@ -49,9 +50,11 @@ class AugmentConfig:
     randconv_kernels: tuple[int, ...] = (1, 3, 5)  # its kernel sizes, one drawn per batch
     mixstyle_p: float = 0.0  # chance per batch and block that feature statistics are mixed between crops (MixStyle)
     mixstyle_alpha: float = 0.1  # Beta(alpha, alpha) mixing weights
+    gray_p: float = 0.0  # share of crops shown in grey, after normalisation (train_classifier; see grayscale_batch)
 
     def __post_init__(self) -> None:
         _check_stain_vector(self.stain_vector)
+        _check_probability("gray_p", self.gray_p)
         _check_randconv(self.randconv_p, self.randconv_kernels)
         _check_mix_style(self.mixstyle_p, self.mixstyle_alpha)
         object.__setattr__(self, "randconv_kernels", tuple(int(k) for k in self.randconv_kernels))
@@ -242,6 +245,33 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
     if cfg.noise_std_max:
         x = x + torch.randn(x.shape, generator=generator) * u(0, cfg.noise_std_max, b)[:, None, None, None]
     return x.clamp(0.0, 1.0)
+
+
+def grayscale_batch(x: Any, p: float, generator: Any = None) -> Any:
+    """Show a share ``p`` of a float batch (B, 3, H, W) in [0, 1] in grey (ITU-R 601 luma in all three channels).
+
+    A network that sometimes sees no colour must also type cells by shape and texture, which another lab's stain
+    changes less than it changes colour. :func:`~smearpipe.train.train_classifier` applies it last, after the batch's
+    colour augmentation and normalisation (``AugmentConfig.gray_p``): normalising a grey crop would blow its
+    near-zero chroma up to the reference's spread.
+
+    Raises
+    ------
+    ValueError
+        ``p`` not a number in [0, 1].
+    """
+    import torch
+
+    _check_probability("gray_p", p)
+    if not p:
+        return x
+    pick = torch.rand(x.shape[0], generator=generator) < p
+    if not pick.any():
+        return x
+    out = x.clone()
+    gray = 0.299 * x[pick, 0:1] + 0.587 * x[pick, 1:2] + 0.114 * x[pick, 2:3]
+    out[pick] = gray.expand(-1, 3, -1, -1)
+    return out
 
 
 def _check_probability(name: str, p: Any) -> None:

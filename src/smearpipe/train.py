@@ -728,6 +728,8 @@ def train_classifier(
         Augmentation strengths (default :class:`~smearpipe.augment.AugmentConfig`); ``False`` disables.
         Its ``mixstyle_p`` acts inside the network, during training steps only
         (:func:`~smearpipe.augment.add_mix_style`; not with ``freeze_features``, whose features run in eval mode).
+        Its ``gray_p`` acts last on each batch, after colour augmentation and normalisation
+        (:func:`~smearpipe.augment.grayscale_batch`).
     rebalance : {"sampler", "loss", "none"}
         Class rebalancing: a weighted sampler drawing classes equally often (times each source's
         ``weight``), inverse-frequency class weights in the loss, or nothing.
@@ -823,6 +825,7 @@ def train_classifier(
         add_mix_style,
         color_augment_batch,
         geometric_transform,
+        grayscale_batch,
         match_sharpness_batch,
         reinhard_batch,
     )
@@ -1007,6 +1010,8 @@ def train_classifier(
             if "sharpen" in prep.steps:
                 x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
                                           max_amount=prep.sharpen_max_amount)
+        if aug and aug.gray_p:
+            x = grayscale_batch(x, aug.gray_p)
         return x
 
     views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
