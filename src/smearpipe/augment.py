@@ -213,7 +213,7 @@ def color_augment_batch(x: Any, cfg: AugmentConfig, generator: Any = None) -> An
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * u(1 - cfg.contrast, 1 + cfg.contrast, b)[:, None, None, None] + mean
     if cfg.saturation:
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        gray = _luma(x)
         x = gray + (x - gray) * u(1 - cfg.saturation, 1 + cfg.saturation, b)[:, None, None, None]
     x = x.clamp(0.0, 1.0)
     if cfg.gamma:
@@ -269,9 +269,13 @@ def grayscale_batch(x: Any, p: float, generator: Any = None) -> Any:
     if not pick.any():
         return x
     out = x.clone()
-    gray = 0.299 * x[pick, 0:1] + 0.587 * x[pick, 1:2] + 0.114 * x[pick, 2:3]
-    out[pick] = gray.expand(-1, 3, -1, -1)
+    out[pick] = _luma(x[pick]).expand(-1, 3, -1, -1)
     return out
+
+
+def _luma(x: Any) -> Any:
+    """ITU-R 601 luma of a float batch (B, 3, H, W) -> (B, 1, H, W)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _check_probability(name: str, p: Any) -> None:
