@@ -1,0 +1,280 @@
+"""Sweep training recipes of the PBC-only classifier on a lent GPU, from a portable pack of cached crops.
+
+Usage:
+  python scripts/recipe_sweep.py pack --out .pack          # here: build the pack (no test split is read)
+  python scripts/recipe_sweep.py run --pack .pack --out $OUT --device cuda --parallel 4 --deadline 480
+
+The GPU machine sees only the repository (64 MiB), not ``../shared``: ``pack`` stores what the runs need,
+
+* the PBC train crops exactly as the base recipe caches them (cell framing, Reinhard, 96 px), JPEG quality 95
+  with full-resolution colour (about 4.5 kB each; the lossless cache would be 200 MB);
+* the PBC val crops (1,030) and the BCCD "dev" crops (280, from BCCD train/val fields) at 64 px, preprocessed as a
+  classifier applies its record at inference (Reinhard), losslessly; ``run`` scores them as they are and with
+  ``"sharpen"`` added (as the protocol model is scored).
+
+``run`` trains each arm of :data:`ARMS` with :func:`smearpipe.train.train_classifier` (its own loop, loader,
+augmentation and early stopping; only the crop loading is replaced by the pack's arrays) and scores each run's
+kept weights on PBC val and BCCD dev. Runs go ``--parallel`` at a time, in the order of :data:`ARMS`; none
+starts after ``--deadline`` seconds. ``OUT/sweep.json`` is rewritten after every run, so a call cut short
+keeps what finished. Validation data only: a sweep chooses what to retrain here, on the CPU, under a rule
+committed before; its own numbers are not a result of the shipped weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+# (name, train_classifier overrides of the base recipe, seed), in launch order: first seeds of every arm, then
+# second seeds, then the controls' third seed. Base: scripts/train_default_classifier.py --pbc-only --epochs 14.
+_ARMS = {
+    "ctrl": {},
+    "nobal": {"rebalance": "none"},
+    "lossbal": {"rebalance": "loss"},
+    "ep24": {"epochs": 24},
+    "ls0": {"label_smoothing": 0.0},
+    "crop08": {"augment": {"crop_scale_min": 0.8}},
+}
+ARMS = ([(f"{a}-s1", o, 1) for a, o in _ARMS.items()] + [(f"{a}-s2", o, 2) for a, o in _ARMS.items()]
+        + [("ctrl-s3", {}, 3), ("nobal-s3", {"rebalance": "none"}, 3)])
+
+
+def _encode_jpeg(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, 95,
+                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    import cv2
+
+    out = [cv2.cvtColor(cv2.imdecode(blob[a:b], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+           for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return np.stack(out)
+
+
+def base_sources() -> tuple[list, list]:
+    from train_default_classifier import PBC_CENTER, SHARED
+
+    from smearpipe.train import CropSource
+
+    root, splits = str(SHARED / "pbc" / "PBC_dataset_normal_DIB"), str(SHARED / "pbc" / "splits.csv")
+    return ([CropSource(root, split="train", splits_csv=splits, center_fraction=PBC_CENTER, name="pbc-train")],
+            [CropSource(root, split="val", splits_csv=splits, center_fraction=PBC_CENTER, name="pbc-val")])
+
+
+def base_config() -> dict:
+    """The base recipe's ``train_classifier`` options (``train_default_classifier.py --pbc-only --epochs 14``)."""
+    from train_default_classifier import AUGMENT_FRAMED, CROP_SCALE
+
+    from smearpipe.preprocess import Preprocessing
+
+    return {"input_size": 64, "epochs": 14, "lr": 1e-3, "crop_scale": CROP_SCALE, "framing": "cell",
+            "augment": AUGMENT_FRAMED, "cache_scale": 1.5,
+            "preprocessing": Preprocessing(steps=("reinhard",), macenko_on_failure="passthrough").resolved()}
+
+
+def pack(out: Path) -> None:
+    from input_size_sweep import validation_crops
+
+    from smearpipe.classify import resize_preprocessed
+    from smearpipe.datasets import WBC_CLASSES
+    from smearpipe.train import _load_crops
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = base_config()
+    train, _ = base_sources()
+    prep = cfg["preprocessing"]
+    tr_x, tr_y, _ = _load_crops(train, WBC_CLASSES, 96, prep, "train crops", True, cfg["framing"])
+    blobs = [_encode_jpeg(x) for x in tr_x]
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(out / "train.npz", jpg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, y=tr_y)
+    back = _decode_jpegs(np.frombuffer(b"".join(blobs), np.uint8), offsets)
+    print(f"train: {len(tr_y)} crops, {offsets[-1] / 1e6:.1f} MB JPEG, mean |error| "
+          f"{np.abs(back.astype(int) - tr_x).mean():.2f} grey levels")
+    arrays = {}
+    for key, (crops, y) in validation_crops(WBC_CLASSES).items():
+        arrays[f"{key}_plain"] = np.stack([resize_preprocessed(c, size=64, preprocessing=prep, preprocess_resized=True,
+                                                               framing=cfg["framing"]) for c in crops])
+        arrays[f"{key}_y"] = y
+    np.savez_compressed(out / "eval.npz", **arrays)
+    print({k: v.shape for k, v in arrays.items()})
+
+
+def eval_arrays(pack_dir: Path) -> dict[str, np.ndarray]:
+    """The pack's eval crops, and the same with ``"sharpen"`` after Reinhard: at 64 px the step acts on the
+    Reinhard-normalised resized crop, so it is applied to the stored one (the pack leaves it out for size)."""
+    ev = dict(np.load(pack_dir / "eval.npz"))
+    sharpen = dataclasses.replace(base_config()["preprocessing"], steps=("sharpen",))
+    for key in ("pbc_val", "bccd_dev"):
+        ev[f"{key}_sharpen"] = np.stack([sharpen(x) for x in ev[f"{key}_plain"]])
+    return ev
+
+
+def score(weights: Path, ev: dict, device: str) -> dict:
+    """Accuracy and correct counts of a trained classifier on the pack's preprocessed 64 px eval arrays."""
+    import torch
+    from sklearn.metrics import f1_score
+
+    from smearpipe.classify import Classifier
+
+    clf = Classifier.load(str(weights))
+    model = clf.model.to(device).eval()
+    mean = torch.tensor(clf.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(clf.std, device=device).view(1, 3, 1, 1)
+    res = {}
+    for key in ("pbc_val", "bccd_dev"):
+        y = ev[f"{key}_y"]
+        for tag in ("plain", "sharpen"):
+            x = torch.from_numpy(ev[f"{key}_{tag}"]).to(device).permute(0, 3, 1, 2).float().div(255)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+                p = torch.softmax(model(x).float(), 1).cpu().numpy()
+            pred = p.argmax(1)
+            res[f"{key}_{tag}"] = {"correct": int((pred == y).sum()), "n": int(len(y)),
+                                   "macro_f1": float(f1_score(y, pred, average="macro")),
+                                   "proba": np.round(p, 4).tolist()}
+    return res
+
+
+def run_one(name: str, pack_dir: Path, work: Path, device: str, workers: int, max_minutes: float) -> dict:
+    import torch
+
+    import smearpipe.train as T
+
+    torch.set_num_threads(1)
+    arms = {n: (o, s) for n, o, s in ARMS}
+    overrides, seed = arms[name]
+    z = np.load(pack_dir / "train.npz")
+    tr_x, tr_y = _decode_jpegs(z["jpg"], z["offsets"]), z["y"]
+    ev = eval_arrays(pack_dir)
+    va_x, va_y = ev["pbc_val_plain"], ev["pbc_val_y"]
+    stand_in = pack_dir / "train.npz"
+
+    # The pack replaces the PBC folders: train_classifier's cache key stats the sources' files, and its loader
+    # decodes them; both go to the pack (train at the 96 px cache size, val at the 64 px input size).
+    T.CropSource.samples = lambda self, classes: [(stand_in, 0)]
+
+    def load(sources, classes, size, prep, desc, resized_first, framing):
+        x, y = (tr_x, tr_y) if desc.startswith("caching train") else (va_x, va_y)
+        if x.shape[1] != size:
+            raise RuntimeError(f"pack crops are {x.shape[1]} px, the run asks for {size}")
+        return x, y, np.zeros(len(y), np.int64)
+
+    T._load_crops = load
+    cfg = base_config()
+    over = dict(overrides)
+    if "augment" in over:
+        over["augment"] = dataclasses.replace(cfg["augment"], **over["augment"])
+    cfg.update(over)
+    train, val = [T.CropSource("pack", name="pbc-train")], [T.CropSource("pack", name="pbc-val")]
+    t0 = time.time()
+    result = T.train_classifier(train, val, out_dir=work, name=name, record_name=f"sweep-{name}", seed=seed,
+                                device=device, num_workers=workers, max_minutes=max_minutes, **cfg)
+    minutes = (time.time() - t0) / 60
+    return {"name": name, "seed": seed, "overrides": json.loads(json.dumps(overrides)), "minutes": round(minutes, 2),
+            "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+            "history": [{k: round(v, 5) for k, v in h.items()} for h in result.history],
+            "scores": score(result.weights, ev, device)}
+
+
+def summary_line(r: dict) -> str:
+    s = r["scores"]
+    return (f"{r['name']:12s} val {s['pbc_val_plain']['correct']}/{s['pbc_val_sharpen']['correct']} "
+            f"dev {s['bccd_dev_plain']['correct']}/{s['bccd_dev_sharpen']['correct']} "
+            f"best epoch {r['best_epoch']}/{r['epochs_run']} {r['minutes']:.1f} min")
+
+
+def run_all(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    queue = [n for n, _, _ in ARMS if not args.only or n in args.only]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    done, failed = [], {}
+    log = open(out / "sweep.log", "a")
+
+    def write() -> None:
+        tmp = out / "sweep.json.tmp"
+        tmp.write_text(json.dumps({"what": __doc__.split("\n\n")[3].replace("\n", " "), "arms": _ARMS,
+                                   "runs": done, "failed": failed, "not_started": queue,
+                                   "elapsed_s": round(time.time() - t0)}, indent=1))
+        os.replace(tmp, out / "sweep.json")
+
+    while running or (queue and time.time() - t0 < args.deadline):
+        while queue and len(running) < args.parallel and time.time() - t0 < args.deadline:
+            name = queue.pop(0)
+            cmd = [sys.executable, __file__, "one", name, "--pack", args.pack, "--work", str(work),
+                   "--device", args.device, "--workers", str(args.workers), "--max-minutes", str(args.max_minutes)]
+            f = open(work / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), time.time())
+            print(f"{time.time() - t0:6.0f} s start {name}", file=log, flush=True)
+        time.sleep(2)
+        for name, (proc, _) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            res = work / f"{name}.json"
+            if proc.returncode == 0 and res.is_file():
+                done.append(json.loads(res.read_text()))
+                print(f"{time.time() - t0:6.0f} s {summary_line(done[-1])}", file=log, flush=True)
+            else:
+                tail = (work / f"{name}.log").read_text()[-3000:]
+                failed[name] = {"returncode": proc.returncode, "log_tail": tail}
+                print(f"{time.time() - t0:6.0f} s FAILED {name} rc={proc.returncode}\n{tail}", file=log, flush=True)
+            write()
+    write()
+    print(open(out / "sweep.log").read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack")
+    p.add_argument("--out", default=".pack")
+    for name in ("run", "one"):
+        r = sub.add_parser(name)
+        if name == "one":
+            r.add_argument("name")
+        r.add_argument("--pack", default=".pack")
+        r.add_argument("--out", default="sweep-out")
+        r.add_argument("--work", default="/tmp/sweep-runs")
+        r.add_argument("--device", default="cuda")
+        r.add_argument("--parallel", type=int, default=4)
+        r.add_argument("--workers", type=int, default=3)
+        r.add_argument("--deadline", type=float, default=480, help="seconds after which no run starts")
+        r.add_argument("--max-minutes", type=float, default=6.0, help="each run's train_classifier(max_minutes=)")
+        r.add_argument("--only", nargs="*", default=None, help="run only these arms (names as in ARMS)")
+    args = ap.parse_args()
+    if args.cmd == "pack":
+        pack(Path(args.out))
+    elif args.cmd == "one":
+        res = run_one(args.name, Path(args.pack), Path(args.work), args.device, args.workers, args.max_minutes)
+        tmp = Path(args.work) / f"{args.name}.json.tmp"
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, Path(args.work) / f"{args.name}.json")
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()
