@@ -2,7 +2,8 @@
 
 Usage:
   python scripts/recipe_sweep.py pack --out .pack          # here: build the pack (no test split is read)
-  python scripts/recipe_sweep.py run --pack .pack --out $OUT --device cuda --parallel 4 --deadline 480
+  python scripts/recipe_sweep.py run --pack .pack --out $OUT --device cuda --parallel 6 --workers 2 --deadline 330
+  python scripts/recipe_sweep.py summarize CALL.json [CALL.json ...] --pack .pack --out reports/recipe_sweep
 
 The GPU machine sees only the repository (64 MiB), not ``../shared``: ``pack`` stores what the runs need,
 
@@ -47,7 +48,7 @@ _ARMS = {
     "ls0": {"label_smoothing": 0.0},
     "crop08": {"augment": {"crop_scale_min": 0.8}},
 }
-ARMS = [(f"{a}-s{seed}", o, seed) for seed in (1, 2, 3) for a, o in _ARMS.items()]
+ARMS = [(f"{a}-s{seed}", o, seed) for seed in (1, 2, 3, 4, 5, 6) for a, o in _ARMS.items()]
 
 
 def _encode_jpeg(rgb: np.ndarray) -> bytes:
@@ -245,11 +246,72 @@ def run_all(args: argparse.Namespace) -> None:
     print(open(out / "sweep.log").read())
 
 
+def summarize(calls: list[Path], pack_dir: Path, out: Path) -> None:
+    """Per-arm means against the control and the plan's rule; each call's JSON without probabilities, and the
+    probabilities in ``probabilities.npz`` (float16, keys ``RUN/EVAL``)."""
+    y = {k: np.load(pack_dir / "eval.npz")[f"{k}_y"] for k in ("pbc_val", "bccd_dev")}
+    runs, proba = [], {}
+    for i, call in enumerate(calls, 1):
+        d = json.loads(call.read_text())
+        for r in d["runs"]:
+            r["call"] = i
+            for key, s in r["scores"].items():
+                proba[f"{r['name']}/{key}"] = np.array(s.pop("proba"), np.float16)
+            runs.append(r)
+        (out / f"sweep_call{i}.json").write_text(json.dumps(d, indent=1) + "\n")
+    np.savez_compressed(out / "probabilities.npz", **proba)
+    arms: dict[str, list[dict]] = {}
+    for r in runs:
+        arms.setdefault(r["name"].rsplit("-", 1)[0], []).append(r)
+
+    def mean(rs: list[dict], key: str) -> float:
+        return float(np.mean([r["scores"][key]["correct"] for r in rs]))
+
+    ctrl = arms["ctrl"]
+    table = {}
+    for arm, rs in arms.items():
+        row = {"seeds": sorted(r["seed"] for r in rs), "complete_runs": sum(r["best_epoch"] > 0 for r in rs)}
+        for key in ("pbc_val_plain", "pbc_val_sharpen", "bccd_dev_plain", "bccd_dev_sharpen"):
+            row[key] = {"correct": [r["scores"][key]["correct"] for r in sorted(rs, key=lambda r: r["seed"])],
+                        "mean": round(mean(rs, key), 2), "vs_ctrl": round(mean(rs, key) - mean(ctrl, key), 2)}
+        row["stopped_early"] = [f"seed {r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']} run"
+                                for r in rs if r["epochs_run"] < (24 if arm == "ep24" else 14)]
+        val, dev = row["pbc_val_plain"]["vs_ctrl"], row["bccd_dev_sharpen"]["vs_ctrl"]
+        row["rule"] = {"towards_4": bool(val >= 3 and dev >= -4), "towards_6": bool(dev >= 8 and val >= -1)}
+        for key, yy in (("pbc_val_plain", y["pbc_val"]), ("bccd_dev_sharpen", y["bccd_dev"])):
+            p = np.mean([proba[f"{r['name']}/{key}"].astype(np.float32) for r in rs], axis=0)
+            row.setdefault("mean_probability_ensemble", {})[key] = int((p.argmax(1) == yy).sum())
+        table[arm] = row
+    hard = {}
+    valid = [r for r in runs if not r["name"].startswith("ep24")]
+    for key, yy in (("pbc_val_plain", y["pbc_val"]), ("bccd_dev_sharpen", y["bccd_dev"])):
+        wrong = np.array([proba[f"{r['name']}/{key}"].argmax(1) != yy for r in valid])
+        freq = wrong.sum(0)
+        hard[key] = {"runs": len(valid), "wrong_in_every_run": int((freq == len(valid)).sum()),
+                     "wrong_in_half_or_more": int((freq >= len(valid) / 2).sum()), "wrong_in_any": int((freq > 0).sum()),
+                     "errors_per_run": [int(wrong.sum(1).min()), int(wrong.sum(1).max())]}
+    (out / "summary.json").write_text(json.dumps({
+        "what": "Means over each arm's seeds of correct PBC val (of 1,030) and BCCD dev (of 280) crops, as plain "
+                "(the recorded Reinhard step) and with 'sharpen' added; vs_ctrl is the difference from the control's "
+                "mean (same calls, same GPU); rule as in README.md. mean_probability_ensemble: all of an arm's seeds "
+                "averaged. hard_images: over every run except ep24 (stopped early).",
+        "arms": table, "hard_images": hard}, indent=1) + "\n")
+    for arm, row in table.items():
+        print(f"{arm:8s} seeds {row['seeds']} val {row['pbc_val_plain']['mean']:.2f} ({row['pbc_val_plain']['vs_ctrl']:+.2f}) "
+              f"dev {row['bccd_dev_sharpen']['mean']:.2f} ({row['bccd_dev_sharpen']['vs_ctrl']:+.2f}) rule {row['rule']} "
+              f"ensemble {row['mean_probability_ensemble']}")
+    print(json.dumps(hard))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack")
     p.add_argument("--out", default=".pack")
+    m = sub.add_parser("summarize")
+    m.add_argument("calls", nargs="+", help="sweep.json of each device call, in order")
+    m.add_argument("--pack", default=".pack")
+    m.add_argument("--out", default="reports/recipe_sweep")
     for name in ("run", "one"):
         r = sub.add_parser(name)
         if name == "one":
@@ -266,6 +328,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "pack":
         pack(Path(args.out))
+    elif args.cmd == "summarize":
+        summarize([Path(c) for c in args.calls], Path(args.pack), Path(args.out))
     elif args.cmd == "one":
         res = run_one(args.name, Path(args.pack), Path(args.work), args.device, args.workers, args.max_minutes)
         tmp = Path(args.work) / f"{args.name}.json.tmp"
