@@ -152,3 +152,56 @@ def test_scale_up_window_keeps_boxes_mostly_inside():
     assert mod.in_window((10, 10, 10, 20), 2.0, 0, 0) is None  # no area
     assert mod.pct_error(90, 100) == pytest.approx(-10.0)
     assert mod.pct_error(3, 0) is None  # nothing to count: no percentage, not inf in the JSON
+
+
+def test_recipe_sweep_pack_jpeg_round_trip():
+    sweep = _script("recipe_sweep")
+    rng = np.random.default_rng(0)
+    smooth = np.clip(np.cumsum(rng.integers(-3, 4, (2, 96, 96, 3)), axis=2) + 128, 0, 255).astype(np.uint8)
+    blobs = [sweep._encode_jpeg(x) for x in smooth]
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    back = sweep._decode_jpegs(np.frombuffer(b"".join(blobs), np.uint8), offsets)
+    assert back.shape == smooth.shape and back.dtype == np.uint8
+    assert np.abs(back.astype(int) - smooth).mean() < 3  # quality 95, full-resolution colour
+    # RGB order kept: a red crop comes back red
+    red = np.zeros((96, 96, 3), np.uint8)
+    red[..., 0] = 200
+    blob = sweep._encode_jpeg(red)
+    out = sweep._decode_jpegs(np.frombuffer(blob, np.uint8), np.array([0, len(blob)]))
+    assert out[0, ..., 0].mean() > 190 and out[0, ..., 2].mean() < 10
+
+
+def test_recipe_sweep_summary_applies_the_rule(tmp_path):
+    sweep = _script("recipe_sweep")
+    y_val, y_dev = np.arange(20) % 5, np.arange(10) % 5
+    np.savez_compressed(tmp_path / "eval.npz", pbc_val_y=y_val, bccd_dev_y=y_dev)
+
+    def proba(y, wrong):  # one-hot answers, the first ``wrong`` of them shifted to the next class
+        pred = y.copy()
+        pred[:wrong] = (pred[:wrong] + 1) % 5
+        return np.eye(5)[pred].tolist()
+
+    def run(name, seed, val_wrong, dev_wrong, epochs=14):
+        scores = {}
+        for key, y, wrong in (("pbc_val", y_val, val_wrong), ("bccd_dev", y_dev, dev_wrong)):
+            for tag in ("plain", "sharpen"):
+                scores[f"{key}_{tag}"] = {"correct": len(y) - wrong, "n": len(y), "macro_f1": 0.0,
+                                          "proba": proba(y, wrong)}
+        return {"name": f"{name}-s{seed}", "seed": seed, "best_epoch": epochs, "epochs_run": epochs, "scores": scores}
+
+    runs = [run("ctrl", 1, 6, 8), run("ctrl", 2, 8, 8),      # control: val 13, dev 2 correct on average
+            run("better", 1, 3, 8), run("better", 2, 4, 9),  # 3.5 fewer val errors, dev -0.5: towards #4
+            run("worse", 1, 7, 9), run("worse", 2, 7, 9)]
+    call = tmp_path / "call.json"
+    call.write_text(json.dumps({"runs": runs, "failed": {}, "not_started": []}))
+    out = tmp_path / "out"
+    out.mkdir()
+    sweep.summarize([call], tmp_path, out)
+    arms = json.loads((out / "summary.json").read_text())["arms"]
+    assert arms["ctrl"]["pbc_val_plain"]["mean"] == 13 and arms["better"]["pbc_val_plain"]["vs_ctrl"] == 3.5
+    assert arms["better"]["rule"] == {"towards_4": True, "towards_6": False}
+    assert arms["worse"]["rule"] == {"towards_4": False, "towards_6": False}
+    assert arms["ctrl"]["mean_probability_ensemble"]["pbc_val_plain"] == 14  # 6 of 20 wrong in both seeds
+    saved = np.load(out / "probabilities.npz")
+    assert saved["ctrl-s1/pbc_val_plain"].shape == (20, 5)
+    assert "proba" not in json.dumps(json.loads((out / "sweep_call1.json").read_text()))
