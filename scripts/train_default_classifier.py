@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--consistency", type=float, default=0.0,
                     help="weight of the Jensen-Shannon consistency between two colour augmentations of each crop "
                          "(train_classifier(consistency=...); 0: off; twice the compute per step)")
+    ap.add_argument("--patience", type=int, default=5,
+                    help="early stopping: epochs without a better val macro-F1 (train_classifier(patience=...)); "
+                         "a long one-cycle schedule needs more than the default, its val dips at the peak lr")
     ap.add_argument("--seed", type=int, default=0, help="random seed of initialisation, sampling and augmentation")
     ap.add_argument("--resume", action="store_true", help="continue the run OUT/NAME from its checkpoint")
     ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
@@ -156,7 +159,7 @@ def main() -> None:
                                                           randconv_p=args.randconv, mixstyle_p=args.mixstyle,
                                                           stain_vector=args.stain_vector, gray_p=args.gray),
                               normalize_after_augment=args.normalize_after_augment,
-                              ema=args.ema, consistency=args.consistency,
+                              ema=args.ema, consistency=args.consistency, patience=args.patience,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
                               num_workers=args.workers, device=args.device, resume=args.resume, seed=args.seed,
                               **preprocessing(args))
