@@ -738,6 +738,14 @@ def test_train_num_workers_refuses(tiny_crops, tmp_path, bad):
     assert not (tmp_path / "train").exists()
 
 
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "5"])
+def test_train_patience_refuses(tiny_crops, tmp_path, bad):
+    with pytest.raises(ValueError, match="patience"):  # 0 would stop every run after its first epoch
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         patience=bad)
+    assert not (tmp_path / "train").exists()
+
+
 def test_training_device_is_recorded(tiny_run):
     assert json.loads(tiny_run.record.read_text())["training"]["device"] == "cpu"
 

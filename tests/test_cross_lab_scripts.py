@@ -157,51 +157,89 @@ def test_scale_up_window_keeps_boxes_mostly_inside():
 def test_recipe_sweep_pack_jpeg_round_trip():
     sweep = _script("recipe_sweep")
     rng = np.random.default_rng(0)
-    smooth = np.clip(np.cumsum(rng.integers(-3, 4, (2, 96, 96, 3)), axis=2) + 128, 0, 255).astype(np.uint8)
+    steps = rng.integers(-2, 3, (2, 96, 96, 3))
+    smooth = np.clip(steps.cumsum(axis=1).cumsum(axis=2) // 8 + 128, 0, 255).astype(np.uint8)  # smooth both ways
     blobs = [sweep._encode_jpeg(x) for x in smooth]
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     back = sweep._decode_jpegs(np.frombuffer(b"".join(blobs), np.uint8), offsets)
     assert back.shape == smooth.shape and back.dtype == np.uint8
     assert np.abs(back.astype(int) - smooth).mean() < 3  # quality 95, full-resolution colour
-    # RGB order kept: a red crop comes back red
-    red = np.zeros((96, 96, 3), np.uint8)
-    red[..., 0] = 200
-    blob = sweep._encode_jpeg(red)
-    out = sweep._decode_jpegs(np.frombuffer(blob, np.uint8), np.array([0, len(blob)]))
-    assert out[0, ..., 0].mean() > 190 and out[0, ..., 2].mean() < 10
+    # colour at full resolution: a one-pixel-wide red/blue stripe pattern keeps its colours (4:2:0 would grey them)
+    stripes = np.zeros((96, 96, 3), np.uint8)
+    stripes[:, 0::2, 0] = 220
+    stripes[:, 1::2, 2] = 220
+    blob = sweep._encode_jpeg(stripes)
+    out = sweep._decode_jpegs(np.frombuffer(blob, np.uint8), np.array([0, len(blob)]))[0].astype(int)
+    assert (out[:, 0::2, 0] - out[:, 0::2, 2]).mean() > 100 and (out[:, 1::2, 2] - out[:, 1::2, 0]).mean() > 100
 
 
-def test_recipe_sweep_summary_applies_the_rule(tmp_path):
+def _sweep_run(name, seed, call_wrong, y_val, y_dev, epochs=14, planned=14):
+    """A sweep run whose answers miss the first ``n`` val / dev crops (moved to the next class, no ties)."""
+    val_wrong, dev_wrong = call_wrong
+    scores = {}
+    for key, y, wrong in (("pbc_val", y_val, val_wrong), ("bccd_dev", y_dev, dev_wrong)):
+        for tag in ("plain", "sharpen"):
+            # the columns the rule does not read miss 5 crops in every run: a rule reading them sees no change
+            n = 5 if (key, tag) in (("pbc_val", "sharpen"), ("bccd_dev", "plain")) else wrong
+            pred = y.copy()
+            pred[:n] = (pred[:n] + 1) % 5
+            p = np.full((len(y), 5), 0.05)
+            p[np.arange(len(y)), pred] = 0.8 - 0.01 * seed  # seeds differ a little: averages have no ties
+            scores[f"{key}_{tag}"] = {"correct": int((pred == y).sum()), "n": len(y), "macro_f1": 0.0,
+                                      "proba": p.tolist()}
+    return {"name": f"{name}-s{seed}", "seed": seed, "best_epoch": epochs, "epochs_run": epochs,
+            "epochs_planned": planned, "overrides": {}, "scores": scores}
+
+
+@pytest.mark.parametrize(("val_gain", "dev_gain", "rule"), [
+    (3, -4, {"towards_4": True, "towards_6": False}),   # both edges of condition 1
+    (4, -5, {"towards_4": False, "towards_6": False}),  # dev fell too far
+    (-1, 8, {"towards_4": False, "towards_6": True}),   # both edges of condition 2
+    (-2, 8, {"towards_4": False, "towards_6": False}),  # val fell too far
+    (2, 7, {"towards_4": False, "towards_6": False}),
+])
+def test_recipe_sweep_summary_applies_the_rule(tmp_path, val_gain, dev_gain, rule):
     sweep = _script("recipe_sweep")
-    y_val, y_dev = np.arange(20) % 5, np.arange(10) % 5
+    y_val, y_dev = np.arange(40) % 5, np.arange(40) % 5
     np.savez_compressed(tmp_path / "eval.npz", pbc_val_y=y_val, bccd_dev_y=y_dev)
-
-    def proba(y, wrong):  # one-hot answers, the first ``wrong`` of them shifted to the next class
-        pred = y.copy()
-        pred[:wrong] = (pred[:wrong] + 1) % 5
-        return np.eye(5)[pred].tolist()
-
-    def run(name, seed, val_wrong, dev_wrong, epochs=14):
-        scores = {}
-        for key, y, wrong in (("pbc_val", y_val, val_wrong), ("bccd_dev", y_dev, dev_wrong)):
-            for tag in ("plain", "sharpen"):
-                scores[f"{key}_{tag}"] = {"correct": len(y) - wrong, "n": len(y), "macro_f1": 0.0,
-                                          "proba": proba(y, wrong)}
-        return {"name": f"{name}-s{seed}", "seed": seed, "best_epoch": epochs, "epochs_run": epochs, "scores": scores}
-
-    runs = [run("ctrl", 1, 6, 8), run("ctrl", 2, 8, 8),      # control: val 13, dev 2 correct on average
-            run("better", 1, 3, 8), run("better", 2, 4, 9),  # 3.5 fewer val errors, dev -0.5: towards #4
-            run("worse", 1, 7, 9), run("worse", 2, 7, 9)]
+    ctrl = [(10, 20), (12, 20)]  # (val, dev) errors of the control's two seeds: mean 11 and 20
+    arm = [(11 - val_gain, 20 - dev_gain)] * 2
     call = tmp_path / "call.json"
-    call.write_text(json.dumps({"runs": runs, "failed": {}, "not_started": []}))
+    call.write_text(json.dumps({"runs": [_sweep_run("ctrl", s, w, y_val, y_dev) for s, w in zip((1, 2), ctrl, strict=True)]
+                                + [_sweep_run("arm", s, w, y_val, y_dev) for s, w in zip((1, 2), arm, strict=True)]}))
     out = tmp_path / "out"
     out.mkdir()
-    sweep.summarize([call], tmp_path, out)
-    arms = json.loads((out / "summary.json").read_text())["arms"]
-    assert arms["ctrl"]["pbc_val_plain"]["mean"] == 13 and arms["better"]["pbc_val_plain"]["vs_ctrl"] == 3.5
-    assert arms["better"]["rule"] == {"towards_4": True, "towards_6": False}
-    assert arms["worse"]["rule"] == {"towards_4": False, "towards_6": False}
-    assert arms["ctrl"]["mean_probability_ensemble"]["pbc_val_plain"] == 14  # 6 of 20 wrong in both seeds
+    summary = sweep.summarize([call], tmp_path, out)
+    row = summary["arms"]["arm"]
+    assert row["pbc_val_plain"]["vs_ctrl"] == val_gain and row["bccd_dev_sharpen"]["vs_ctrl"] == dev_gain
+    assert row["rule"] == rule
+    assert json.loads((out / "summary.json").read_text())["arms"]["arm"]["rule"] == rule
+
+
+def test_recipe_sweep_summary_compares_within_calls_and_counts_hard_images(tmp_path):
+    sweep = _script("recipe_sweep")
+    y = np.arange(20) % 5
+    np.savez_compressed(tmp_path / "eval.npz", pbc_val_y=y, bccd_dev_y=y)
+    first = tmp_path / "call1.json"
+    first.write_text(json.dumps({"runs": [_sweep_run("ctrl", 1, (4, 0), y, y), _sweep_run("arm", 1, (2, 0), y, y),
+                                          _sweep_run("cut", 1, (0, 0), y, y, epochs=9, planned=24)]}))
+    second = tmp_path / "call2.json"  # a later call: more control seeds, which call 1's arms are not compared with
+    second.write_text(json.dumps({"runs": [_sweep_run("ctrl", 2, (10, 0), y, y)]}))
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = sweep.summarize([first, second], tmp_path, out, val_names=[f"img{i}" for i in range(20)])
+    arm = summary["arms"]["arm"]
+    assert arm["control_seeds_compared"] == [1] and arm["pbc_val_plain"]["vs_ctrl"] == 2
+    assert summary["arms"]["ctrl"]["pbc_val_plain"]["mean"] == 13  # (16 + 10) / 2, both calls
+    assert summary["arms"]["cut"]["complete_runs"] == 0 and len(summary["arms"]["cut"]["stopped_early"]) == 1
+    hard = summary["hard_images"]["pbc_val_plain"]
+    assert hard["runs"] == 3  # the cut run is left out
+    assert hard["wrong_in_every_run"] == 2 and hard["wrong_in_half_or_more"] == 4 and hard["errors_per_run"] == [2, 10]
+    assert [h["image"] for h in hard["half_or_more"]] == ["img0", "img1", "img2", "img3"]
+    assert hard["half_or_more"][0]["most_given"] == 1  # class 0 moved to the next class
+    assert summary["arms"]["ctrl"]["mean_probability_ensemble"]["pbc_val_plain"] == 20 - 4  # seed 1 is surer
     saved = np.load(out / "probabilities.npz")
     assert saved["ctrl-s1/pbc_val_plain"].shape == (20, 5)
-    assert "proba" not in json.dumps(json.loads((out / "sweep_call1.json").read_text()))
+    assert "proba" not in (out / "sweep_call1.json").read_text()
+    with pytest.raises(ValueError, match="also in an earlier call"):
+        sweep.summarize([first, first], tmp_path, out)

@@ -837,6 +837,8 @@ def train_classifier(
         raise ValueError(f"rebalance must be 'sampler', 'loss' or 'none', got {rebalance!r}")
     if input_size < 32 or epochs < 1 or batch_size < 1:
         raise ValueError(f"input_size >= 32, epochs >= 1, batch_size >= 1 required, got {input_size}, {epochs}, {batch_size}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1 (epochs without a better val macro-F1), got {patience!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     framing = Framing.from_value(framing)  # ValueError for unknown names or bad numbers
