@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--consistency", type=float, default=0.0,
                     help="weight of the Jensen-Shannon consistency between two colour augmentations of each crop "
                          "(train_classifier(consistency=...); 0: off; twice the compute per step)")
+    ap.add_argument("--crop-scale-min", type=float, default=None,
+                    help="random resized crops keep at least this share of the area (AugmentConfig.crop_scale_min; "
+                         "default 0.5 with cell framing, 0.25 without)")
     ap.add_argument("--patience", type=int, default=5,
                     help="early stopping: epochs without a better val macro-F1 (train_classifier(patience=...)); "
                          "a long one-cycle schedule needs more than the default, its val dips at the peak lr")
@@ -157,7 +160,9 @@ def main() -> None:
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
                                                           randconv_p=args.randconv, mixstyle_p=args.mixstyle,
-                                                          stain_vector=args.stain_vector, gray_p=args.gray),
+                                                          stain_vector=args.stain_vector, gray_p=args.gray,
+                                                          **({} if args.crop_scale_min is None
+                                                             else {"crop_scale_min": args.crop_scale_min})),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema, consistency=args.consistency, patience=args.patience,
                               cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
