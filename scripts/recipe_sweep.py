@@ -114,7 +114,7 @@ def pack(out: Path) -> None:
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez(out / "train.npz", jpg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, y=tr_y)
     back = _decode_jpegs(np.frombuffer(b"".join(blobs), np.uint8), offsets)
-    stats = {"train_crops": len(tr_y), "train_jpeg_mb": round(offsets[-1] / 1e6, 1),
+    stats = {"train_crops": len(tr_y), "train_jpeg_mb": round(float(offsets[-1]) / 1e6, 1),
              "train_jpeg_mean_abs_error_grey_levels": round(float(np.abs(back.astype(int) - tr_x).mean()), 2)}
     arrays = {}
     for key, (crops, y) in validation_crops(WBC_CLASSES).items():
@@ -122,7 +122,7 @@ def pack(out: Path) -> None:
                                                                framing=cfg["framing"]) for c in crops])
         arrays[f"{key}_y"] = y
     np.savez_compressed(out / "eval.npz", **arrays)
-    stats |= {f"{k}_crops": len(v) for k, v in arrays.items() if k.endswith("_y")}
+    stats |= {f"{k.removesuffix('_y')}_crops": len(v) for k, v in arrays.items() if k.endswith("_y")}
     (out / "pack.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(stats)
 
