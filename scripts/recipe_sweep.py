@@ -89,12 +89,12 @@ def base_sources() -> tuple[list, list]:
 
 def base_config() -> dict:
     """The base recipe's ``train_classifier`` options (``train_default_classifier.py --pbc-only --epochs 14``)."""
-    from train_default_classifier import AUGMENT_FRAMED, CROP_SCALE
+    from train_default_classifier import AUGMENT_FRAMED, CACHE_SCALE, CROP_SCALE
 
     from smearpipe.preprocess import Preprocessing
 
     return {"input_size": 64, "epochs": 14, "lr": 1e-3, "crop_scale": CROP_SCALE, "framing": "cell",
-            "augment": AUGMENT_FRAMED, "cache_scale": 1.5,
+            "augment": AUGMENT_FRAMED, "cache_scale": CACHE_SCALE,
             "preprocessing": Preprocessing(steps=("reinhard",), macenko_on_failure="passthrough").resolved()}
 
 
@@ -158,7 +158,8 @@ def score(weights: Path, ev: dict, device: str) -> dict:
                 p = torch.softmax(model(x).float(), 1).cpu().numpy()
             pred = p.argmax(1)
             res[f"{key}_{tag}"] = {"correct": int((pred == y).sum()), "n": int(len(y)),
-                                   "macro_f1": float(f1_score(y, pred, average="macro")),
+                                   "macro_f1": float(f1_score(y, pred, labels=list(range(5)), average="macro",
+                                                              zero_division=0)),  # as cross_lab_protocol.score
                                    "proba": np.round(p, 4).tolist()}
     return res
 

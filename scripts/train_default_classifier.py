@@ -67,6 +67,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 CROP_SCALE = 1.75
 PBC_CENTER = 0.7
+# Training crops are cached at 1.5x the input size, so that random resized crops keep some detail.
+CACHE_SCALE = 1.5
 # Random resized crops down to 25 % of the area: a cell then fills the whole crop, as in tightly cut crops
 # from other labs or at higher magnification (PBC frames show the cell at ~50 % of the width).
 AUGMENT = AugmentConfig(crop_scale_min=0.25)
@@ -165,7 +167,7 @@ def main() -> None:
                                                              else {"crop_scale_min": args.crop_scale_min})),
                               normalize_after_augment=args.normalize_after_augment,
                               ema=args.ema, consistency=args.consistency, patience=args.patience,
-                              cache_scale=1.5, pretrained=args.init, record_name=args.record_name,
+                              cache_scale=CACHE_SCALE, pretrained=args.init, record_name=args.record_name,
                               num_workers=args.workers, device=args.device, resume=args.resume, seed=args.seed,
                               **preprocessing(args))
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=1))
