@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_classify.py [--weights NAME_OR_PATH] [--batch 32]
 
 Crops are real BCCD WBC crops (from the bundled sample fields' annotations, 1.75x box), repeated to
 fill the batch. Includes everything predict_proba does: preprocessing (the record's, e.g. Macenko),
-resizing, normalisation and the network (bf16 autocast where the CPU supports it).
+resizing, normalisation and the network (in bf16 where the CPU supports it: Classifier._bf16_network).
 Target (classifier issue): <= 10 ms per crop on the project machine (2 cores).
 """
 

@@ -6,6 +6,8 @@ Prints the median time of each and the ratios the foundation issue targets:
   * smearpipe MacenkoNormalizer.transform vs torchstain numpy MacenkoNormalizer.normalize
     (both fitted to the same PBC reference crop, applied to the same 640x480 BCCD field): <= 0.2x
   * smearpipe median_filter + clahe vs the bare OpenCV calls they wrap: <= 1.2x
+and, without a target, the detector's field normalisation (reinhard_normalize onto field_reinhard_reference(), run
+on every field by analyze_smear) against the float L*a*b* round trip that any Reinhard implementation needs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from _machine import describe  # benchmarks/_machine.py, beside this script
 
 from smearpipe.io import read_image
-from smearpipe.preprocess import MacenkoNormalizer, clahe, median_filter
+from smearpipe.preprocess import MacenkoNormalizer, clahe, field_reinhard_reference, median_filter, reinhard_normalize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +83,15 @@ def main() -> None:
     np.testing.assert_array_equal(bare(), wrapped())  # same work, same result
     t_bare, t_wrap = median_ms(bare, wrapped, repeats=args.repeats * 5)
     print(f"median+clahe  smearpipe {t_wrap:8.2f} ms   bare OpenCV {t_bare:8.2f} ms   ratio {t_wrap / t_bare:.3f}  (target <= 1.2)")
+
+    ref = field_reinhard_reference()
+
+    def lab_round_trip() -> np.ndarray:
+        lab = cv2.cvtColor(field.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
+        return cv2.convertScaleAbs(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), alpha=255.0)
+
+    t_trip, t_rein = median_ms(lab_round_trip, lambda: reinhard_normalize(field, reference=ref), repeats=args.repeats * 5)
+    print(f"field reinhard  smearpipe {t_rein:8.2f} ms   L*a*b* round trip {t_trip:8.2f} ms   ratio {t_rein / t_trip:.3f}")
 
 
 if __name__ == "__main__":

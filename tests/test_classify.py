@@ -783,6 +783,41 @@ def test_predict_proba_names_the_bad_crop_across_batches(tiny_run):
         clf.predict_proba(np.zeros((40, 40), np.uint8))
 
 
+def test_bf16_inference_copy_gives_the_autocast_logits_and_follows_the_model(tiny_run, tiny_crops):
+    """predict_proba in bf16 runs a copy of the network with bf16 conv/linear weights: the same numbers as autocast
+    on ``model``, rebuilt when ``model`` changes; networks with other layers run under autocast."""
+    import torch
+
+    from smearpipe.classify import prepare_crops
+    from smearpipe.io import read_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # forced bf16 on a CPU without it: slow, still exact
+        clf = Classifier.load(tiny_run.weights, precision="bf16")
+    crops = [read_image(f) for f in sorted((tiny_crops / "val").rglob("*.jpg"))]
+
+    def autocast_proba(model):
+        x = torch.from_numpy(prepare_crops(crops, size=clf.input_size, preprocessing=clf.preprocessing, mean=clf.mean,
+                                           std=clf.std, preprocess_resized=clf.preprocess_resized,
+                                           framing=clf.framing)).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.softmax(model(x).float(), dim=1).numpy().astype(np.float64)
+
+    first = clf.predict_proba(crops)
+    assert clf._bf16_network() is not None
+    np.testing.assert_array_equal(first, autocast_proba(clf.model))
+    with torch.no_grad():  # a change of the network in place (as a user's adaptation would make) is followed
+        clf.model.head[4].bias += torch.arange(len(clf.classes), dtype=torch.float32)
+    changed = clf.predict_proba(crops)
+    np.testing.assert_array_equal(changed, autocast_proba(clf.model))
+    assert np.abs(changed - first).max() > 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        other = Classifier(torch.nn.Sequential(clf.model, torch.nn.Identity()), clf.record, precision="bf16")
+    assert other._bf16_network() is None  # a layer the copy does not cover: autocast, same numbers
+    np.testing.assert_array_equal(other.predict_proba(crops), changed)
+
+
 def test_average_classifiers_script(tiny_run, tmp_path, monkeypatch):
     """scripts/average_classifiers.py: the mean of two fine-tunes of one network, and refusals otherwise."""
     import importlib.util

