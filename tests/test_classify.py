@@ -786,6 +786,8 @@ def test_predict_proba_names_the_bad_crop_across_batches(tiny_run):
 def test_bf16_inference_copy_gives_the_autocast_logits_and_follows_the_model(tiny_run, tiny_crops):
     """predict_proba in bf16 runs a copy of the network with bf16 conv/linear weights: the same numbers as autocast
     on ``model``, rebuilt when ``model`` changes; networks with other layers run under autocast."""
+    import copy
+
     import torch
 
     from smearpipe.classify import prepare_crops
@@ -804,13 +806,29 @@ def test_bf16_inference_copy_gives_the_autocast_logits_and_follows_the_model(tin
             return torch.softmax(model(x).float(), dim=1).numpy().astype(np.float64)
 
     first = clf.predict_proba(crops)
-    assert clf._bf16_network() is not None
+    net = clf._bf16_network()
+    assert net is not None and clf._bf16_copy[1] is net and clf._bf16_network() is net  # made once, then kept
+    assert net[0][0].weight.dtype == torch.bfloat16 and net[0][1].weight.dtype == torch.float32
     np.testing.assert_array_equal(first, autocast_proba(clf.model))
+    np.testing.assert_array_equal(first, autocast_proba(lambda x: net(x.to(torch.bfloat16))))
     with torch.no_grad():  # a change of the network in place (as a user's adaptation would make) is followed
         clf.model.head[4].bias += torch.arange(len(clf.classes), dtype=torch.float32)
     changed = clf.predict_proba(crops)
+    assert clf._bf16_network() is not net
     np.testing.assert_array_equal(changed, autocast_proba(clf.model))
     assert np.abs(changed - first).max() > 0.01
+    hook = clf.model.head.register_forward_hook(lambda mod, inp, out: out * 0)
+    assert clf._bf16_network() is None  # hooks run only on ``model``: autocast
+    np.testing.assert_allclose(clf.predict_proba(crops), 1 / len(clf.classes))
+    hook.remove()
+    clf.model.train()
+    assert clf._bf16_network() is None  # the copy is in eval mode
+    clf.model.eval()
+    with torch.inference_mode(), warnings.catch_warnings():  # a network made in inference mode has no version counters
+        warnings.simplefilter("ignore", RuntimeWarning)
+        made_there = Classifier(copy.deepcopy(clf.model), clf.record, precision="bf16")
+    assert made_there._bf16_network() is None
+    np.testing.assert_array_equal(made_there.predict_proba(crops), changed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         other = Classifier(torch.nn.Sequential(clf.model, torch.nn.Identity()), clf.record, precision="bf16")

@@ -31,6 +31,8 @@ from smearpipe.preprocess import (
     stained_mask,
 )
 
+from .conftest import REPO
+
 FUNCS = {
     "median": lambda im: median_filter(im, ksize=3),
     "median5": lambda im: median_filter(im, ksize=5),
@@ -429,12 +431,32 @@ def test_reinhard_fast_path_gives_the_reference_implementation_values(bccd_field
     rng = np.random.default_rng(3)
     images = [bccd_field, *pbc_crops.values(), bccd_field[100:103, 50:250], bccd_field[::7, ::5].copy(),
               rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), np.zeros((1, 1, 3), np.uint8)]
-    refs = [default_reinhard_reference(), field_reinhard_reference(),
+    detector_ref = ReinhardReference.from_dict(  # the shipped detector's: pooled statistics (analyze_smear's path)
+        json.loads((REPO / "weights" / "detector-bccd-yolov8n-v5.json").read_text())["preprocessing"]["reinhard_reference"])
+    assert detector_ref.min_stained_fraction is not None
+    refs = [default_reinhard_reference(), field_reinhard_reference(), detector_ref,
             dataclasses.replace(default_reinhard_reference(), region="stained")]
     for ref in refs:
         for img in images:
             np.testing.assert_array_equal(reinhard_normalize(img, reference=ref),
                                           _reinhard_reference_implementation(img, ref))
+
+
+def test_stained_distance_test_matches_numpy_norm_at_the_threshold():
+    """The OpenCV form of ``np.linalg.norm(lab - colour, axis=2) >= delta`` (float32) agrees where rounding decides:
+    pixels within a few float32 steps of the threshold distance, in every direction."""
+    from smearpipe import preprocess as P
+
+    delta = np.float32(P._STAINED_MIN_DELTA_E)
+    assert np.sqrt(P._STAINED_MIN_DIST2) >= delta > np.sqrt(np.nextafter(P._STAINED_MIN_DIST2, np.float32(0)))
+    rng = np.random.default_rng(0)
+    colour = np.array([60.0, 12.5, -7.25], np.float32)
+    unit = rng.normal(size=(400, 500, 3))
+    unit /= np.linalg.norm(unit, axis=2, keepdims=True)
+    lab = (colour + unit * (delta + rng.uniform(-4e-6, 4e-6, (400, 500, 1)))).astype(np.float32)
+    expected = np.linalg.norm(lab - colour, axis=2) >= delta
+    assert 0.2 < expected.mean() < 0.8  # both sides of the threshold are sampled
+    np.testing.assert_array_equal(P._far_from(lab, colour), expected)
 
 
 def test_reinhard_reference_in_preprocessing_roundtrip(bccd_field):

@@ -200,6 +200,12 @@ def _bf16_copy_layers() -> tuple[type, ...]:
             nn.Dropout, nn.Linear)
 
 
+def _same_state(a: tuple, b: tuple) -> bool:
+    """Whether two ``(tensors with versions, layer settings)`` states of a network are the same tensors, unchanged."""
+    (ta, sa), (tb, sb) = a, b
+    return sa == sb and len(ta) == len(tb) and all(x is y and vx == vy for (x, vx), (y, vy) in zip(ta, tb, strict=True))
+
+
 def _bf16_supported() -> bool:
     import torch
 
@@ -229,7 +235,7 @@ class Classifier:
         import torch
 
         self.model = model.eval().to(memory_format=torch.channels_last)  # faster oneDNN convolutions on CPU
-        self._bf16_copy: tuple[tuple, Any] | None = None  # (state key, network): see _bf16_network
+        self._bf16_copy: tuple[tuple, Any] | None = None  # (state of model, bf16 network): see _bf16_network
         self.record = record
         self.batch_size = int(batch_size)
         self.use_bf16 = precision == "bf16" or (precision == "auto" and _bf16_supported())
@@ -341,27 +347,33 @@ class Classifier:
         return np.concatenate(outs)
 
     def _bf16_network(self) -> Any:
-        """``model`` with its convolution and linear weights cast to bfloat16 once, or None for networks with
-        other layers (they run under autocast).
+        """``model`` with its convolution and linear weights cast to bfloat16 once, or None where the copy could
+        differ from ``model`` under autocast (they then run under autocast).
 
         CPU autocast casts those weights again on every call; the copy gives the same logits, bit for bit
-        (tests/test_classify.py), 1.4-1.8 ms sooner per call for the shipped 64 px VGG16-BN on one crop. It is
-        rebuilt when any tensor of ``model`` is replaced or changed in place (its storage or version counter).
+        (tests/test_classify.py), 1-1.8 ms sooner per call for the shipped 64 px VGG16-BN on one crop. It is made
+        only for networks of plain VGG layers in eval mode without hooks, and made again when any of ``model``'s
+        tensors is replaced or changed in place, or a layer's settings change.
         """
         import torch
 
-        if not all(isinstance(m, _bf16_copy_layers()) for m in self.model.modules()):
+        modules, layers = list(self.model.modules()), _bf16_copy_layers()
+        if self.model.training or not all(type(m) in layers and not (m._forward_hooks or m._forward_pre_hooks)
+                                          for m in modules):
             return None
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if self._bf16_copy is None or self._bf16_copy[0] != key:
+        if any(t.is_inference() for t in tensors):  # no version counter to follow changes by
+            return None
+        state = ([(t, t._version) for t in tensors], [m.extra_repr() for m in modules])
+        cached = self._bf16_copy
+        if cached is None or not _same_state(cached[0], state):
             net = copy.deepcopy(self.model)
             with torch.no_grad():
                 for m in net.modules():
                     if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                         m.to(torch.bfloat16)  # batch norm stays float32, as under autocast
-            self._bf16_copy = (key, net.eval())
-        return self._bf16_copy[1]
+            self._bf16_copy = cached = (state, net.eval())
+        return cached[1]
 
     def predict(self, crops: Sequence[np.ndarray]) -> list[str]:
         """Most probable class name of each crop."""

@@ -14,7 +14,7 @@ Padding tight crops out to the full context cost accuracy on another lab: on the
 train/val fields (a PBC-only model, ``scripts/cross_lab_protocol.py``) 70.0 % with the square allowed
 to grow to 1.3x the crop, 76.1 % with 1.0x; PBC crops are framed wider and never reach the limit.
 A 4-epoch fine-tune on PBC crops cut tight and padded likewise did not help: 63.6 % with 2.0x, against 72.1 %
-for the same fine-tune without such crops (README, "tight cuts").
+for the same fine-tune without such crops (docs/cross_lab_experiments.md, "tight cuts").
 
 A classifier records its :class:`Framing` (``framing`` in its weights record) and applies it to every
 crop, in training and at inference.
