@@ -641,6 +641,40 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     assert "unsharp" in capsys.readouterr().err
 
 
+def test_cli_classify_types_crops_in_input_order_and_keeps_earlier_output(tiny_run, tiny_crops, tmp_path, capsys):
+    import csv
+
+    from smearpipe.cli import main as cli_main
+    from smearpipe.io import read_image
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "preds" / "types.csv"
+    args = ["classify", str(bad), str(tiny_crops / "val"), "--classifier", str(tiny_run.weights), "--out", str(out)]
+    assert cli_main(args) == 1  # one unreadable file: its row says why, the others are typed
+    rows = list(csv.DictReader(out.open()))
+    files = sorted((tiny_crops / "val").rglob("*.jpg"))
+    assert [r["path"] for r in rows] == [str(bad), *map(str, files)]
+    assert rows[0]["error"].startswith("cannot decode") and rows[0]["wbc_type"] == ""
+    clf = Classifier.load(tiny_run.weights)
+    expected = clf.predict_proba([read_image(f) for f in files])
+    for r, e in zip(rows[1:], expected, strict=True):
+        probs = np.array([float(r[f"p_{c}"]) for c in clf.classes])
+        np.testing.assert_allclose(probs, e, atol=6e-5)  # written with 4 decimals
+        assert r["wbc_type"] == clf.classes[int(e.argmax())] and r["error"] == ""
+        assert (r["review"] == "yes") == (e.max() < 0.7 or "no nucleus" in r["reasons"])
+    assert "broken.jpg" in capsys.readouterr().err
+    before = out.read_bytes()
+    assert cli_main(args) == 2 and out.read_bytes() == before  # an earlier output is kept
+    assert "exists" in capsys.readouterr().err
+    assert cli_main([*args, "--overwrite", "--review-probability", "1.0"]) == 1
+    assert all(r["review"] == "yes" for r in list(csv.DictReader(out.open()))[1:])
+    assert sorted(f.name for f in out.parent.iterdir()) == ["types.csv"]  # no temporary file left
+    assert cli_main(["classify", str(tmp_path / "preds"), "--out", str(tmp_path / "x.csv")]) == 2  # no images there
+    assert cli_main([*args[:-1], str(tmp_path / "y.csv"), "--review-probability", "2"]) == 2
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
+
+
 def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     opts = dict(epochs=2, batch_size=5, input_size=32, out_dir=tmp_path, name="old", num_workers=0, framing="as_given")
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)

@@ -121,6 +121,76 @@ def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import csv
+    import os
+    import tempfile
+
+    from .classify import Classifier
+    from .errors import ImageReadError, InvalidImageError
+    from .framing import nucleus_box
+    from .io import read_image
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; use another --out or --overwrite", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.review_probability <= 1.0:
+        print(f"error: --review-probability must be in [0, 1], got {args.review_probability}", file=sys.stderr)
+        return 2
+    paths = _image_paths(args.paths, recursive=True)
+    if not paths:
+        print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    clf = Classifier.load(args.classifier)
+    classes = clf.classes
+    counts = dict.fromkeys(classes, 0)
+    n_ok = n_review = 0
+    errors: list[tuple[Path, str]] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # the CSV appears whole or not at all
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "wbc_type", "probability", *(f"p_{c}" for c in classes), "review", "reasons", "error"])
+            for start in range(0, len(paths), 256):  # a few hundred crops in memory at a time
+                read: dict[int, Any] = {}
+                for i, path in enumerate(paths[start:start + 256]):
+                    try:
+                        read[i] = read_image(path)
+                    except (ImageReadError, InvalidImageError) as exc:
+                        read[i] = exc
+                crops = [c for c in read.values() if not isinstance(c, Exception)]
+                rows = iter(clf.predict_proba(crops)) if crops else iter(())
+                for i, path in enumerate(paths[start:start + 256]):  # rows in input order
+                    crop = read[i]
+                    if isinstance(crop, Exception):
+                        errors.append((path, str(crop)))
+                        w.writerow([path, "", "", *([""] * len(classes)), "", "", str(crop)])
+                        continue
+                    row = next(rows)
+                    k = int(row.argmax())
+                    reasons = ([f"low type probability {row[k]:.2f}"] if row[k] < args.review_probability else []) + (
+                        ["no nucleus found"] if nucleus_box(crop) is None else [])
+                    counts[classes[k]] += 1
+                    n_ok += 1
+                    n_review += bool(reasons)
+                    w.writerow([path, classes[k], f"{row[k]:.4f}", *(f"{v:.4f}" for v in row), "yes" if reasons else "no",
+                                "; ".join(reasons), ""])
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for path, msg in errors:
+        print(f"error: {path}: {msg}", file=sys.stderr)
+    print(f"{n_ok} crops typed by {clf.record.name} ({len(errors)} unreadable), {n_review} flagged for review: "
+          + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    print(f"predictions in {out}")
+    if not n_ok:
+        return 2
+    return 1 if errors else 0
+
+
 def _earlier_outputs(summary: Path) -> list[str]:
     """The per-field output stems an earlier ``analyze`` recorded in ``summary`` (none if it is not one of ours).
 
@@ -311,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--pixel-size-um", type=float, default=None, help="known pixel size in micrometres (rescales)")
     scale.add_argument("--rbc-diameter-px", type=float, default=None, help="known red-cell diameter in pixels (rescales)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("classify", help="type single-WBC crop images (no detector): a CSV of types and probabilities")
+    p.add_argument("paths", nargs="+", help="WBC crop images or folders of them (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV file to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--classifier", default=None, help="weights: name or .safetensors path (default: shipped)")
+    p.add_argument("--review-probability", type=float, default=0.7,
+                   help="flag crops whose most probable type is below this (PipelineConfig.review_probability)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_classify)
 
     p = sub.add_parser("convert-voc", help="convert a Pascal VOC dataset (BCCD layout) to the YOLO layout")
     p.add_argument("voc_root", help="folder with Annotations/, JPEGImages/, ImageSets/Main/")
