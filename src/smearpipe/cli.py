@@ -130,13 +130,15 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from .errors import ImageReadError, InvalidImageError
     from .framing import nucleus_box
     from .io import read_image
+    from .pipeline import PipelineConfig
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; use another --out or --overwrite", file=sys.stderr)
         return 2
-    if not 0.0 <= args.review_probability <= 1.0:
-        print(f"error: --review-probability must be in [0, 1], got {args.review_probability}", file=sys.stderr)
+    review = PipelineConfig.review_probability if args.review_probability is None else args.review_probability
+    if not 0.0 <= review <= 1.0:
+        print(f"error: --review-probability must be in [0, 1], got {review}", file=sys.stderr)
         return 2
     paths = _image_paths(args.paths, recursive=True)
     if not paths:
@@ -150,6 +152,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # the CSV appears whole or not at all
     try:
+        os.fchmod(fd, 0o644)  # as a plain open() would leave it under the usual umask (mkstemp makes it private)
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "wbc_type", "probability", *(f"p_{c}" for c in classes), "review", "reasons", "error"])
@@ -170,7 +173,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                         continue
                     row = next(rows)
                     k = int(row.argmax())
-                    reasons = ([f"low type probability {row[k]:.2f}"] if row[k] < args.review_probability else []) + (
+                    reasons = ([f"low type probability {row[k]:.2f}"] if row[k] < review else []) + (
                         ["no nucleus found"] if nucleus_box(crop) is None else [])
                     counts[classes[k]] += 1
                     n_ok += 1
@@ -386,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="WBC crop images or folders of them (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--classifier", default=None, help="weights: name or .safetensors path (default: shipped)")
-    p.add_argument("--review-probability", type=float, default=0.7,
-                   help="flag crops whose most probable type is below this (PipelineConfig.review_probability)")
+    p.add_argument("--review-probability", type=float, default=None,
+                   help="flag crops whose most probable type is below this (default: PipelineConfig's, as in analyze)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_classify)
 
