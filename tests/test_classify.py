@@ -662,17 +662,33 @@ def test_cli_classify_types_crops_in_input_order_and_keeps_earlier_output(tiny_r
         probs = np.array([float(r[f"p_{c}"]) for c in clf.classes])
         np.testing.assert_allclose(probs, e, atol=6e-5)  # written with 4 decimals
         assert r["wbc_type"] == clf.classes[int(e.argmax())] and r["error"] == ""
-        assert (r["review"] == "yes") == (e.max() < 0.7 or "no nucleus" in r["reasons"])
     assert "broken.jpg" in capsys.readouterr().err
     before = out.read_bytes()
     assert cli_main(args) == 2 and out.read_bytes() == before  # an earlier output is kept
     assert "exists" in capsys.readouterr().err
-    assert cli_main([*args, "--overwrite", "--review-probability", "1.0"]) == 1
-    assert all(r["review"] == "yes" for r in list(csv.DictReader(out.open()))[1:])
+    assert cli_main(["classify", str(bad), "--out", str(out), "--overwrite"]) == 2  # nothing typed: earlier CSV kept
+    assert out.read_bytes() == before and "kept as it was" in capsys.readouterr().err
     assert sorted(f.name for f in out.parent.iterdir()) == ["types.csv"]  # no temporary file left
     assert cli_main(["classify", str(tmp_path / "preds"), "--out", str(tmp_path / "x.csv")]) == 2  # no images there
     assert cli_main([*args[:-1], str(tmp_path / "y.csv"), "--review-probability", "2"]) == 2
+    assert cli_main([*args[:-1], str(tmp_path / "preds"), "--overwrite"]) == 2  # a folder is no CSV
+    assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "y.csv").exists()
+
+    # the shipped classifier and the default threshold: confident PBC crops pass, a blank crop is flagged
+    import cv2
+
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 120, 3), 235, np.uint8))
+    shipped_out = tmp_path / "shipped.csv"
+    assert cli_main(["classify", *map(str, files[:4]), str(blank), "--out", str(shipped_out)]) == 0
+    rows = list(csv.DictReader(shipped_out.open()))
+    shipped = Classifier.load()
+    expected = shipped.predict_proba([read_image(f) for f in [*files[:4], blank]])
+    assert [r["wbc_type"] for r in rows] == [shipped.classes[int(e.argmax())] for e in expected]
+    assert [r["review"] == "yes" for r in rows[:4]] == [bool(e.max() < 0.7) for e in expected[:4]]
+    assert any(r["review"] == "no" for r in rows[:4])
+    assert rows[4]["review"] == "yes" and "no nucleus found" in rows[4]["reasons"]
 
 
 def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):

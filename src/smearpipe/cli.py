@@ -133,6 +133,9 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig
 
     out = Path(args.out)
+    if out.is_dir():
+        print(f"error: --out {out} is a folder; give the CSV file to write", file=sys.stderr)
+        return 2
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; use another --out or --overwrite", file=sys.stderr)
         return 2
@@ -149,11 +152,17 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     counts = dict.fromkeys(classes, 0)
     n_ok = n_review = 0
     errors: list[tuple[Path, str]] = []
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot use --out {out}: {exc}", file=sys.stderr)
+        return 2
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # the CSV appears whole or not at all
     try:
-        os.fchmod(fd, 0o644)  # as a plain open() would leave it under the usual umask (mkstemp makes it private)
         with os.fdopen(fd, "w", newline="") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp makes it private)
             w = csv.writer(f)
             w.writerow(["path", "wbc_type", "probability", *(f"p_{c}" for c in classes), "review", "reasons", "error"])
             for start in range(0, len(paths), 256):  # a few hundred crops in memory at a time
@@ -180,17 +189,21 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                     n_review += bool(reasons)
                     w.writerow([path, classes[k], f"{row[k]:.4f}", *(f"{v:.4f}" for v in row), "yes" if reasons else "no",
                                 "; ".join(reasons), ""])
-        os.replace(tmp, out)
+        if n_ok:
+            os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     for path, msg in errors:
         print(f"error: {path}: {msg}", file=sys.stderr)
+    if not n_ok:  # nothing typed: no CSV of error rows, and an earlier output stays as it was
+        Path(tmp).unlink(missing_ok=True)
+        print(f"error: no crop could be read; {out} " + ("kept as it was" if out.exists() else "not written"),
+              file=sys.stderr)
+        return 2
     print(f"{n_ok} crops typed by {clf.record.name} ({len(errors)} unreadable), {n_review} flagged for review: "
           + ", ".join(f"{c} {n}" for c, n in counts.items()))
     print(f"predictions in {out}")
-    if not n_ok:
-        return 2
     return 1 if errors else 0
 
 
