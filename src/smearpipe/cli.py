@@ -128,9 +128,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     from .classify import Classifier
     from .errors import ImageReadError, InvalidImageError
-    from .framing import nucleus_box
     from .io import read_image
-    from .pipeline import PipelineConfig
+    from .pipeline import PipelineConfig, type_review_reasons
 
     out = Path(args.out)
     if out.is_dir():
@@ -182,8 +181,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                         continue
                     row = next(rows)
                     k = int(row.argmax())
-                    reasons = ([f"low type probability {row[k]:.2f}"] if row[k] < review else []) + (
-                        ["no nucleus found"] if nucleus_box(crop) is None else [])
+                    reasons = type_review_reasons(row, crop, review_probability=review)
                     counts[classes[k]] += 1
                     n_ok += 1
                     n_review += bool(reasons)

@@ -418,6 +418,35 @@ class SmearResult:
         return cls.from_dict(json.loads(text))
 
 
+def type_review_reasons(proba: np.ndarray, crop: np.ndarray, *, review_probability: float) -> list[str]:
+    """Why a typed WBC crop needs review: its most probable type below ``review_probability``, or no nucleus.
+
+    A WBC crop shows a nucleus (all 351 BCCD crops and 206 PBC val images do: tests/test_framing.py); a blank or
+    red-cell crop is typed all the same, so it is flagged instead (~1 ms per crop; the classifier's framing looks
+    for the same nucleus, but threading its answer out of ``predict_proba`` would cost more than it saves).
+    Used by :func:`analyze_smear` and ``smearpipe classify``.
+
+    Parameters
+    ----------
+    proba : (n_classes,) float ndarray
+        The crop's row of :meth:`~smearpipe.classify.Classifier.predict_proba`.
+    crop : (H, W, 3) uint8 ndarray
+        The RGB crop that was typed.
+    review_probability : float
+        As :attr:`PipelineConfig.review_probability`.
+
+    Returns
+    -------
+    list of str
+        Empty when nothing calls for review.
+    """
+    top = float(np.max(proba))
+    reasons = [f"low type probability {top:.2f}"] if top < review_probability else []
+    if nucleus_box(crop) is None:
+        reasons.append("no nucleus found")
+    return reasons
+
+
 def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None) -> SmearResult:
     """Detect, count and type the cells of one blood smear field.
 
@@ -495,10 +524,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     t4 = time.perf_counter()
     classes = p.classifier.classes
     typed = {i: row for i, row in zip(wbc_idx, proba, strict=True)}
-    # a WBC crop shows a nucleus (all 351 BCCD crops and 206 PBC val images do: tests/test_framing.py); a blank or
-    # red-cell crop is typed all the same, so it is flagged instead (~1 ms per crop; the classifier's framing looks
-    # for the same nucleus, but threading its answer out of predict_proba would cost more than it saves)
-    no_nucleus = {i for i, crop in zip(wbc_idx, crops, strict=True) if nucleus_box(crop) is None}
+    type_reasons = {i: type_review_reasons(row, crop, review_probability=cfg.review_probability)
+                    for i, row, crop in zip(wbc_idx, proba, crops, strict=True)}
     cells = []
     for i, d in enumerate(dets):
         x1, y1, x2, y2 = d.box
@@ -508,10 +535,7 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         if i in typed:
             row = typed[i]
             k = int(row.argmax())
-            if row[k] < cfg.review_probability:
-                reasons.append(f"low type probability {row[k]:.2f}")
-            if i in no_nucleus:
-                reasons.append("no nucleus found")
+            reasons += type_reasons[i]
             cells.append(CellResult(d.box, d.label, d.score, classes[k], float(row[k]),
                                     {c: float(v) for c, v in zip(classes, row, strict=True)}, bool(reasons), tuple(reasons)))
         else:
