@@ -346,7 +346,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
                            framing=args.framing, normalize_after_augment=args.normalize_after_augment,
-                           ema=args.ema, consistency=args.consistency, device=args.device, num_workers=args.workers)
+                           ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, device=args.device, num_workers=args.workers)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency", type=float, default=0.0,
                    help="weight of a Jensen-Shannon consistency term between two colour augmentations of each crop "
                         "(AugMix uses 12; 0: off; twice the compute per step)")
+    p.add_argument("--sam-rho", type=float, default=0.0,
+                   help="sharpness-aware minimisation (SAM) with this neighbourhood radius (0.05 is usual; 0: off; "
+                        "twice the compute per step)")
     p.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:N, mps (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -590,6 +591,44 @@ def _training_device(device: Any) -> Any:
     raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
 
 
+def _sam_second_gradient(model: Any, params: list[Any], rho: float, loss_fn: Any) -> None:
+    """Replace each parameter's gradient by SAM's: the gradient at ``w + rho * g / ||g||`` (Foret et al. 2021).
+
+    ``params`` hold the first pass's gradients ``g``. The weights are moved, ``loss_fn()[0]`` (the loss) is evaluated
+    and back-propagated there with the batch-norm running statistics frozen (momentum 0: the first pass
+    has already counted this batch), and the weights are restored bit for bit from a copy. A zero or
+    non-finite gradient norm leaves the first pass's gradients as they are.
+    """
+    import torch
+
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm) or norm == 0:
+            return
+        saved = []
+        for p in params:
+            if p.grad is not None:
+                saved.append((p, p.detach().clone()))
+                p.add_(p.grad * (rho / norm))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.momentum = 0.0
+        for p in params:
+            p.grad = None
+        loss_fn()[0].backward()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        with torch.no_grad():
+            for p, w in saved:
+                p.copy_(w)
+
+
 def js_divergence(logits_a: Any, logits_b: Any) -> Any:
     """Mean Jensen-Shannon divergence between the softmax distributions of two batches of logits.
 
@@ -679,6 +718,7 @@ class ClassifierTrainConfig:
     normalize_after_augment: bool = False
     ema: float = 0.0
     consistency: float = 0.0
+    sam_rho: float = 0.0
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -781,6 +821,14 @@ def train_classifier(
         should not depend on the stain. Twice the compute per step. The history's ``train_loss`` is then
         that whole loss and ``train_acc`` that of the first view. TypeError for a non-number, ValueError if
         negative or not finite, or with ``augment=False``.
+    sam_rho : float
+        Sharpness-aware minimisation (SAM, Foret et al. 2021) with this neighbourhood radius (0, the default,
+        turns it off; 0.05 is the paper's usual value). Each step first moves the weights by ``sam_rho`` along
+        the normalised gradient of the batch loss, takes the gradient there on the same batch (batch-norm
+        running statistics not updated by this second pass), moves back and lets AdamW step with that
+        gradient: it prefers weights whose whole neighbourhood has a low loss. Twice the compute per step.
+        The history's ``train_loss`` and ``train_acc`` are those of the first pass. TypeError for a
+        non-number, ValueError if negative or not finite.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -812,7 +860,7 @@ def train_classifier(
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
      pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, ema, consistency,
-     cache_scale, max_minutes, bf16, device,
+     sam_rho, cache_scale, max_minutes, bf16, device,
      num_workers, seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
@@ -862,6 +910,11 @@ def train_classifier(
         raise ValueError(f"consistency must be a finite weight >= 0, got {consistency!r}")
     if consistency and not aug:
         raise ValueError("consistency compares two colour augmentations of each crop; it needs augmentation on")
+    if isinstance(sam_rho, bool) or not isinstance(sam_rho, numbers.Real):
+        raise TypeError(f"sam_rho must be a real number (a radius >= 0), got {type(sam_rho).__name__}")
+    sam_rho = float(sam_rho)
+    if not (math.isfinite(sam_rho) and sam_rho >= 0):
+        raise ValueError(f"sam_rho must be a finite radius >= 0, got {sam_rho!r}")
     if normalize_after_augment and (prep.steps not in (("reinhard",), ("reinhard", "sharpen")) or not preprocess_resized
                                     or not aug):
         raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) or ('reinhard', 'sharpen'), "
@@ -888,7 +941,7 @@ def train_classifier(
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
               "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
               "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
-              "cache_scale": cache_scale, "seed": seed,
+              "sam_rho": sam_rho, "cache_scale": cache_scale, "seed": seed,
               "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
@@ -900,7 +953,7 @@ def train_classifier(
         saved = json.loads((run_dir / "run_config.json").read_text())
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
-                  "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0}
+                  "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0, "sam_rho": 0.0}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
@@ -1018,6 +1071,16 @@ def train_classifier(
 
     views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
 
+    def batch_loss(x: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of one batch (all its colour views) and the first view's logits."""
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(x)
+        per_view = out.float().chunk(views)
+        total = sum(criterion(v, yb) for v in per_view) / views
+        if views > 1:
+            total = total + consistency * js_divergence(*per_view)
+        return total, per_view[0]
+
     # on resume, minutes continue from the last finished epoch: history and wall time cover the whole run
     t_start = time.time() - 60 * (history[-1]["minutes"] if history else 0.0)
     stopped = "completed"
@@ -1032,15 +1095,11 @@ def train_classifier(
             x = torch.cat([colour_view(x) for _ in range(views)])
             x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
             yb = yb.to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x)
-            per_view = logits.float().chunk(views)
-            loss = sum(criterion(v, yb) for v in per_view) / views
-            if views > 1:
-                loss = loss + consistency * js_divergence(*per_view)
-            logits = per_view[0]
+            loss, logits = batch_loss(x, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sam_rho:
+                _sam_second_gradient(model, params, sam_rho, functools.partial(batch_loss, x, yb))
             opt.step()
             sched.step()
             if averaged is not None:
@@ -1094,7 +1153,7 @@ def train_classifier(
                 "pretrained_sha256": start_sha256,
                 "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
                 "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
-                "wall_minutes": round((time.time() - t_start) / 60, 1),
+                "sam_rho": sam_rho, "wall_minutes": round((time.time() - t_start) / 60, 1),
             },
             "metrics": {"best_val_macro_f1": best_f1, "history": history},
         },
