@@ -411,6 +411,62 @@ def test_js_divergence_zero_for_equal_symmetric_and_bounded():
             js_divergence(x, y)
 
 
+def test_sam_gradient_is_the_gradient_at_the_perturbed_weights():
+    """SAM's second gradient, against a by-hand copy: taken at w + rho g/||g||; weights and batch-norm statistics kept."""
+    import copy
+
+    import torch
+
+    from smearpipe.train import _sam_second_gradient
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).train()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    by_hand = copy.deepcopy(net)
+    loss = torch.nn.functional.cross_entropy
+    params = list(net.parameters())
+    loss(net(x), y).backward()
+    first = [p.grad.clone() for p in params]
+    weights, stats = [p.detach().clone() for p in params], net[1].running_mean.clone()
+    _sam_second_gradient(net, params, 0.05, lambda: (loss(net(x), y), None))
+
+    by_hand(x)  # the first pass's batch-norm update, as in training
+    norm = torch.sqrt(sum((g ** 2).sum() for g in first))
+    with torch.no_grad():
+        for p, g in zip(by_hand.parameters(), first, strict=True):
+            p.add_(0.05 * g / norm)
+    loss(by_hand(x), y).backward()
+    for p, q in zip(params, by_hand.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(params, first, strict=True))  # not the first gradient
+    assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))  # weights restored bit for bit
+    assert torch.equal(net[1].running_mean, stats) and net[1].momentum == 0.1  # second pass not counted, momentum back
+
+    for p in params:  # a zero gradient: nothing to climb, the first pass's gradient stays
+        p.grad = torch.zeros_like(p)
+    _sam_second_gradient(net, params, 0.05, lambda: pytest.fail("no second pass for a zero gradient"))
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
+    """sam_rho > 0: a second pass per batch at the perturbed weights; recorded; bad radii refused."""
+    import smearpipe.train as train
+
+    seen = []
+    real = train._sam_second_gradient
+    monkeypatch.setattr(train, "_sam_second_gradient", lambda m, p, rho, f: seen.append(rho) or real(m, p, rho, f))
+    run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, sam_rho=0.05)
+    assert seen == [0.05] * 3  # 3 batches, one second pass each; none in validation
+    assert json.loads(run.record.read_text())["training"]["sam_rho"] == 0.05
+    assert json.loads((run.run_dir / "run_config.json").read_text())["sam_rho"] == 0.05
+    for bad, error in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError),
+                       ("0.05", TypeError)):
+        with pytest.raises(error, match="sam_rho"):
+            train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                             num_workers=0, sam_rho=bad)
+
+
 def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
     """consistency > 0: each batch is colour-augmented twice, both views normalised, and their answers compared."""
     import smearpipe.augment as augment
@@ -631,10 +687,11 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
 
     code = cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--epochs", "1", "--input-size", "32", "--batch", "5", "--out", str(tmp_path), "--preprocess", "",
-                     "--framing", "as_given", "--consistency", "2"])
+                     "--framing", "as_given", "--consistency", "2", "--sam-rho", "0.02"])
     assert code == 0
     rec = json.loads((tmp_path / "train" / "classifier.json").read_text())
     assert rec["framing"]["name"] == "as_given" and rec["training"]["consistency"] == 2.0
+    assert rec["training"]["sam_rho"] == 0.02
     assert rec["preprocessing"]["steps"] == [] and Classifier.load(tmp_path / "train" / "classifier.safetensors").preprocessing.steps == ()
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "unsharp", "--out", str(tmp_path)]) == 2
@@ -696,12 +753,14 @@ def test_resume_of_a_run_from_before_newer_options(tiny_crops, tmp_path):
     first = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], max_minutes=0, **opts)
     saved = json.loads((first.run_dir / "run_config.json").read_text())
     del saved["framing"], saved["consistency"], saved["augment"]["lowres_p"], saved["augment"]["lowres_max"]  # as before they existed
-    del saved["augment"]["stain_vector"], saved["augment"]["gray_p"]
+    del saved["augment"]["stain_vector"], saved["augment"]["gray_p"], saved["sam_rho"]
     for key in ("sharpen_target", "sharpen_sigma", "sharpen_max_amount"):
         del saved["preprocessing"][key]
     (first.run_dir / "run_config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="consistency"):  # the old run had no consistency term: not one now
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, consistency=12, **opts)
+    with pytest.raises(ValueError, match="sam_rho"):  # nor SAM
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, sam_rho=0.05, **opts)
     done = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], resume=True, **opts)
     assert [h["epoch"] for h in done.history] == [1, 2]
 
