@@ -427,7 +427,7 @@ def test_sam_gradient_is_the_gradient_at_the_perturbed_weights():
     params = list(net.parameters())
     loss(net(x), y).backward()
     first = [p.grad.clone() for p in params]
-    weights, stats = [p.detach().clone() for p in params], net[1].running_mean.clone()
+    weights, stats = [p.detach().clone() for p in params], [b.clone() for b in net[1].buffers()]
     _sam_second_gradient(net, params, 0.05, lambda: (loss(net(x), y), None))
 
     by_hand(x)  # the first pass's batch-norm update, as in training
@@ -440,24 +440,42 @@ def test_sam_gradient_is_the_gradient_at_the_perturbed_weights():
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
     assert any(not torch.allclose(p.grad, g) for p, g in zip(params, first, strict=True))  # not the first gradient
     assert all(torch.equal(p, w) for p, w in zip(params, weights, strict=True))  # weights restored bit for bit
-    assert torch.equal(net[1].running_mean, stats) and net[1].momentum == 0.1  # second pass not counted, momentum back
+    # the second pass is not counted: running mean, variance and batch count as the first pass left them
+    assert all(torch.equal(b, s) for b, s in zip(net[1].buffers(), stats, strict=True))
 
-    for p in params:  # a zero gradient: nothing to climb, the first pass's gradient stays
-        p.grad = torch.zeros_like(p)
-    _sam_second_gradient(net, params, 0.05, lambda: pytest.fail("no second pass for a zero gradient"))
-    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+    for fill in (0.0, float("nan")):  # nothing to climb along: the first pass's gradient stays
+        for p in params:
+            p.grad = torch.full_like(p, fill)
+        _sam_second_gradient(net, params, 0.05, lambda: pytest.fail("no second pass without a finite gradient norm"))
+        for p in params:
+            torch.testing.assert_close(p.grad, torch.full_like(p, fill), rtol=0, atol=0, equal_nan=True)
 
 
 def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
-    """sam_rho > 0: a second pass per batch at the perturbed weights; recorded; bad radii refused."""
+    """sam_rho > 0: AdamW steps with the gradient of the second pass; recorded; bad radii refused."""
+    import torch
+
     import smearpipe.train as train
 
-    seen = []
-    real = train._sam_second_gradient
-    monkeypatch.setattr(train, "_sam_second_gradient", lambda m, p, rho, f: seen.append(rho) or real(m, p, rho, f))
+    seen, stepped = [], []
+
+    def second_pass(model, params, rho, loss_fn):  # stands in for SAM's gradient: a marker AdamW must receive
+        seen.append(rho)
+        for p in params:
+            p.grad = torch.full_like(p, 0.123)
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        stepped.append(all(torch.all(p.grad == 0.123) for g in self.param_groups for p in g["params"]))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train, "_sam_second_gradient", second_pass)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     run = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
                            out_dir=tmp_path, num_workers=0, sam_rho=0.05)
     assert seen == [0.05] * 3  # 3 batches, one second pass each; none in validation
+    assert stepped == [True] * 3  # every step used the second pass's gradient, not the first
     assert json.loads(run.record.read_text())["training"]["sam_rho"] == 0.05
     assert json.loads((run.run_dir / "run_config.json").read_text())["sam_rho"] == 0.05
     for bad, error in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError),
