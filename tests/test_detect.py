@@ -230,19 +230,31 @@ def test_class_order_mismatch_is_refused(smoke_run, tiny_data, tmp_path):
 
 
 def test_loading_a_detector_keeps_global_settings(smoke_run):
+    """ultralytics' import changes print options, cv2 threads, the environment and warning filters, and patches
+    PIL.Image.open / torch.save: all are as before once it is imported, and (the filters aside, which torch's
+    own lazily imported modules extend) once a detector is loaded and has predicted."""
     code = textwrap.dedent(
         f"""
-        import cv2, numpy as np, torch
-        before = (np.get_printoptions(), cv2.getNumThreads(), torch._tensor_str.PRINT_OPTS.linewidth)
-        from smearpipe.detect import Detector
-        Detector.load({str(smoke_run.weights)!r})
-        after = (np.get_printoptions(), cv2.getNumThreads(), torch._tensor_str.PRINT_OPTS.linewidth)
-        print(before == after, before[1], after[1])
+        import os, warnings, cv2, numpy as np, torch, PIL.Image
+        names = ["print", "threads", "torch print", "environ", "Image.open", "save", "load", "imread", "imwrite",
+                 "filters"]
+        def state():
+            env = {{k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}}
+            return (np.get_printoptions(), cv2.getNumThreads(), torch._tensor_str.PRINT_OPTS.linewidth, env,
+                    PIL.Image.open, torch.save, torch.load, cv2.imread, cv2.imwrite, list(warnings.filters))
+        def changed(a, b):
+            return [n for n, x, y in zip(names[:len(a)], a, b, strict=True) if x != y]
+        before = state()
+        from smearpipe.detect import Detector, import_ultralytics
+        import_ultralytics()
+        print(changed(before, state()) or "same")
+        Detector.load({str(smoke_run.weights)!r}).predict(np.full((64, 64, 3), 200, np.uint8))
+        print(changed(before[:-1], state()[:-1]) or "same")
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[0] == "True", out.stdout
+    assert out.stdout.splitlines()[-2:] == ["same", "same"], out.stdout
 
 
 def test_suppress_nested_drops_boxes_inside_a_better_box():

@@ -28,27 +28,41 @@ __all__ = ["Detection", "Detector", "counting_threshold", "import_ultralytics", 
 def import_ultralytics() -> Any:
     """Import ultralytics with its network checks disabled and the global settings it changes restored.
 
-    ultralytics' import sets numpy/torch print options and ``cv2.setNumThreads(0)``; they are put back
-    as they were, so loading a detector does not change the rest of the user's program.
-    ``YOLO_OFFLINE=1`` is set for the process unless the caller set it (no connectivity checks).
+    ultralytics' import sets numpy/torch print options, ``cv2.setNumThreads(0)``, environment variables
+    (``OMP_NUM_THREADS=1`` and log levels, which child processes would inherit) and warning filters, and replaces
+    ``PIL.Image.open`` and ``torch.save`` with its own; all are put back as they were, so loading a detector
+    does not change the rest of the user's program. ``YOLO_OFFLINE=1`` is set for the process unless the
+    caller set it (no connectivity checks).
     """
     import sys
+    import warnings
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if "ultralytics" in sys.modules:
         return sys.modules["ultralytics"]
+    import PIL.Image
     import torch
 
     np_opts, cv_threads = np.get_printoptions(), cv2.getNumThreads()
     torch_opts = torch._tensor_str.PRINT_OPTS.__dict__.copy()
+    environ = dict(os.environ)
+    patched = [(m, name, getattr(m, name)) for m, names in ((PIL.Image, ("open",)), (torch, ("save", "load")),
+                                                            (cv2, ("imread", "imwrite", "imshow")))
+               for name in names]
     try:
-        import ultralytics
+        with warnings.catch_warnings():  # its filters (ignoring some warnings everywhere) end with the import
+            import ultralytics
     except ImportError as exc:  # pragma: no cover - dependency of the package
         raise ImportError("the detector needs ultralytics: pip install ultralytics") from exc
     finally:
         np.set_printoptions(**np_opts)
         cv2.setNumThreads(cv_threads)
         torch._tensor_str.PRINT_OPTS.__dict__.update(torch_opts)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+        for module, name, original in patched:
+            setattr(module, name, original)
     return ultralytics
 
 
