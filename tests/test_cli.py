@@ -134,3 +134,72 @@ def test_analyze_a_file_whose_stem_is_a_dot(smoke_run, tiny_run, tmp_path):
     assert _analyze(smoke_run, tiny_run, odd, "--out", out) == 0
     assert (out / "field.json").is_file() and (out / "slide_summary.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_analyze_refuses_to_write_into_its_input_folder(smoke_run, tiny_run, tmp_path, capsys, overwrite):
+    """Annotated PNGs would replace PNG fields, and a second run would read the first run's outputs as fields."""
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    from smearpipe.io import read_image, write_image
+
+    write_image(fields / "f1.png", read_image(FIELD))
+    shutil.copy(SAMPLES / "BloodImage_00135.jpg", fields / "f2.jpg")
+    before = {p.name: p.read_bytes() for p in fields.iterdir()}
+    args = ["--overwrite"] if overwrite else []
+    assert _analyze(smoke_run, tiny_run, fields, "--out", fields, *args) == 2
+    assert "holds input images" in capsys.readouterr().err
+    assert _analyze(smoke_run, tiny_run, fields / "f2.jpg", "--out", fields, *args) == 2  # a file given: the same
+    assert {p.name: p.read_bytes() for p in fields.iterdir()} == before  # nothing replaced, nothing added
+
+
+def test_analyze_checks_per_field_outputs_before_analysing(smoke_run, tiny_run, tmp_path, capsys, monkeypatch):
+    """An interrupted run's per-field files: the rerun is refused at once, not after analysing the slide."""
+    import smearpipe.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "BloodImage_00135.json").write_text("{}")  # left by an earlier run that did not finish
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda **k: pytest.fail("nothing may be loaded or analysed"))
+    assert _analyze(smoke_run, tiny_run, FIELD, SAMPLES / "BloodImage_00135.jpg", "--out", out) == 2
+    assert "BloodImage_00135.json exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["BloodImage_00135.json"]
+
+
+def test_analyze_with_no_readable_field_writes_nothing(smoke_run, tiny_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, bad, "--out", out) == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert not out.exists()  # no summary of zero fields to block the corrected command
+    shutil.copy(FIELD, bad)
+    assert _analyze(smoke_run, tiny_run, bad, "--out", out) == 0
+
+
+def test_analyze_counts_a_file_given_twice_once(smoke_run, tiny_run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(FIELD, folder / "a.jpg")
+    shutil.copy(SAMPLES / "BloodImage_00135.jpg", folder / "b.jpg")
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, folder / "a.jpg", folder, "--out", out) == 0
+    assert "same file" in capsys.readouterr().err
+    payload = json.loads((out / "slide_summary.json").read_text())
+    assert payload["summary"]["fields"] == 2 and payload["outputs"] == ["a", "b"]
+
+
+def test_a_broken_link_in_a_folder_is_an_error_not_skipped(smoke_run, tiny_run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(FIELD, folder / "a.jpg")
+    (folder / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    assert _analyze(smoke_run, tiny_run, folder, "--out", tmp_path / "out") == 1
+    assert "gone.jpg" in capsys.readouterr().err
+    assert cli_main(["classify", str(folder), "--out", str(tmp_path / "t.csv"), "--classifier", str(tiny_run.weights)]) == 1
+    assert "gone.jpg" in (tmp_path / "t.csv").read_text()
+
+
+def test_analyze_refuses_an_empty_out(smoke_run, tiny_run, capsys):
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", "") == 2
+    assert "--out is empty" in capsys.readouterr().err

@@ -84,7 +84,9 @@ def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[P
         p = Path(raw)
         if p.is_dir():
             found = p.rglob("*") if recursive else p.iterdir()
-            paths += sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            # a link to a missing file is listed too: it gets its error like any unreadable file
+            paths += sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES
+                            and (f.is_file() or (f.is_symlink() and not f.exists()))
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             paths.append(p)
@@ -225,46 +227,84 @@ def _earlier_outputs(summary: Path) -> list[str]:
     return outputs
 
 
+def _unique_inputs(paths: list[Path]) -> list[Path]:
+    """``paths`` without repeats of one file (a file given and also found in a folder), with a warning for each."""
+    seen: dict[Path, Path] = {}
+    kept = []
+    for p in paths:
+        key = p.resolve() if p.exists() else p.absolute()
+        if key in seen:
+            print(f"warning: {p} is the same file as {seen[key]}: analysed once", file=sys.stderr)
+            continue
+        seen[key] = p
+        kept.append(p)
+    return kept
+
+
+def _output_stems(paths: list[Path], reserved: set[str]) -> list[str]:
+    """One output stem per input, in order: its file name's stem, ``_2``, ``_3``... for repeated names."""
+    stems, used = [], set(reserved)
+    for source in paths:
+        base = stem = source.stem
+        if base in ("", ".", ".."):  # e.g. a file named "..png": not a name to write outputs under
+            base = stem = "field"
+        n = 2
+        while stem in used:
+            stem, n = f"{base}_{n}", n + 1
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import csv
 
     from .pipeline import PipelineConfig, iter_fields, load_pipeline, summarize, write_field_outputs
 
     out_dir = Path(args.out)
+    if not args.out:
+        print("error: --out is empty; give the output folder", file=sys.stderr)
+        return 2
     summary_paths = [out_dir / "slide_summary.json", out_dir / "slide_summary.csv"]
     if not args.overwrite:
         existing = [str(p) for p in summary_paths if p.exists()]
         if existing:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
-    earlier = _earlier_outputs(summary_paths[0]) if args.overwrite else []
-    paths = _image_paths(args.paths)
+    paths = _unique_inputs(_image_paths(args.paths))
     if not paths:
         print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
+    inside = [p for p in paths if p.absolute().parent.resolve() == out_dir.absolute().resolve()]
+    if inside:  # annotated PNGs would replace PNG fields, and be read as fields by the next run of the same command
+        print(f"error: --out {out_dir} holds input images ({inside[0]}" + (f" and {len(inside) - 1} more" if len(inside) > 1
+              else "") + "); write the outputs to another folder", file=sys.stderr)
+        return 2
+    stems = _output_stems(paths, {p.stem for p in summary_paths})  # a field called slide_summary.jpg keeps its own name
+    if not args.overwrite:  # before any field is analysed, not after the slide
+        taken = [f for stem in stems for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json") if f.exists()]
+        if taken:
+            print(f"error: {taken[0]} exists" + (f" (and {len(taken) - 1} more per-field files)" if len(taken) > 1 else "")
+                  + "; use another --out or --overwrite", file=sys.stderr)
+            return 2
+    earlier = _earlier_outputs(summary_paths[0]) if args.overwrite else []
     rescale = {"auto": "auto", "ruler": True, "off": False}[args.rescale]
     config = PipelineConfig(det_conf=args.conf, rescale=rescale, pixel_size_um=args.pixel_size_um,
                             rbc_diameter_px=args.rbc_diameter_px)
     pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
+    made_out_dir = not out_dir.exists()
     try:  # before any field is analysed: an --out that cannot be a folder fails now, not after the slide
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"error: cannot use --out {out_dir} as the output folder: {exc}", file=sys.stderr)
         return 2
     results, errors, written = [], [], []
-    stems = {p.stem for p in summary_paths}  # a field called slide_summary.jpg must not overwrite the summary
-    for source, out in iter_fields(paths, pipeline=pipeline, progress=not args.quiet):
+    fields = iter_fields(paths, pipeline=pipeline, progress=not args.quiet)  # in input order
+    for (source, out), stem in zip(fields, stems, strict=True):
         if not isinstance(out, Exception):
-            base = stem = Path(source).stem
-            if base in ("", ".", ".."):  # e.g. a file named "..png": not a name to write outputs under
-                base = stem = "field"
-            n = 2
-            while stem in stems:  # two inputs with the same name: keep both
-                stem, n = f"{base}_{n}", n + 1
-            stems.add(stem)
             try:
                 write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
-            except FileExistsError as exc:
+            except FileExistsError as exc:  # appeared while the slide was analysed
                 errors.append((source, str(exc)))
                 print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
                 continue
@@ -276,8 +316,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         else:
             errors.append((source, str(out)))
             print(f"error: {source}: {out}", file=sys.stderr)
-    if not results and earlier:  # nothing to replace the earlier run with: it stays as it was
-        print(f"error: no field could be analysed; the earlier run's outputs in {out_dir} are kept", file=sys.stderr)
+    if not results:  # nothing analysed: no summary of nothing, and an earlier run's outputs stay as they were
+        if made_out_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        print("error: no field could be analysed; " + (f"the earlier run's outputs in {out_dir} are kept" if earlier
+              else "nothing written"), file=sys.stderr)
         return 2
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
@@ -298,8 +341,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"removed {len(stale)} per-field files of the earlier run in {out_dir} that this run did not replace")
     print(summary.table())
     print(f"outputs in {out_dir}")
-    if not results:
-        return 2
     return 1 if errors else 0
 
 
