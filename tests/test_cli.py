@@ -203,3 +203,21 @@ def test_a_broken_link_in_a_folder_is_an_error_not_skipped(smoke_run, tiny_run, 
 def test_analyze_refuses_an_empty_out(smoke_run, tiny_run, capsys):
     assert _analyze(smoke_run, tiny_run, FIELD, "--out", "") == 2
     assert "--out is empty" in capsys.readouterr().err
+
+
+def test_file_names_that_are_not_utf8(smoke_run, tiny_run, tmp_path, capsys):
+    """A Latin-1 name (bytes that are not UTF-8) is read and reported escaped, not a crash of the output streams."""
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(FIELD, odd)
+    shutil.copy(SAMPLES / "BloodImage_00135.jpg", folder / "b.jpg")
+    table = tmp_path / "t.csv"
+    assert cli_main(["classify", str(folder), "--out", str(table), "--classifier", str(tiny_run.weights)]) == 0
+    rows = table.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and any("caf\\udce9.jpg" in r for r in rows)
+    assert _analyze(smoke_run, tiny_run, folder, "--out", tmp_path / "out") == 0
+    assert "caf\\udce9.jpg" in capsys.readouterr().out
+    assert (tmp_path / "out" / odd.with_suffix(".png").name).is_file()

@@ -160,7 +160,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         return 2
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # the CSV appears whole or not at all
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        # UTF-8; a file name that is not valid UTF-8 (bytes of another encoding) is written escaped: \udce9
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp makes it private)
@@ -535,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
