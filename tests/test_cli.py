@@ -221,3 +221,31 @@ def test_file_names_that_are_not_utf8(smoke_run, tiny_run, tmp_path, capsys):
     assert _analyze(smoke_run, tiny_run, folder, "--out", tmp_path / "out") == 0
     assert "caf\\udce9.jpg" in capsys.readouterr().out
     assert (tmp_path / "out" / odd.with_suffix(".png").name).is_file()
+
+
+def test_preprocess_overwrite_with_new_settings_leaves_no_image_of_the_old(tmp_path, capsys):
+    out = tmp_path / "out"
+    second = SAMPLES / "BloodImage_00135.jpg"
+    assert cli_main(["preprocess", str(FIELD), str(second), "--steps", "median", "--out", str(out)]) == 0
+    assert cli_main(["preprocess", str(FIELD), "--steps", "clahe", "--out", str(out), "--overwrite"]) == 0
+    assert "removed 1 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["BloodImage_00007_preprocessed.png", "preprocessing.json"]
+    assert json.loads((out / "preprocessing.json").read_text())["steps"] == ["clahe"]
+
+
+def test_preprocess_takes_folders_and_refuses_before_writing(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(FIELD, folder / "a.jpg")
+    (folder / "bad.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    assert cli_main(["preprocess", str(folder), "--steps", "median", "--out", str(out)]) == 1  # bad.jpg reported
+    assert sorted(p.name for p in out.iterdir()) == ["a_preprocessed.png", "preprocessing.json"]
+    capsys.readouterr()
+    assert cli_main(["preprocess", str(folder), "--steps", "median", "--out", str(out)]) == 2  # a_preprocessed.png exists
+    err = capsys.readouterr().err
+    assert "a_preprocessed.png exists" in err and "--overwrite" in err and "overwrite=True" not in err
+    assert cli_main(["preprocess", str(folder), "--steps", "median", "--out", str(folder)]) == 2
+    assert "holds input images" in capsys.readouterr().err
+    assert cli_main(["preprocess", str(folder / "bad.jpg"), "--steps", "median", "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # nothing preprocessed: no folder holding only a record

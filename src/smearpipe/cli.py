@@ -31,31 +31,58 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
     steps = tuple(s for s in args.steps.split(",") if s)
     prep = Preprocessing(steps=steps, macenko_on_failure=args.on_failure).resolved()
+    if not args.out:
+        print("error: --out is empty; give the output folder", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     record = out_dir / "preprocessing.json"
-    if record.exists() and not args.overwrite and _recorded_preprocessing(record) != prep.to_dict():
+    earlier = _recorded_preprocessing(record) if record.exists() else None
+    other_settings = record.exists() and earlier != prep.to_dict()
+    if other_settings and not args.overwrite:
         # images made with other settings are already there: one record cannot describe both
         print(f"error: {record} records other preprocessing than --steps {args.steps!r}; use another --out or "
               "--overwrite", file=sys.stderr)
         return 2
+    paths = _unique_inputs(_image_paths(args.images))
+    if not paths:
+        print(f"error: no images found in {' '.join(args.images)}", file=sys.stderr)
+        return 2
+    inside = [p for p in paths if p.absolute().parent.resolve() == out_dir.absolute().resolve()]
+    if inside:  # a rerun would read this run's outputs as inputs
+        print(f"error: --out {out_dir} holds input images ({inside[0]}); write the outputs to another folder",
+              file=sys.stderr)
+        return 2
+    targets = [out_dir / f"{stem}_preprocessed.png" for stem in _output_stems(paths, set())]
+    taken = [t for t in targets if t.exists()]
+    if taken and not args.overwrite:  # before any image is processed
+        print(f"error: {taken[0]} exists; use another --out or --overwrite", file=sys.stderr)
+        return 2
+    made_out_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    used: set[str] = set()
-    for path in args.images:
-        path = Path(path)
-        stem, n = path.stem, 2
-        while stem in used:  # same file name from two folders: keep both
-            stem, n = f"{path.stem}_{n}", n + 1
-        used.add(stem)
-        target = out_dir / f"{stem}_preprocessed.png"
+    failures, written = 0, set()
+    for path, target in zip(paths, targets, strict=True):
         try:
-            result = prep(read_image(path))
-            write_image(target, result, overwrite=args.overwrite)
-        except (SmearpipeError, FileExistsError) as exc:
+            write_image(target, prep(read_image(path)), overwrite=args.overwrite)
+        except SmearpipeError as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             failures += 1
             continue
+        written.add(target)
         print(f"{path} -> {target}")
+    if not written:
+        if made_out_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        print("error: no image could be preprocessed; nothing written", file=sys.stderr)
+        return 2
+    if other_settings and earlier is None:
+        print(f"warning: {record} was not a preprocessing record; the other images in {out_dir} are kept",
+              file=sys.stderr)
+    elif other_settings:  # --overwrite with new settings: the earlier images, made otherwise, go with their record
+        stale = [f for f in out_dir.glob("*_preprocessed.png") if f not in written and f.is_file()]
+        for f in stale:
+            f.unlink()
+        if stale:
+            print(f"removed {len(stale)} images of {out_dir} made with the earlier settings")
     record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
     return 1 if failures else 0
 
@@ -409,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("preprocess", help="apply median / CLAHE / Macenko / Reinhard preprocessing to images")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders of them")
     p.add_argument("--steps", default="median,clahe,macenko", help="comma-separated steps in order (default: %(default)s)")
     p.add_argument("--out", default="smearpipe-out", help="output folder (default: %(default)s)")
     p.add_argument("--on-failure", choices=("raise", "passthrough"), default="raise",
