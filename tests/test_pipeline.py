@@ -19,7 +19,7 @@ from scipy.stats import beta
 from smearpipe import SmearpipeError, analyze_fields, analyze_smear, draw, load_pipeline
 from smearpipe.cli import main as cli_main
 from smearpipe.detect import Detection
-from smearpipe.errors import ImageReadError, InvalidImageError
+from smearpipe.errors import ImageReadError, InvalidImageError, WeightsError
 from smearpipe.io import read_image
 from smearpipe.pipeline import Pipeline, PipelineConfig, SmearResult, clopper_pearson, summarize, write_field_outputs
 from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter
@@ -590,3 +590,24 @@ def test_field_outputs_stay_in_their_folder(pipe, tmp_path, stem):
     assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.png"))
     png, js = write_field_outputs(r, img, out, "field 1")
     assert png.parent == out and js.parent == out
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: analyze_fields(None), TypeError, "iterable"),
+    (lambda: analyze_fields(5), TypeError, "iterable"),
+    (lambda: load_pipeline(config={"rescale": False}), TypeError, "PipelineConfig"),
+])
+def test_bad_arguments_are_named_before_any_model_loads(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("name, error, match", [("", WeightsError, "empty"), (123, TypeError, "name or a file path"),
+                                                (["classifier-vgg16bn-v8"], TypeError, "name or a file path")])
+def test_weights_names_that_are_not_names(name, error, match):
+    from smearpipe.classify import Classifier
+    from smearpipe.detect import Detector
+
+    for load in (Classifier.load, Detector.load):
+        with pytest.raises(error, match=match):
+            load(name)

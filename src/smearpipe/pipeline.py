@@ -193,6 +193,7 @@ def load_pipeline(
 
     if device != "cpu":
         raise ValueError(f"only device='cpu' is supported for inference, got {device!r}")
+    _check_pipeline_args(None, config)
     det = detector if isinstance(detector, Detector) else Detector.load(detector)
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
     config = config or PipelineConfig()
@@ -655,6 +656,8 @@ def iter_fields(
     from tqdm.auto import tqdm
 
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
+    if not isinstance(images, Iterable):
+        raise TypeError(f"analyze_fields takes a list (or any iterable) of images or paths, got {type(images).__name__}")
     _check_pipeline_args(pipeline, config)
     p = pipeline or _default_pipeline()
     cfg = config or p.config

@@ -170,7 +170,11 @@ def resolve(name_or_path: str | os.PathLike, *, kind: str) -> WeightsRecord | Pa
     WeightsError
         Unknown name, missing file, wrong kind, sha256 mismatch.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{kind} weights must be a registered name or a file path, got {type(name_or_path).__name__}")
     text = os.fspath(name_or_path)
+    if not text:
+        raise WeightsError(f"empty {kind} weights name; registered: {available(kind) or 'none'} (None: the shipped default)")
     candidate = Path(text)
     if candidate.suffix in (".pt", ".pth", ".safetensors", ".json") or candidate.exists() or os.sep in text:
         if not candidate.exists():
