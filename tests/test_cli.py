@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from smearpipe.cli import main as cli_main
@@ -249,3 +250,16 @@ def test_preprocess_takes_folders_and_refuses_before_writing(tmp_path, capsys):
     assert "holds input images" in capsys.readouterr().err
     assert cli_main(["preprocess", str(folder / "bad.jpg"), "--steps", "median", "--out", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()  # nothing preprocessed: no folder holding only a record
+
+
+def test_analyze_warnings_name_their_field(tmp_path, capsys):
+    """The shipped pipeline warns about a field whose red cells read implausibly; the CLI says which field."""
+    from smearpipe.io import read_image, write_image
+
+    field = read_image(FIELD)
+    strip = tmp_path / "strip.png"
+    write_image(strip, np.ascontiguousarray(np.tile(field[:300], (1, 7, 1))[:, :4000]))
+    assert cli_main(["analyze", str(FIELD), str(strip), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {strip}: red cells measured" in err
+    assert f"warning: {FIELD}" not in err

@@ -155,6 +155,27 @@ def test_default_pipeline_on_bundled_fields():
     assert rbc_found >= 0.4 * rbc_annotated
 
 
+@pytest.mark.parametrize("stem, rescaled", [("BloodImage_00007", True), ("BloodImage_00031", False)])
+def test_implausible_scale_warning_says_what_was_done(stem, rescaled):
+    """A 4000x300 strip tiled from a field: the second look measures the red cells implausibly far off. The
+    warning says whether the field stays as given or at the scale of the first rescaled look, as the result does."""
+    import warnings
+
+    from smearpipe import analyze_smear
+    from smearpipe.io import read_image
+
+    field = read_image(SAMPLES / f"{stem}.jpg")
+    strip = np.ascontiguousarray(np.tile(field[:300], (1, 7, 1))[:, :4000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = analyze_smear(strip)
+    messages = [str(w.message) for w in caught if "off the detector's view" in str(w.message)]
+    assert len(messages) == 1
+    assert (result.scale_factor != 1.0) == rescaled
+    assert ("not rescaled" in messages[0]) == (not rescaled)
+    assert (f"({result.scale_factor:.2f}x)" in messages[0]) == rescaled
+
+
 def test_rescaling_finds_a_small_cell_in_original_pixels():
     """A BCCD field shrunk 2.5x (a lower magnification) on a 640x480 canvas: with the red-cell ruler, and by
     default, the WBC is found, and its box is in the canvas's pixels."""

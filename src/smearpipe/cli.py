@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -328,22 +329,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return 2
     results, errors, written = [], [], []
     fields = iter_fields(paths, pipeline=pipeline, progress=not args.quiet)  # in input order
-    for (source, out), stem in zip(fields, stems, strict=True):
-        if not isinstance(out, Exception):
-            try:
-                write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
-            except FileExistsError as exc:  # appeared while the slide was analysed
-                errors.append((source, str(exc)))
-                print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
-                continue
-            results.append(out)
-            written.append(stem)
-            diff = ", ".join(f"{k} {v}" for k, v in out.differential.items() if v) or "-"
-            print(f"{source}: " + ", ".join(f"{k} {v}" for k, v in out.counts.items()) + f" | WBC types: {diff}"
-                  + (f" | {out.n_review} flagged" if out.n_review else ""))
-        else:
-            errors.append((source, str(out)))
-            print(f"error: {source}: {out}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:  # each warning printed with the field it is about
+        warnings.simplefilter("always")
+        for (source, out), stem in zip(fields, stems, strict=True):
+            for w in caught:
+                print(f"warning: {source}: {w.message}", file=sys.stderr)
+            caught.clear()
+            if not isinstance(out, Exception):
+                try:
+                    write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
+                except FileExistsError as exc:  # appeared while the slide was analysed
+                    errors.append((source, str(exc)))
+                    print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
+                    continue
+                results.append(out)
+                written.append(stem)
+                diff = ", ".join(f"{k} {v}" for k, v in out.differential.items() if v) or "-"
+                print(f"{source}: " + ", ".join(f"{k} {v}" for k, v in out.counts.items()) + f" | WBC types: {diff}"
+                      + (f" | {out.n_review} flagged" if out.n_review else ""))
+            else:
+                errors.append((source, str(out)))
+                print(f"error: {source}: {out}", file=sys.stderr)
     if not results:  # nothing analysed: no summary of nothing, and an earlier run's outputs stay as they were
         if made_out_dir and not any(out_dir.iterdir()):
             out_dir.rmdir()

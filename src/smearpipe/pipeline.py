@@ -280,8 +280,9 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
             break
         view = _implausible_view(need, rgb.shape, meta["train_long_side_px"])
         if view is not None:
+            kept = "not rescaled" if imgsz is None else f"kept at the scale of its previous look ({factor:.2f}x)"
             warnings.warn(f"red cells measured {view:.2f}x off the detector's view of the field, outside the "
-                          f"{RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that rescale='auto' follows: not rescaled (pass "
+                          f"{RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that rescale='auto' follows: {kept} (pass "
                           "rbc_diameter_px or pixel_size_um if the field's scale is known)", stacklevel=3)
             break
         if abs(np.log(need / seen)) <= np.log(AUTO_RESCALE_TOLERANCE):
