@@ -611,3 +611,17 @@ def test_weights_names_that_are_not_names(name, error, match):
     for load in (Classifier.load, Detector.load):
         with pytest.raises(error, match=match):
             load(name)
+
+
+def test_a_grey_field_is_analysed_with_a_warning(pipe):
+    rgb = read_image(SAMPLES / "BloodImage_00007.jpg")
+    grey = np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    with pytest.warns(UserWarning, match="no colour"):
+        analyze_smear(grey, pipeline=pipe)
+    nearly = grey.copy()
+    nearly[::3, ::5, 0] = np.minimum(nearly[::3, ::5, 0], 253) + 2  # within 2 levels: still grey
+    with pytest.warns(UserWarning, match="no colour"):
+        analyze_smear(nearly, pipeline=pipe)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no colour")
+        analyze_smear(rgb, pipeline=pipe)  # a stained field: no such warning

@@ -298,6 +298,12 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
     return factor, imgsz, dets
 
 
+def _is_grey(rgb: np.ndarray, tolerance: int = 2) -> bool:
+    """True when no pixel's channels differ by more than ``tolerance`` levels (a grey image stored as RGB)."""
+    small = rgb[::8, ::8].astype(np.int16)  # one pixel in 64: a stained smear has colour everywhere
+    return int(np.ptp(small, axis=2).max()) <= tolerance
+
+
 def _scale_metadata(detector: Any) -> dict[str, float]:
     """The detector's training red-cell diameter and field size, which rescaling needs."""
     meta = detector.record.metadata
@@ -474,6 +480,13 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         itself, a field without measurable red cells or whose measured scale is outside :data:`RESCALE_RANGE`
         (``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
 
+    Warns
+    -----
+    UserWarning
+        A field without colour (grey, or every pixel's channels within 2 levels of each other): the models
+        tell cells apart by their stain, so counts and types of a grey field are not to be trusted (the six
+        bundled BCCD fields made grey: no WBC found on any). Also for scales ``rescale="auto"`` does not follow.
+
     Examples
     --------
     >>> r = analyze_smear("datasets/bccd_samples/BloodImage_00007.jpg")   # doctest: +SKIP
@@ -489,6 +502,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     if min(h, w) < MIN_FIELD_SIDE:
         raise InvalidImageError(f"{source or 'image'}: {w}x{h} px; a field needs at least {MIN_FIELD_SIDE} px per side "
                                 "(the detector would see noise enlarged as cells)")
+    if _is_grey(rgb):
+        warnings.warn(f"{source or 'image'} has no colour: the detector and classifier tell cells apart by their "
+                      "stain, so the counts and types of a grey field are not to be trusted", stacklevel=2)
     factor, imgsz = 1.0, None
     if _rescaling(cfg):
         from .scale import detector_input_size, rescale_factor
