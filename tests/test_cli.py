@@ -263,3 +263,22 @@ def test_analyze_warnings_name_their_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {strip}: red cells measured" in err
     assert f"warning: {FIELD}" not in err
+
+
+def test_analyze_with_a_detector_file_without_a_record(smoke_run, tiny_run, tmp_path, capsys):
+    bare = tmp_path / "mydet.pt"
+    shutil.copy(smoke_run.weights, bare)
+    args = ["analyze", str(FIELD), "--detector", str(bare), "--classifier", str(tiny_run.weights), "--quiet",
+            "--no-rescale", "--conf", "0.01"]
+    assert cli_main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "--detector-preprocess" in capsys.readouterr().err  # the CLI's way, not only the API's
+    assert cli_main([*args, "--out", str(tmp_path / "b"), "--detector-preprocess", ""]) == 0
+    assert json.loads((tmp_path / "b" / "slide_summary.json").read_text())["models"]["detector"]["name"] == "mydet"
+
+
+def test_version(capsys):
+    from smearpipe import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"smearpipe {__version__}"

@@ -320,7 +320,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     rescale = {"auto": "auto", "ruler": True, "off": False}[args.rescale]
     config = PipelineConfig(det_conf=args.conf, rescale=rescale, pixel_size_um=args.pixel_size_um,
                             rbc_diameter_px=args.rbc_diameter_px)
-    pipeline = load_pipeline(detector=args.detector, classifier=args.classifier, config=config)
+    detector = args.detector
+    if args.detector_preprocess is not None:  # a detector file without a record: its preprocessing, as trained
+        from .detect import Detector
+        from .preprocess import Preprocessing
+
+        steps = tuple(x for x in args.detector_preprocess.split(",") if x)
+        detector = Detector.load(args.detector, preprocessing=Preprocessing(steps=steps))
+    pipeline = load_pipeline(detector=detector, classifier=args.classifier, config=config)
     made_out_dir = not out_dir.exists()
     try:  # before any field is analysed: an --out that cannot be a folder fails now, not after the slide
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,10 +442,12 @@ def _cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .framing import FRAMINGS
     from .pipeline import AUTO_RESCALE_TOLERANCE, PipelineConfig
 
     parser = argparse.ArgumentParser(prog="smearpipe", description="Automated peripheral blood smear analysis.")
+    parser.add_argument("--version", action="version", version=f"smearpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("preprocess", help="apply median / CLAHE / Macenko / Reinhard preprocessing to images")
@@ -454,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="field images or folders of them")
     p.add_argument("--out", default="smearpipe-out", help="output folder (default: %(default)s)")
     p.add_argument("--detector", default=None, help="detector weights name or .pt path (default: shipped)")
+    p.add_argument("--detector-preprocess", default=None, metavar="STEPS",
+                   help="only for a --detector .pt file without a record: the preprocessing its training images had, "
+                        "comma-separated steps ('' for none)")
     p.add_argument("--classifier", default=None, help="classifier weights name or .safetensors path (default: shipped)")
     p.add_argument("--conf", type=float, default=None, help="detector score threshold (default: from the weights record)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -174,7 +174,8 @@ class Detector:
             hint = f" (this looks like a train_detector run: load {run_record.with_suffix('.pt')} instead)" if run_record.is_file() else ""
             raise WeightsError(
                 f"{found} has no record ({found.with_suffix('.json').name}), so its preprocessing is unknown{hint}; "
-                "pass preprocessing=Preprocessing(...) (Preprocessing() if its training images were not preprocessed)"
+                "pass preprocessing=Preprocessing(...) (Preprocessing() if its training images were not preprocessed; "
+                "CLI: --detector-preprocess STEPS, '' for none)"
             )
         ultralytics = import_ultralytics()
         path = found.path if isinstance(found, WeightsRecord) else found
