@@ -452,7 +452,7 @@ def test_sam_gradient_is_the_gradient_at_the_perturbed_weights():
 
 
 def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
-    """sam_rho > 0: AdamW steps with the gradient of the second pass; recorded; bad radii refused."""
+    """sam_rho > 0: AdamW steps with the gradient of the second pass; recorded."""
     import torch
 
     import smearpipe.train as train
@@ -478,11 +478,16 @@ def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
     assert stepped == [True] * 3  # every step used the second pass's gradient, not the first
     assert json.loads(run.record.read_text())["training"]["sam_rho"] == 0.05
     assert json.loads((run.run_dir / "run_config.json").read_text())["sam_rho"] == 0.05
-    for bad, error in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError),
-                       ("0.05", TypeError)):
-        with pytest.raises(error, match="sam_rho"):
-            train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
-                             num_workers=0, sam_rho=bad)
+
+
+@pytest.mark.parametrize("option", ["consistency", "sam_rho"])
+@pytest.mark.parametrize("bad, error", [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                        (True, TypeError), ("0.05", TypeError)])
+def test_train_refuses_bad_loss_settings(tiny_crops, tmp_path, option, bad, error):
+    """A weight or radius must be a finite real number >= 0, refused before any crop is read."""
+    with pytest.raises(error, match=option):
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
+                         num_workers=0, **{option: bad})
 
 
 def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
@@ -504,11 +509,6 @@ def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):
     assert all(12 < h["train_loss"] < 20 for h in run.history)  # weight x 1 + the cross-entropy (~ln 5 untrained)
     assert json.loads(run.record.read_text())["training"]["consistency"] == 12.0
     assert json.loads((run.run_dir / "run_config.json").read_text())["consistency"] == 12.0
-    for bad, error in ((-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), (True, TypeError),
-                       ("12", TypeError)):
-        with pytest.raises(error, match="consistency"):
-            train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
-                             num_workers=0, consistency=bad)
     with pytest.raises(ValueError, match="needs augmentation"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                          num_workers=0, consistency=1.0, augment=False)
