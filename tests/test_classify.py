@@ -484,7 +484,7 @@ def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad, error", [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
                                         (True, TypeError), ("0.05", TypeError)])
 def test_train_refuses_bad_loss_settings(tiny_crops, tmp_path, option, bad, error):
-    """A weight or radius must be a finite real number >= 0, refused before any crop is read."""
+    """A weight or radius must be a finite real number >= 0."""
     with pytest.raises(error, match=option):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                          num_workers=0, **{option: bad})

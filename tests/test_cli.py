@@ -151,6 +151,14 @@ def test_analyze_refuses_to_write_into_its_input_folder(smoke_run, tiny_run, tmp
     assert _analyze(smoke_run, tiny_run, fields, "--out", fields, *args) == 2
     assert "holds input images" in capsys.readouterr().err
     assert _analyze(smoke_run, tiny_run, fields / "f2.jpg", "--out", fields, *args) == 2  # a file given: the same
+    # other spellings of the folder, a link to it, and a link to an input in it given from elsewhere
+    (tmp_path / "view").mkdir()
+    (tmp_path / "view" / "f1.png").symlink_to(fields / "f1.png")
+    (tmp_path / "alias").symlink_to(fields)
+    for given, out in ((fields, tmp_path / "x" / ".." / "fields"), (tmp_path / "view", fields),
+                       (fields, tmp_path / "alias")):
+        assert _analyze(smoke_run, tiny_run, given, "--out", out, *args) == 2
+        assert "holds input images" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in fields.iterdir()} == before  # nothing replaced, nothing added
 
 
@@ -213,7 +221,10 @@ def test_file_names_that_are_not_utf8(smoke_run, tiny_run, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     odd = folder / os.fsdecode(b"caf\xe9.jpg")
-    shutil.copy(FIELD, odd)
+    try:
+        shutil.copy(FIELD, odd)
+    except OSError:
+        pytest.skip("this file system refuses file names that are not UTF-8 (macOS)")
     shutil.copy(SAMPLES / "BloodImage_00135.jpg", folder / "b.jpg")
     table = tmp_path / "t.csv"
     assert cli_main(["classify", str(folder), "--out", str(table), "--classifier", str(tiny_run.weights)]) == 0
@@ -282,3 +293,24 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"smearpipe {__version__}"
+
+
+def test_outputs_replace_a_link_never_write_through_it(smoke_run, tiny_run, tmp_path):
+    """A link in --out named like an output is replaced by the output; the file it pointed to stays as it was."""
+    keep = tmp_path / "precious.png"
+    keep.write_bytes(b"mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{FIELD.stem}.png").symlink_to(keep)
+    assert _analyze(smoke_run, tiny_run, FIELD, "--out", out, "--overwrite") == 0
+    assert keep.read_bytes() == b"mine" and not (out / f"{FIELD.stem}.png").is_symlink()
+
+
+def test_output_names_differ_in_more_than_case(smoke_run, tiny_run, tmp_path):
+    """Cell.jpg and cell.jpg, or a field called Slide_Summary.jpg, would share a file on macOS and Windows."""
+    for folder, name in (("a", "Cell.jpg"), ("b", "cell.jpg"), ("c", "Slide_Summary.jpg")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(FIELD, tmp_path / folder / name)
+    out = tmp_path / "out"
+    assert _analyze(smoke_run, tiny_run, tmp_path / "a", tmp_path / "b", tmp_path / "c", "--out", out) == 0
+    assert json.loads((out / "slide_summary.json").read_text())["outputs"] == ["Cell", "cell_2", "Slide_Summary_2"]

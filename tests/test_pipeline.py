@@ -375,7 +375,8 @@ def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe):
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 470)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        r = analyze_smear(np.full((2000, 3000, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+        tinted = np.full((2000, 3000, 3), (210, 190, 200), np.uint8)  # a smear's colour: no grey-field warning
+        r = analyze_smear(tinted, pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None] and r.scale_factor == 1.0
 
 
@@ -593,11 +594,19 @@ def test_field_outputs_stay_in_their_folder(pipe, tmp_path, stem):
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda: analyze_fields(None), TypeError, "iterable"),
-    (lambda: analyze_fields(5), TypeError, "iterable"),
+    (lambda: analyze_fields(None), TypeError, "takes a list"),
+    (lambda: analyze_fields(5), TypeError, "takes a list"),
+    (lambda: analyze_fields([], pipeline={}), TypeError, "pipeline must be a Pipeline"),
     (lambda: load_pipeline(config={"rescale": False}), TypeError, "PipelineConfig"),
 ])
-def test_bad_arguments_are_named_before_any_model_loads(call, error, match):
+def test_bad_arguments_are_named_before_any_model_loads(call, error, match, monkeypatch):
+    import smearpipe.classify
+    import smearpipe.detect
+    import smearpipe.pipeline
+
+    monkeypatch.setattr(smearpipe.pipeline, "_default_pipeline", lambda: pytest.fail("the default models were loaded"))
+    for cls in (smearpipe.classify.Classifier, smearpipe.detect.Detector):
+        monkeypatch.setattr(cls, "load", classmethod(lambda *a, **k: pytest.fail("a model was loaded")))
     with pytest.raises(error, match=match):
         call()
 

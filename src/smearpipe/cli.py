@@ -48,7 +48,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if not paths:
         print(f"error: no images found in {' '.join(args.images)}", file=sys.stderr)
         return 2
-    inside = [p for p in paths if p.absolute().parent.resolve() == out_dir.absolute().resolve()]
+    inside = _inputs_in(paths, out_dir)
     if inside:  # a rerun would read this run's outputs as inputs
         print(f"error: --out {out_dir} holds input images ({inside[0]}); write the outputs to another folder",
               file=sys.stderr)
@@ -58,21 +58,27 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if taken and not args.overwrite:  # before any image is processed
         print(f"error: {taken[0]} exists; use another --out or --overwrite", file=sys.stderr)
         return 2
-    made_out_dir = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(out_dir)
     failures, written = 0, set()
-    for path, target in zip(paths, targets, strict=True):
-        try:
-            write_image(target, prep(read_image(path)), overwrite=args.overwrite)
-        except SmearpipeError as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        written.add(target)
-        print(f"{path} -> {target}")
+    try:
+        for path, target in zip(paths, targets, strict=True):
+            try:
+                write_image(target, prep(read_image(path)), overwrite=args.overwrite)
+            except SmearpipeError as exc:
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            except FileExistsError:  # appeared since the check above
+                print(f"error: {path}: {target} exists; use another --out or --overwrite", file=sys.stderr)
+                failures += 1
+                continue
+            written.add(target)
+            print(f"{path} -> {target}")
+    finally:  # whatever stops the loop, the images written are described by their record
+        if written:
+            record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
     if not written:
-        if made_out_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        _unmake(made)
         print("error: no image could be preprocessed; nothing written", file=sys.stderr)
         return 2
     if other_settings and earlier is None:
@@ -84,7 +90,6 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             f.unlink()
         if stale:
             print(f"removed {len(stale)} images of {out_dir} made with the earlier settings")
-    record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
     return 1 if failures else 0
 
 
@@ -256,33 +261,86 @@ def _earlier_outputs(summary: Path) -> list[str]:
     return outputs
 
 
-def _unique_inputs(paths: list[Path]) -> list[Path]:
-    """``paths`` without repeats of one file (a file given and also found in a folder), with a warning for each."""
-    seen: dict[Path, Path] = {}
+def _unique_inputs(paths: list[Path], *, action: str = "analysed") -> list[Path]:
+    """``paths`` without repeats of one file (a file given and also found in a folder, a link to it, another
+    spelling of it), with a warning for each."""
+    seen: dict[object, Path] = {}
     kept = []
     for p in paths:
-        key = p.resolve() if p.exists() else p.absolute()
+        try:
+            st = p.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # missing or unreadable: reported when read
+            key = p.absolute()
         if key in seen:
-            print(f"warning: {p} is the same file as {seen[key]}: analysed once", file=sys.stderr)
+            print(f"warning: {p} is the same file as {seen[key]}: {action} once", file=sys.stderr)
             continue
         seen[key] = p
         kept.append(p)
     return kept
 
 
+def _inputs_in(paths: list[Path], folder: Path) -> list[Path]:
+    """The inputs that lie in ``folder`` (as given, or where a link points), however either is spelled."""
+    import os
+
+    # as spelled, and with ".." taken away first (x/../fields names fields even before x exists)
+    folders = [f for f in (folder, Path(os.path.normpath(folder.absolute()))) if f.is_dir()]
+
+    def inside(p: Path) -> bool:
+        for parent in (p.absolute().parent, p.resolve().parent):
+            for f in folders:
+                try:
+                    if os.path.samefile(parent, f):  # device and inode: case, links and mounts do not matter
+                        return True
+                except OSError:
+                    continue
+        return False
+
+    return [p for p in paths if inside(p)]
+
+
 def _output_stems(paths: list[Path], reserved: set[str]) -> list[str]:
-    """One output stem per input, in order: its file name's stem, ``_2``, ``_3``... for repeated names."""
-    stems, used = [], set(reserved)
+    """One output stem per input, in order: its file name's stem, ``_2``, ``_3``... for repeated names.
+
+    Names are compared case-insensitively (``Cell`` and ``cell`` are one file on macOS and Windows).
+    """
+    stems, used = [], {r.casefold() for r in reserved}
     for source in paths:
         base = stem = source.stem
         if base in ("", ".", ".."):  # e.g. a file named "..png": not a name to write outputs under
             base = stem = "field"
         n = 2
-        while stem in used:
+        while stem.casefold() in used:
             stem, n = f"{base}_{n}", n + 1
-        used.add(stem)
+        used.add(stem.casefold())
         stems.append(stem)
     return stems
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; returns those it made, deepest first (for :func:`_unmake`)."""
+    made = [d for d in (folder, *folder.parents) if not d.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _unmake(made: list[Path]) -> None:
+    """Remove the folders :func:`_make_folder` made, if still empty: a command that wrote nothing leaves nothing."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _print_warnings(caught: list, source: str | None) -> None:
+    """Print and forget the warnings ``caught`` while ``source`` was analysed, each naming it (unless it does)."""
+    for w in caught:
+        text = str(w.message)
+        print(f"warning: {text}" if source is None or text.startswith(source) else f"warning: {source}: {text}",
+              file=sys.stderr)
+    caught.clear()
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -294,21 +352,21 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.out:
         print("error: --out is empty; give the output folder", file=sys.stderr)
         return 2
+    paths = _unique_inputs(_image_paths(args.paths))
+    if not paths:
+        print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    inside = _inputs_in(paths, out_dir)
+    if inside:  # annotated PNGs would replace PNG fields, and be read as fields by the next run of the same command
+        print(f"error: --out {out_dir} holds input images ({inside[0]}" + (f" and {len(inside) - 1} more" if len(inside) > 1
+              else "") + "); write the outputs to another folder", file=sys.stderr)
+        return 2
     summary_paths = [out_dir / "slide_summary.json", out_dir / "slide_summary.csv"]
     if not args.overwrite:
         existing = [str(p) for p in summary_paths if p.exists()]
         if existing:
             print(f"error: {existing[0]} exists; use another --out or --overwrite", file=sys.stderr)
             return 2
-    paths = _unique_inputs(_image_paths(args.paths))
-    if not paths:
-        print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
-        return 2
-    inside = [p for p in paths if p.absolute().parent.resolve() == out_dir.absolute().resolve()]
-    if inside:  # annotated PNGs would replace PNG fields, and be read as fields by the next run of the same command
-        print(f"error: --out {out_dir} holds input images ({inside[0]}" + (f" and {len(inside) - 1} more" if len(inside) > 1
-              else "") + "); write the outputs to another folder", file=sys.stderr)
-        return 2
     stems = _output_stems(paths, {p.stem for p in summary_paths})  # a field called slide_summary.jpg keeps its own name
     if not args.overwrite:  # before any field is analysed, not after the slide
         taken = [f for stem in stems for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json") if f.exists()]
@@ -324,24 +382,26 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.detector_preprocess is not None:  # a detector file without a record: its preprocessing, as trained
         from .detect import Detector
         from .preprocess import Preprocessing
+        from .weights import DEFAULT_DETECTOR, WeightsRecord, resolve
 
+        if isinstance(resolve(args.detector or DEFAULT_DETECTOR, kind="detector"), WeightsRecord):
+            print(f"error: --detector-preprocess is only for a detector file without a record; "
+                  f"{args.detector or DEFAULT_DETECTOR} has one, with its preprocessing", file=sys.stderr)
+            return 2
         steps = tuple(x for x in args.detector_preprocess.split(",") if x)
         detector = Detector.load(args.detector, preprocessing=Preprocessing(steps=steps))
     pipeline = load_pipeline(detector=detector, classifier=args.classifier, config=config)
-    made_out_dir = not out_dir.exists()
     try:  # before any field is analysed: an --out that cannot be a folder fails now, not after the slide
-        out_dir.mkdir(parents=True, exist_ok=True)
+        made = _make_folder(out_dir)
     except OSError as exc:
         print(f"error: cannot use --out {out_dir} as the output folder: {exc}", file=sys.stderr)
         return 2
     results, errors, written = [], [], []
     fields = iter_fields(paths, pipeline=pipeline, progress=not args.quiet)  # in input order
     with warnings.catch_warnings(record=True) as caught:  # each warning printed with the field it is about
-        warnings.simplefilter("always")
+        warnings.filterwarnings("always", category=UserWarning, module=r"smearpipe\.")  # per field, not once
         for (source, out), stem in zip(fields, stems, strict=True):
-            for w in caught:
-                print(f"warning: {source}: {w.message}", file=sys.stderr)
-            caught.clear()
+            _print_warnings(caught, source)
             if not isinstance(out, Exception):
                 try:
                     write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
@@ -357,9 +417,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             else:
                 errors.append((source, str(out)))
                 print(f"error: {source}: {out}", file=sys.stderr)
+        _print_warnings(caught, None)
     if not results:  # nothing analysed: no summary of nothing, and an earlier run's outputs stay as they were
-        if made_out_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        _unmake(made)
         print("error: no field could be analysed; " + (f"the earlier run's outputs in {out_dir} are kept" if earlier
               else "nothing written"), file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -30,7 +31,8 @@ import numpy as np
 
 from .errors import ImageReadError, InvalidImageError
 
-__all__ = ["ImageLike", "IMAGE_SUFFIXES", "read_image", "to_rgb_uint8", "load_image", "write_image", "require_image_list"]
+__all__ = ["ImageLike", "IMAGE_SUFFIXES", "read_image", "to_rgb_uint8", "load_image", "write_image", "replace_file",
+           "require_image_list"]
 
 ImageLike = str | os.PathLike | np.ndarray
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})  # read and written by OpenCV
@@ -221,12 +223,15 @@ def _exif_orientation(data: np.ndarray) -> int:
 
 
 def require_image_list(images: object, *, caller: str, hint: str) -> None:
-    """Raise TypeError when a single path or a single (H, W[, 3]) array is passed where a list is expected.
+    """Raise TypeError when a single path or a single (H, W[, 3]) array, or no iterable at all, is passed where a
+    list is expected.
 
     Iterating a path string or an image array would otherwise silently yield characters or rows.
     """
     if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
         raise TypeError(f"{caller} takes a list of images or paths, not a single one; {hint}")
+    if not isinstance(images, Iterable):
+        raise TypeError(f"{caller} takes a list (or any iterable) of images or paths, got {type(images).__name__}")
 
 
 def require_file_name(name: object, *, what: str = "name") -> None:
@@ -268,5 +273,28 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     if not ok:
         raise ImageReadError(f"cannot encode image for file {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf.tofile(str(path))
+    replace_file(path, buf.tobytes())
+    return path
+
+
+def replace_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, then renamed over it.
+
+    A symbolic link at ``path`` is replaced by the file, never written through (an output must not change the
+    file a link points to, an input perhaps). The file mode follows the umask, as ``open()`` would make it.
+    """
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

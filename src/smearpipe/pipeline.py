@@ -672,9 +672,7 @@ def iter_fields(
     """
     from tqdm.auto import tqdm
 
-    require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
-    if not isinstance(images, Iterable):
-        raise TypeError(f"analyze_fields takes a list (or any iterable) of images or paths, got {type(images).__name__}")
+    require_image_list(images, caller="iter_fields", hint=_LIST_HINT)
     _check_pipeline_args(pipeline, config)
     p = pipeline or _default_pipeline()
     cfg = config or p.config
@@ -731,7 +729,8 @@ def analyze_fields(
     that cannot be read is listed in ``errors`` and the rest are processed.
     """
     require_image_list(images, caller="analyze_fields", hint=_LIST_HINT)
-    p = pipeline or _default_pipeline()  # a wrong type is refused by iter_fields, before any field is read
+    _check_pipeline_args(pipeline, config)  # before the default models load: a wrong value is not replaced by them
+    p = pipeline or _default_pipeline()
     results, errors = [], []
     for source, out in iter_fields(images, pipeline=p, config=config, progress=progress):
         if isinstance(out, SmearResult):
@@ -793,7 +792,7 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
 def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os.PathLike, stem: str,
                         *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked."""
-    from .io import require_file_name, write_image
+    from .io import replace_file, require_file_name, write_image
 
     require_file_name(stem, what="stem")
     out_dir = Path(out_dir)
@@ -804,5 +803,5 @@ def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os
                 raise FileExistsError(f"refusing to overwrite {p} (use --overwrite / overwrite=True)")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(png, draw(result, image), overwrite=overwrite)
-    js.write_text(result.to_json(indent=1) + "\n")
+    replace_file(js, (result.to_json(indent=1) + "\n").encode())
     return png, js
