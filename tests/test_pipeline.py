@@ -26,6 +26,9 @@ from smearpipe.scale import ScaleEstimationError, estimate_rbc_diameter
 
 from .conftest import SAMPLES
 
+# plain synthetic fields with a smear's and a slide's tint: a grey one would be warned about (analyze_smear)
+_SMEAR, _GLASS = (210, 190, 200), (235, 225, 230)
+
 
 @pytest.fixture(scope="module")
 def pipe(smoke_run, tiny_run):
@@ -306,7 +309,7 @@ def _auto_record(pipe, **meta):
 ])
 def test_auto_rescale_from_the_detectors_red_cells(pipe, shape, cell_px, sizes, factor):
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), cell_px)
-    r = analyze_smear(np.full((*shape, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    r = analyze_smear(np.full((*shape, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert PipelineConfig().rescale == "auto"
     assert det.sizes == sizes
     assert r.scale_factor == pytest.approx(factor) and r.detector_imgsz == sizes[-1]
@@ -317,13 +320,13 @@ def test_auto_rescale_measures_again_at_most_once(pipe):
     record = _auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None)
     # first look: 40 px (2.5x); at 1280 the boxes read 55 px (1.82x): a third look at that scale, not measured again
     det = MagnifiedDetector(record, [40, 55, 70])
-    r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    r = analyze_smear(np.full((480, 640, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None, 1280, 928] and r.scale_factor == pytest.approx(100 / 55) and r.detector_imgsz == 928
     # low-score boxes do not count, whatever det_conf lets through (the record's RBC threshold: 0.25 here)
     det = MagnifiedDetector(record, 40)
     fragments = [Detection((300.0 + 12 * k, 300.0, 310.0 + 12 * k, 310.0), "RBC", 0.1) for k in range(20)]
     det.predict = lambda image, _p=det.predict, **kw: _p(image, **kw) + fragments
-    r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier),
+    r = analyze_smear(np.full((480, 640, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier),
                       config=PipelineConfig(det_conf=0.05))
     assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5)
 
@@ -360,7 +363,7 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
     # nor does it matter when the first view had no WBC either
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=ruler), 40, n_rbc=[2, 0], wbc=False)
     assert analyze_smear(img, pipeline=Pipeline(det, pipe.classifier)).scale_factor == pytest.approx(2.5)
-    blank = np.full((480, 640, 3), 230, np.uint8)  # nothing to measure at all: as it is, no error
+    blank = np.full((480, 640, 3), _GLASS, np.uint8)  # nothing to measure at all: as it is, no error
     det.sizes.clear()
     assert analyze_smear(blank, pipeline=Pipeline(det, pipe.classifier)).scale_factor == 1.0 and det.sizes == [None]
 
@@ -368,15 +371,14 @@ def test_auto_rescale_without_enough_red_cell_boxes(pipe):
 def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe):
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 15)  # 6.7x: outside RESCALE_RANGE
     with pytest.warns(UserWarning, match="outside the 0.2-5.0x"):
-        r = analyze_smear(np.full((480, 640, 3), 200, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+        r = analyze_smear(np.full((480, 640, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None] and r.scale_factor == 1.0
     # the range is on the detector's view, not on pixels: a 3000 px wide photo at the training magnification
     # (red cells ~470 px, 0.21x the training boxes) is seen as the training fields are, without a warning
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 470)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tinted = np.full((2000, 3000, 3), (210, 190, 200), np.uint8)  # a smear's colour: no grey-field warning
-        r = analyze_smear(tinted, pipeline=Pipeline(det, pipe.classifier))
+        r = analyze_smear(np.full((2000, 3000, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None] and r.scale_factor == 1.0
 
 
@@ -433,7 +435,7 @@ def test_slide_scale_is_the_median_of_the_first_fields(pipe, tmp_path):
     stub = Pipeline(det, pipe.classifier)
     paths = sorted(SAMPLES.glob("*.jpg"))[:4]
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    blank = np.full((480, 640, 3), 230, np.uint8)
+    blank = np.full((480, 640, 3), _GLASS, np.uint8)
     # an unreadable field first (reported), a blank one (no red cells to measure) among the first three
     fields = (f for f in [tmp_path / "broken.jpg", paths[0], blank, *paths[1:]])  # any iterable, read once
     each = [estimate_rbc_diameter(read_image(p)) for p in paths]
