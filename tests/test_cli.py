@@ -314,3 +314,14 @@ def test_output_names_differ_in_more_than_case(smoke_run, tiny_run, tmp_path):
     out = tmp_path / "out"
     assert _analyze(smoke_run, tiny_run, tmp_path / "a", tmp_path / "b", tmp_path / "c", "--out", out) == 0
     assert json.loads((out / "slide_summary.json").read_text())["outputs"] == ["Cell", "cell_2", "Slide_Summary_2"]
+
+
+def test_classify_types_a_crop_given_twice_once(tiny_run, tmp_path, capsys):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    shutil.copy(FIELD, folder / "a.jpg")
+    table = tmp_path / "t.csv"
+    assert cli_main(["classify", str(folder / "a.jpg"), str(folder), "--out", str(table), "--classifier",
+                     str(tiny_run.weights)]) == 0
+    assert "same file" in capsys.readouterr().err
+    assert len(table.read_text().splitlines()) == 2  # header + one row

@@ -44,14 +44,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"error: {record} records other preprocessing than --steps {args.steps!r}; use another --out or "
               "--overwrite", file=sys.stderr)
         return 2
-    paths = _unique_inputs(_image_paths(args.images))
-    if not paths:
-        print(f"error: no images found in {' '.join(args.images)}", file=sys.stderr)
-        return 2
-    inside = _inputs_in(paths, out_dir)
-    if inside:  # a rerun would read this run's outputs as inputs
-        print(f"error: --out {out_dir} holds input images ({inside[0]}); write the outputs to another folder",
-              file=sys.stderr)
+    paths = _inputs_for(args.images, out_dir, action="preprocessed")
+    if paths is None:
         return 2
     targets = [out_dir / f"{stem}_preprocessed.png" for stem in _output_stems(paths, set())]
     taken = [t for t in targets if t.exists()]
@@ -177,7 +171,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     if not 0.0 <= review <= 1.0:
         print(f"error: --review-probability must be in [0, 1], got {review}", file=sys.stderr)
         return 2
-    paths = _image_paths(args.paths, recursive=True)
+    paths = _unique_inputs(_image_paths(args.paths, recursive=True), action="typed")
     if not paths:
         print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
@@ -300,6 +294,22 @@ def _inputs_in(paths: list[Path], folder: Path) -> list[Path]:
     return [p for p in paths if inside(p)]
 
 
+def _inputs_for(raw_paths: Sequence[str], out_dir: Path, *, action: str) -> list[Path] | None:
+    """The images of ``raw_paths`` (folders not searched recursively), each once; None, with the error printed,
+    when there are none or ``out_dir`` holds some of them (outputs would replace PNG inputs, and the next run of
+    the same command would read this run's outputs as inputs)."""
+    paths = _unique_inputs(_image_paths(raw_paths), action=action)
+    if not paths:
+        print(f"error: no images found in {' '.join(raw_paths)}", file=sys.stderr)
+        return None
+    inside = _inputs_in(paths, out_dir)
+    if inside:
+        print(f"error: --out {out_dir} holds input images ({inside[0]}" + (f" and {len(inside) - 1} more" if len(inside) > 1
+              else "") + "); write the outputs to another folder", file=sys.stderr)
+        return None
+    return paths
+
+
 def _output_stems(paths: list[Path], reserved: set[str]) -> list[str]:
     """One output stem per input, in order: its file name's stem, ``_2``, ``_3``... for repeated names.
 
@@ -352,14 +362,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.out:
         print("error: --out is empty; give the output folder", file=sys.stderr)
         return 2
-    paths = _unique_inputs(_image_paths(args.paths))
-    if not paths:
-        print(f"error: no images found in {' '.join(args.paths)}", file=sys.stderr)
-        return 2
-    inside = _inputs_in(paths, out_dir)
-    if inside:  # annotated PNGs would replace PNG fields, and be read as fields by the next run of the same command
-        print(f"error: --out {out_dir} holds input images ({inside[0]}" + (f" and {len(inside) - 1} more" if len(inside) > 1
-              else "") + "); write the outputs to another folder", file=sys.stderr)
+    paths = _inputs_for(args.paths, out_dir, action="analysed")
+    if paths is None:
         return 2
     summary_paths = [out_dir / "slide_summary.json", out_dir / "slide_summary.csv"]
     if not args.overwrite:
