@@ -230,7 +230,11 @@ def test_file_names_that_are_not_utf8(smoke_run, tiny_run, tmp_path, capsys):
     assert cli_main(["classify", str(folder), "--out", str(table), "--classifier", str(tiny_run.weights)]) == 0
     rows = table.read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and any("caf\\udce9.jpg" in r for r in rows)
+    import sys
+
+    errors = sys.stdout.errors
     assert _analyze(smoke_run, tiny_run, folder, "--out", tmp_path / "out") == 0
+    assert sys.stdout.errors == errors  # the streams as they were, for an in-process caller
     assert "caf\\udce9.jpg" in capsys.readouterr().out
     assert (tmp_path / "out" / odd.with_suffix(".png").name).is_file()
 

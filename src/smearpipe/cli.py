@@ -645,16 +645,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 is printed escaped, not a crash
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # a file name that is not valid UTF-8 is printed escaped, not a crash; put back for an in-process caller
+    streams = [(s, s.errors) for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")]
+    for stream, _ in streams:
+        stream.reconfigure(errors="backslashreplace")
     try:
-        return int(args.func(args))
-    except (SmearpipeError, OSError, ValueError, TypeError) as exc:  # OSError: e.g. --out under a file
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            return int(args.func(args))
+        except (SmearpipeError, OSError, ValueError, TypeError) as exc:  # OSError: e.g. --out under a file
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+    finally:
+        for stream, errors in streams:
+            stream.reconfigure(errors=errors)
 
 
 if __name__ == "__main__":
