@@ -27,7 +27,7 @@ def _recorded_preprocessing(path: Path) -> Any:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from .io import read_image, write_image
+    from .io import read_image, replace_file, write_image
     from .preprocess import Preprocessing
 
     steps = tuple(s for s in args.steps.split(",") if s)
@@ -70,7 +70,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             print(f"{path} -> {target}")
     finally:  # whatever stops the loop, the images written are described by their record
         if written:
-            record.write_text(json.dumps(prep.to_dict(), indent=2) + "\n")
+            replace_file(record, (json.dumps(prep.to_dict(), indent=2) + "\n").encode())
     if not written:
         _unmake(made)
         print("error: no image could be preprocessed; nothing written", file=sys.stderr)
@@ -152,12 +152,11 @@ def _cmd_adapt_classifier(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     import csv
-    import os
-    import tempfile
+    import io
 
     from .classify import Classifier
     from .errors import ImageReadError, InvalidImageError
-    from .io import read_image
+    from .io import read_image, replace_file
     from .pipeline import PipelineConfig, type_review_reasons
 
     out = Path(args.out)
@@ -185,47 +184,37 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot use --out {out}: {exc}", file=sys.stderr)
         return 2
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # the CSV appears whole or not at all
-    try:
-        # UTF-8; a file name that is not valid UTF-8 (bytes of another encoding) is written escaped: \udce9
-        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp makes it private)
-            w = csv.writer(f)
-            w.writerow(["path", "wbc_type", "probability", *(f"p_{c}" for c in classes), "review", "reasons", "error"])
-            for start in range(0, len(paths), 256):  # a few hundred crops in memory at a time
-                read: dict[int, Any] = {}
-                for i, path in enumerate(paths[start:start + 256]):
-                    try:
-                        read[i] = read_image(path)
-                    except (ImageReadError, InvalidImageError) as exc:
-                        read[i] = exc
-                crops = [c for c in read.values() if not isinstance(c, Exception)]
-                rows = iter(clf.predict_proba(crops)) if crops else iter(())
-                for i, path in enumerate(paths[start:start + 256]):  # rows in input order
-                    crop = read[i]
-                    if isinstance(crop, Exception):
-                        errors.append((path, str(crop)))
-                        w.writerow([path, "", "", *([""] * len(classes)), "", "", str(crop)])
-                        continue
-                    row = next(rows)
-                    k = int(row.argmax())
-                    reasons = type_review_reasons(row, crop, review_probability=review)
-                    counts[classes[k]] += 1
-                    n_ok += 1
-                    n_review += bool(reasons)
-                    w.writerow([path, classes[k], f"{row[k]:.4f}", *(f"{v:.4f}" for v in row), "yes" if reasons else "no",
-                                "; ".join(reasons), ""])
-        if n_ok:
-            os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    table = io.StringIO()  # the CSV is written whole at the end, or not at all
+    w = csv.writer(table)
+    w.writerow(["path", "wbc_type", "probability", *(f"p_{c}" for c in classes), "review", "reasons", "error"])
+    for start in range(0, len(paths), 256):  # a few hundred crops in memory at a time
+        read: dict[int, Any] = {}
+        for i, path in enumerate(paths[start:start + 256]):
+            try:
+                read[i] = read_image(path)
+            except (ImageReadError, InvalidImageError) as exc:
+                read[i] = exc
+        crops = [c for c in read.values() if not isinstance(c, Exception)]
+        rows = iter(clf.predict_proba(crops)) if crops else iter(())
+        for i, path in enumerate(paths[start:start + 256]):  # rows in input order
+            crop = read[i]
+            if isinstance(crop, Exception):
+                errors.append((path, str(crop)))
+                w.writerow([path, "", "", *([""] * len(classes)), "", "", str(crop)])
+                continue
+            row = next(rows)
+            k = int(row.argmax())
+            reasons = type_review_reasons(row, crop, review_probability=review)
+            counts[classes[k]] += 1
+            n_ok += 1
+            n_review += bool(reasons)
+            w.writerow([path, classes[k], f"{row[k]:.4f}", *(f"{v:.4f}" for v in row), "yes" if reasons else "no",
+                        "; ".join(reasons), ""])
+    if n_ok:  # UTF-8; a file name that is not valid UTF-8 (bytes of another encoding) is written escaped: \udce9
+        replace_file(out, table.getvalue().encode("utf-8", errors="backslashreplace"))
     for path, msg in errors:
         print(f"error: {path}: {msg}", file=sys.stderr)
     if not n_ok:  # nothing typed: no CSV of error rows, and an earlier output stays as it was
-        Path(tmp).unlink(missing_ok=True)
         print(f"error: no crop could be read; {out} " + ("kept as it was" if out.exists() else "not written"),
               file=sys.stderr)
         return 2
@@ -355,7 +344,9 @@ def _print_warnings(caught: list, source: str | None) -> None:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import csv
+    import io
 
+    from .io import replace_file
     from .pipeline import PipelineConfig, iter_fields, load_pipeline, summarize, write_field_outputs
 
     out_dir = Path(args.out)
@@ -430,13 +421,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
                "fields": [r.source for r in results], "outputs": written}
-    summary_paths[0].write_text(json.dumps(payload, indent=2) + "\n")
-    with summary_paths[1].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["wbc_type", "count", "percent", "ci95_low", "ci95_high"])
-        for k, v in summary.differential.items():
-            lo, hi = summary.differential_ci95[k]
-            w.writerow([k, v, f"{summary.differential_percent[k]:.2f}", f"{lo:.2f}", f"{hi:.2f}"])
+    replace_file(summary_paths[0], (json.dumps(payload, indent=2) + "\n").encode())
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["wbc_type", "count", "percent", "ci95_low", "ci95_high"])
+    for k, v in summary.differential.items():
+        lo, hi = summary.differential_ci95[k]
+        w.writerow([k, v, f"{summary.differential_percent[k]:.2f}", f"{lo:.2f}", f"{hi:.2f}"])
+    replace_file(summary_paths[1], table.getvalue().encode())
     # only once the new summary is written: the earlier run's per-field files of fields this run did not write
     stale = [f for stem in earlier if stem not in written for f in (out_dir / f"{stem}.png", out_dir / f"{stem}.json")
              if f.is_file()]
