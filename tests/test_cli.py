@@ -280,6 +280,19 @@ def test_analyze_warnings_name_their_field(tmp_path, capsys):
     assert f"warning: {FIELD}" not in err
 
 
+def test_analyze_a_slide_warning_names_no_field(tmp_path, capsys):
+    """The slide's ruler is measured while the first field is read: its warning is the slide's, not that field's."""
+    from smearpipe.io import write_image
+
+    for name in ("a.png", "b.png"):  # blank glass: no red cell to measure on either
+        write_image(tmp_path / name, np.full((480, 640, 3), (235, 225, 230), np.uint8))
+    assert cli_main(["analyze", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--rescale", "--out",
+                     str(tmp_path / "out"), "--quiet"]) == 2  # nor on each alone: no field analysed
+    err = capsys.readouterr().err
+    assert "warning: slide: no red cells measurable on the first 2 fields" in err
+    assert f"warning: {tmp_path / 'a.png'}" not in err
+
+
 def test_analyze_with_a_detector_file_without_a_record(smoke_run, tiny_run, tmp_path, capsys):
     bare = tmp_path / "mydet.pt"
     shutil.copy(smoke_run.weights, bare)

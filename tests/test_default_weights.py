@@ -214,6 +214,26 @@ def test_rescaling_finds_a_small_cell_in_original_pixels():
     assert [(d.box, d.label) for d in r.detections] == [(d.box, d.label) for d in off.detections]
 
 
+def test_a_picture_without_red_cells_is_warned_about():
+    """Any picture gets boxes and WBC types; one with no red cell found is not taken for a smear silently."""
+    import warnings
+
+    from skimage import data
+
+    from smearpipe import analyze_smear, load_pipeline
+    from smearpipe.io import read_image
+
+    pipe = load_pipeline()
+    for picture in (data.coffee(), data.astronaut()):
+        with pytest.warns(UserWarning, match="no red cells found"):
+            r = analyze_smear(np.ascontiguousarray(picture), pipeline=pipe)
+        assert r.counts["RBC"] == 0 and r.counts["WBC"] > 0  # the picture got a "white cell" all the same
+    for name in ("BloodImage_00007.jpg", "BloodImage_00031.jpg"):  # real fields: red cells, no such warning
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*no red cells found")
+            assert analyze_smear(read_image(SAMPLES / name), pipeline=pipe).counts["RBC"] > 0
+
+
 def test_default_pipeline_on_another_labs_fields(pbc_root):
     """PBC images are small fields of another lab (camera, stain, magnification) with a WBC at the centre.
 

@@ -334,11 +334,17 @@ def _unmake(made: list[Path]) -> None:
 
 
 def _print_warnings(caught: list, source: str | None) -> None:
-    """Print and forget the warnings ``caught`` while ``source`` was analysed, each naming it (unless it does)."""
+    """Print and forget the warnings ``caught`` while ``source`` was analysed, each naming it (unless it does, or
+    is about the whole slide: those come while the first field is read)."""
+    from .errors import SlideWarning
+
     for w in caught:
         text = str(w.message)
-        print(f"warning: {text}" if source is None or text.startswith(source) else f"warning: {source}: {text}",
-              file=sys.stderr)
+        if issubclass(w.category, SlideWarning):
+            text = f"slide: {text}"
+        elif source is not None and not text.startswith(source):
+            text = f"{source}: {text}"
+        print(f"warning: {text}", file=sys.stderr)
     caught.clear()
 
 

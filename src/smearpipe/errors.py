@@ -1,4 +1,4 @@
-"""Exception types raised by smearpipe.
+"""Exception and warning types raised by smearpipe.
 
 Every error that smearpipe raises on purpose derives from :class:`SmearpipeError`,
 so callers can catch the whole family with one ``except`` clause.
@@ -14,6 +14,7 @@ __all__ = [
     "NotFittedError",
     "DatasetError",
     "WeightsError",
+    "SlideWarning",
 ]
 
 
@@ -43,3 +44,7 @@ class DatasetError(SmearpipeError, ValueError):
 
 class WeightsError(SmearpipeError, ValueError):
     """Model weights are unknown, missing, corrupt or do not match their record."""
+
+
+class SlideWarning(UserWarning):
+    """A warning about a whole slide (every field of an :func:`~smearpipe.analyze_fields` call), not one field."""
