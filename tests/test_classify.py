@@ -612,8 +612,38 @@ def test_evaluation_figures(tiny_run, tiny_crops, tmp_path):
     assert not (tmp_path / "ev_bad").exists()  # a run that fails on its data leaves no empty folder behind
 
 
+def test_evaluation_of_a_subset_and_over_an_earlier_one(tiny_run, tiny_crops, tmp_path):
+    """Two classes of five: the macro average is over the classes seen (as training's), not zeros for the rest;
+    evaluating another model over an earlier evaluation leaves no figure of the earlier model."""
+    import csv
+
+    from sklearn.metrics import f1_score
+
+    subset = tmp_path / "subset"
+    for c in ("eosinophil", "neutrophil"):
+        shutil.copytree(tiny_crops / "val" / c, subset / c)
+    m = evaluate_classifier(subset, classifier=tiny_run.weights, out_dir=tmp_path / "ev")
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))
+    assert m["macro_f1"] == pytest.approx(f1_score([r["true"] for r in rows], [r["pred"] for r in rows], average="macro"))
+    assert set(m["macro_over"]) == {r["true"] for r in rows} | {r["pred"] for r in rows}
+    assert "training_curves.png" in m["figures"]
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (tiny_run.weights, tiny_run.record):
+        shutil.copy(f, other / f.name)
+    rec = json.loads((other / tiny_run.record.name).read_text())
+    del rec["metrics"]["history"]  # as adapted weights: no training history
+    (other / tiny_run.record.name).write_text(json.dumps(rec))
+    m = evaluate_classifier(subset, classifier=other / tiny_run.weights.name, out_dir=tmp_path / "ev", overwrite=True)
+    assert "training_curves.png" not in m["figures"] and not (tmp_path / "ev" / "training_curves.png").exists()
+    assert sorted(p.name for p in (tmp_path / "ev").glob("*.png")) == m["figures"]
+
+
 def test_tampered_and_wrong_size_weights(tiny_run, tmp_path):
     from safetensors.torch import load_file, save_file
+
+    # the weights are as readable as their record (both follow the umask; safetensors' own writer made 0600)
+    assert tiny_run.weights.stat().st_mode & 0o777 == tiny_run.record.stat().st_mode & 0o777
 
     for f in (tiny_run.weights, tiny_run.record):
         shutil.copy(f, tmp_path / f.name)
@@ -641,7 +671,7 @@ def test_tampered_and_wrong_size_weights(tiny_run, tmp_path):
 def test_bad_training_data(tiny_crops, tmp_path):
     empty = tmp_path / "empty"
     (empty / "neutrophil").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="is empty"):
+    with pytest.raises(DatasetError, match="holds no images"):
         train_classifier([empty], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r")
     unknown = tmp_path / "unknown"
     shutil.copytree(tiny_crops / "train", unknown)
@@ -652,15 +682,66 @@ def test_bad_training_data(tiny_crops, tmp_path):
     shutil.copytree(tiny_crops / "train", corrupt)
     (corrupt / "basophil" / "zz_broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match="zz_broken.jpg"):
-        train_classifier([corrupt], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r2")
+        train_classifier([corrupt], [tiny_crops / "val"], epochs=1, batch_size=5, out_dir=tmp_path / "r2")
+    assert not (tmp_path / "r2" / "train").exists()  # failed while caching, before a checkpoint: no run folder
+    assert not (tmp_path / "r" / "train").exists()  # refused when listed: none made
     with pytest.raises(DatasetError, match="cannot resume"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, out_dir=tmp_path / "r3", resume=True)
 
 
 def test_too_few_crops_for_batch(tiny_crops, tmp_path):
-    with pytest.raises(DatasetError, match="batch_size"):
+    with pytest.raises(DatasetError, match="only 15 training crops for batch_size 64"):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=64, input_size=32,
                          out_dir=tmp_path, num_workers=0)
+    # one source given alone, as a str or a Path, is that source (not its characters)
+    for one in (str(tiny_crops / "train"), tiny_crops / "train"):
+        with pytest.raises(DatasetError, match="only 15 training crops"):
+            train_classifier(one, tiny_crops / "val", epochs=1, batch_size=64, out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before any run folder was made
+
+
+def test_crop_folders_as_users_have_them(tiny_crops, tmp_path):
+    """Own class names in any case, images in sub-folders, hidden files and folders skipped; CSVs from a spreadsheet."""
+    from smearpipe.train import CropSource, class_index
+
+    root = tmp_path / "crops"
+    src = sorted((tiny_crops / "train" / "neutrophil").iterdir())
+    for folder, files in (("BLAST/slide1", src[:2]), ("Band_Cells", src[2:]), ("Neutrophils/.ipynb_checkpoints", src[:1])):
+        (root / folder).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, root / folder / f.name)
+    (root / "Neutrophils" / "a.jpg").write_bytes(src[0].read_bytes())
+    (root / "Neutrophils" / "._a.jpg").write_bytes(b"macOS resource fork")
+    (root / ".DS_Store").mkdir()
+    classes = ("blast", "band cell", "neutrophil")
+    got = CropSource(str(root)).samples(classes)
+    assert sorted((p.relative_to(root).as_posix(), k) for p, k in got) == sorted(
+        [(f"BLAST/slide1/{f.name}", 0) for f in src[:2]] + [(f"Band_Cells/{f.name}", 1) for f in src[2:]]
+        + [("Neutrophils/a.jpg", 2)])
+    assert class_index("EOS", ("basophil", "eosinophil")) == 1 and class_index("megakaryocyte", classes) is None
+    table = tmp_path / "splits.csv"
+    table.write_text("path,class,split\nBLAST/slide1/" + src[0].name + ",Blast,train\n", encoding="utf-8-sig")
+    assert CropSource(str(root), split="train", splits_csv=str(table)).samples(classes)[0][1] == 0
+    table.write_text("file,label,split\nx.jpg,blast,train\n")
+    with pytest.raises(DatasetError, match="no path / class column"):
+        CropSource(str(root), split="train", splits_csv=str(table)).samples(classes)
+
+
+def test_a_resumed_run_is_the_run_it_would_have_been(tiny_crops, tmp_path, monkeypatch):
+    """Resumed after its first epoch, from another working folder with the data given as an absolute path, a
+    run draws the crops it would have drawn uninterrupted (it used to replay the first epoch's order)."""
+    opts = dict(epochs=3, batch_size=5, input_size=32, num_workers=0, bf16=False)
+    whole = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], out_dir=tmp_path / "whole", **opts)
+    monkeypatch.chdir(tiny_crops)
+    first = train_classifier(["train"], ["val"], out_dir=tmp_path / "cut", max_minutes=0, **opts)
+    assert len(first.history) == 1
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="epochs: the run was started with 3"):  # its schedule has 3 epochs' steps
+        train_classifier([tiny_crops / "train"], [tiny_crops / "val"], out_dir=tmp_path / "cut", resume=True,
+                         **{**opts, "epochs": 4})
+    done = train_classifier([f"{tiny_crops / 'train'}/"], [tiny_crops / "val"], out_dir=tmp_path / "cut", resume=True, **opts)
+    assert [h["train_loss"] for h in done.history] == pytest.approx([h["train_loss"] for h in whole.history], rel=1e-5)
+    assert json.loads(done.record.read_text())["training"]["train"][0]["root"] == str(tiny_crops / "train")
 
 
 def test_resume_refuses_other_settings(tiny_run):

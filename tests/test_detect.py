@@ -129,6 +129,27 @@ def test_bad_training_inputs(tiny_data, tmp_path):
         train_detector(tiny_data, model="yolov8n.pt", epochs=1, out_dir=tmp_path / "r")
     with pytest.raises(DatasetError, match="cannot resume"):
         train_detector(tiny_data, epochs=1, out_dir=tmp_path / "r", name="never", resume=True)
+    with pytest.raises(ValueError, match="multiple of 32.*128 is the size it would train at"):
+        train_detector(tiny_data, epochs=1, imgsz=100, out_dir=tmp_path / "r")
+    lists = tmp_path / "lists.yaml"
+    lists.write_text(tiny_data.read_text().replace("train: images/train", "train: [images/train]"))
+    with pytest.raises(DatasetError, match="one images folder per split"):
+        load_data_yaml(lists)
+    with pytest.raises(Exception):  # noqa: B017 - ultralytics' own error for a config it cannot find
+        train_detector(tiny_data, model="no_such_model.yaml", epochs=1, imgsz=64, batch=2, out_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []  # the failed run left no folder
+
+
+def test_a_finished_detector_run_is_not_resumed(smoke_run, tiny_data, tmp_path, monkeypatch):
+    """ultralytics would start a new run with its own defaults (COCO, downloaded) in its own folder."""
+    monkeypatch.chdir(tmp_path)
+    same = dict(model="yolov8n.yaml", epochs=1, imgsz=96, batch=2, out_dir=smoke_run.run_dir.parent, name="smoke",
+                resume=True)
+    with pytest.raises(DatasetError, match="training finished"):
+        train_detector(tiny_data, **same)
+    with pytest.raises(ValueError, match=r"\['epochs', 'imgsz'\] \(it was started with epochs=1, imgsz=96\)"):
+        train_detector(tiny_data, **{**same, "epochs": 50, "imgsz": 320})
+    assert list(tmp_path.iterdir()) == []  # nothing written where the call was made
 
 
 def _copy_dataset(tiny_data: Path, dest: Path) -> Path:

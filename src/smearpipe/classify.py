@@ -449,8 +449,9 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
                     *, fp16: bool = True, overwrite: bool = False) -> WeightsRecord:
     """Write ``<name>.safetensors`` (fp16 by default) and its record ``<name>.json`` in ``out_dir``."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from .io import replace_file
     from .weights import sha256_file
 
     _check_output(out_dir, name)
@@ -462,7 +463,7 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
         raise FileExistsError(f"refusing to overwrite {path} / its record")
     state = {k: (v.detach().to(torch.float16) if fp16 and v.is_floating_point() else v.detach()).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    replace_file(path, save(state))  # whole or not at all, mode from the umask (safetensors' own writer: 0600)
     fields = dict(record_fields)
     rec = WeightsRecord(
         name=name, kind="classifier", file=path.name, sha256=sha256_file(path), classes=tuple(fields.pop("classes")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -452,9 +453,17 @@ def _cmd_train_detector(args: argparse.Namespace) -> int:
     from .train import train_detector
 
     prep = Preprocessing(steps=tuple(x for x in args.preprocess.split(",") if x))
+    try:
+        train_args = json.loads(args.train_args)
+    except json.JSONDecodeError as exc:
+        print(f"error: --train-args is not JSON ({exc}): give an object, e.g. '{{\"cos_lr\": true}}'", file=sys.stderr)
+        return 2
+    if not isinstance(train_args, dict):
+        print(f"error: --train-args must be a JSON object, got {args.train_args!r}", file=sys.stderr)
+        return 2
     res = train_detector(args.data, model=args.model, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
                          device=args.device, out_dir=args.out, name=args.name, resume=args.resume, preprocessing=prep,
-                         select=args.select, train_args=json.loads(args.train_args))
+                         select=args.select, train_args=train_args, seed=args.seed, record_name=args.record_name)
     print(json.dumps(res.to_dict(), indent=2))
     return 0
 
@@ -465,6 +474,14 @@ def _cmd_evaluate_detector(args: argparse.Namespace) -> int:
     m = evaluate_detector(args.data, detector=args.weights, split=args.split, out_dir=args.out, overwrite=args.overwrite)
     print(json.dumps({k: m[k] for k in ("detector", "split", "images", "map50", "map50_95", "per_class", "counting")}, indent=2))
     return 0
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _crop_source(spec: str):  # noqa: ANN202
@@ -490,7 +507,9 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
                            framing=args.framing, normalize_after_augment=args.normalize_after_augment,
-                           ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, device=args.device, num_workers=args.workers)
+                           ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, device=args.device,
+                           num_workers=args.workers, patience=args.patience, seed=args.seed, record_name=args.record_name,
+                           classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
     return 0
 
@@ -566,15 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-detector", help="train a YOLO detector on a YOLO-layout dataset")
     p.add_argument("data", help="data YAML (from convert-voc)")
     p.add_argument("--model", default="yolov8n.yaml", help="model config (from scratch) or local .pt to fine-tune")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/detector")
-    p.add_argument("--name", default="train")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run OUT/NAME")
-    p.add_argument("--preprocess", default="", help="comma-separated preprocessing steps applied to all images")
-    p.add_argument("--select", choices=("best", "last"), default="best")
+    p.add_argument("--epochs", type=int, default=100, help="(default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=640, help="network input size, a multiple of 32 (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default="runs/detector", help="the run goes to OUT/NAME (default: %(default)s)")
+    p.add_argument("--name", default="train", help="run folder name; NAME-2, ... if it exists (default: %(default)s)")
+    p.add_argument("--record-name", default=None, help="name in the weights record (default: the run folder's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run OUT/NAME (give the settings it was started with)")
+    p.add_argument("--preprocess", default="",
+                   help="comma-separated preprocessing steps applied to all images, recorded and repeated at "
+                        "inference; 'reinhard' normalises to the average BCCD training field")
+    p.add_argument("--select", choices=("best", "last"), default="best", help="(default: %(default)s)")
     p.add_argument("--train-args", default="{}", help='JSON of further ultralytics arguments, e.g. \'{"cos_lr": true}\'')
     p.set_defaults(func=_cmd_train_detector)
 
@@ -589,14 +613,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-classifier", help="train the VGG16 WBC classifier on ImageFolder crops")
     p.add_argument("--train", nargs="+", required=True, help="crop sources: ROOT or ROOT::SPLITS_CSV::SPLIT[::CENTER_FRACTION]")
     p.add_argument("--val", nargs="+", required=True, help="validation crop sources (same syntax)")
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", default="runs/classifier")
-    p.add_argument("--name", default="train")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names in output order (default: basophil,eosinophil,lymphocyte,"
+                        "monocyte,neutrophil); folder names match them in any letter case")
+    p.add_argument("--input-size", type=int, default=112,
+                   help="network input side in px (default: %(default)s; the shipped classifiers use 64)")
+    p.add_argument("--epochs", type=int, default=15, help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="early stop after this many epochs without a better val macro-F1 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default="runs/classifier", help="the run goes to OUT/NAME (default: %(default)s)")
+    p.add_argument("--name", default="train", help="run folder name; NAME-2, ... if it exists (default: %(default)s)")
+    p.add_argument("--record-name", default=None, help="name of the weights and their record (default: classifier)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run OUT/NAME from its checkpoint (give the settings it was started with)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop after the first epoch that ends past this wall time (resumable)")
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
     p.add_argument("--preprocess", default="reinhard",

@@ -197,6 +197,11 @@ def evaluate_classifier(
     pred = proba.argmax(1)
     labels = list(range(len(classes)))
     rep = classification_report(y, pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0)
+    # macro averages over the classes the crops hold or the classifier answered (scikit-learn's default, as
+    # training's validation macro-F1): a class neither present nor predicted is not a 0 in the average
+    seen = sorted(set(y.tolist()) | set(pred.tolist()))
+    if seen != labels:
+        rep["macro avg"] = classification_report(y, pred, labels=seen, output_dict=True, zero_division=0)["macro avg"]
     cm = confusion_matrix(y, pred, labels=labels)
     auc = {}
     for k, name in enumerate(classes):
@@ -209,6 +214,7 @@ def evaluate_classifier(
         "n": int(len(y)),
         "accuracy": float(rep["accuracy"]),
         "macro_f1": float(rep["macro avg"]["f1-score"]),
+        "macro_over": [classes[k] for k in seen],
         "weighted_f1": float(rep["weighted avg"]["f1-score"]),
         "per_class": {c: {k: float(v) for k, v in rep[c].items()} for c in classes},
         "macro_avg": {k: float(v) for k, v in rep["macro avg"].items()},
@@ -216,13 +222,17 @@ def evaluate_classifier(
         "confusion_matrix": cm.tolist(),
         "auc_ovr": auc,
     }
-    plot_confusion_matrix(cm, classes, out_dir / "confusion_matrix.png")
-    plot_roc_curves(y, proba, classes, out_dir / "roc_curves.png")
-    plot_confidence(y, proba, classes, out_dir / "confidence.png")
+    figures = ["confusion_matrix.png", "roc_curves.png", "confidence.png"]
+    plot_confusion_matrix(cm, classes, out_dir / figures[0])
+    plot_roc_curves(y, proba, classes, out_dir / figures[1])
+    plot_confidence(y, proba, classes, out_dir / figures[2])
     history = clf.record.metadata.get("metrics", {}).get("history")
     if history:
-        plot_training_curves(history, out_dir / "training_curves.png")
-    metrics["figures"] = sorted(p.name for p in out_dir.glob("*.png"))
+        figures.append("training_curves.png")
+        plot_training_curves(history, out_dir / figures[-1])
+    elif (out_dir / "training_curves.png").is_file():  # an earlier evaluation's (overwrite): another model's history
+        (out_dir / "training_curves.png").unlink()
+    metrics["figures"] = sorted(figures)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)

@@ -70,8 +70,10 @@ def plot_confidence(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str
         ax.hist(conf[m & (pred != k)], bins=bins, color="tab:red", alpha=0.7, label="wrong")
         ax.set_title(f"{name} (n={int(m.sum())})", fontsize=8)
         ax.set_xlabel("top probability", fontsize=7)
-        ax.set_yscale("log")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    first = np.atleast_1d(axes)[0]
+    if len(y_true):  # one log axis shared by all (a class without crops has an empty panel on it)
+        first.set_yscale("log")
+    first.legend(fontsize=7)
     fig.savefig(path)
     return Path(path)
 

@@ -9,7 +9,7 @@ import numbers
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ def _split_dirs(cfg: Mapping[str, Any], root: Path, split: str) -> tuple[Path, P
     rel = cfg.get(split)
     if rel is None:
         raise DatasetError(f"data YAML has no {split!r} entry")
+    if not isinstance(rel, str):  # ultralytics also takes lists of folders and .txt file lists
+        raise DatasetError(f"data YAML {split!r} entry is {type(rel).__name__} {rel!r}: smearpipe checks and trains on "
+                           "one images folder per split (the layout smearpipe convert-voc writes); merge them into one")
     img_dir = Path(rel) if Path(rel).is_absolute() else root / rel
     if not img_dir.is_dir():
         raise DatasetError(f"{split} image folder not found: {img_dir}")
@@ -198,15 +201,19 @@ def train_detector(
         A model config to train from scratch (``"yolov8n.yaml"``, ``"yolo11n.yaml"``, ...) or a local
         ``.pt`` file to fine-tune. Nothing is downloaded: a ``.pt`` that is not a local file raises.
     epochs, imgsz, batch, device, workers, seed :
-        Passed to ultralytics ``train``.
+        Passed to ultralytics ``train`` (``imgsz`` a multiple of 32, which ultralytics would round up to).
     out_dir, name : path, str
         The run goes to ``out_dir/name``; if that exists it goes to ``name-2``, ``name-3``, ...
         (never overwritten) unless ``resume=True``.
     resume : bool
-        Continue the interrupted run ``out_dir/name`` from its ``weights/last.pt``.
+        Continue the interrupted run ``out_dir/name`` from its ``weights/last.pt``, with the settings it was
+        started with (ValueError naming those that differ: ultralytics would ignore them). A finished run
+        cannot be resumed (DatasetError). A new run that fails before its first checkpoint removes its folder.
     preprocessing : Preprocessing, optional
         Applied to every training/validation image (a preprocessed copy is written in the run folder)
-        and stored in the record, so :class:`~smearpipe.detect.Detector` applies it at inference.
+        and stored in the record, so :class:`~smearpipe.detect.Detector` applies it at inference. A
+        ``"reinhard"`` step without a reference normalises to the average BCCD training *field*
+        (:func:`~smearpipe.preprocess.field_reinhard_reference`), not to the classifier's crop reference.
     select : {"best", "last"}
         Which checkpoint becomes ``detector.pt``: best validation fitness, or the final epoch.
     record_name : str, optional
@@ -218,7 +225,6 @@ def train_detector(
     -------
     DetectorTrainResult
     """
-    from .detect import import_ultralytics
 
     reserved = {"data", "epochs", "imgsz", "batch", "device", "workers", "seed", "project", "name", "exist_ok", "resume",
                 "pretrained", "model"}
@@ -229,8 +235,16 @@ def train_detector(
         raise ValueError(f"select must be 'best' or 'last', got {select!r}")
     if epochs < 1 or imgsz < 32 or batch < 1:
         raise ValueError(f"epochs >= 1, imgsz >= 32 and batch >= 1 required, got {epochs}, {imgsz}, {batch}")
+    if imgsz % 32:  # ultralytics would round it up silently, and the record would state the size asked for
+        raise ValueError(f"imgsz must be a multiple of 32 (the network's largest stride), got {imgsz}; "
+                         f"{imgsz + 32 - imgsz % 32} is the size it would train at")
     cfg = load_data_yaml(data)
-    prep = (preprocessing or Preprocessing()).resolved()
+    prep = preprocessing or Preprocessing()
+    if "reinhard" in prep.steps and prep.reinhard_reference is None:  # whole fields, not the classifier's crops
+        from .preprocess import field_reinhard_reference
+
+        prep = replace(prep, reinhard_reference=field_reinhard_reference())
+    prep = prep.resolved()
     is_config = str(model).endswith((".yaml", ".yml"))
     if not is_config and not Path(model).is_file():
         raise WeightsError(
@@ -238,23 +252,42 @@ def train_detector(
             "weights are not downloaded automatically: download them yourself and pass the file path"
         )
     out_dir = Path(out_dir)
+    settings = {"data": str(Path(data).resolve()), "model": str(model), "epochs": epochs, "imgsz": imgsz, "batch": batch,
+                "seed": seed, "select": select, "train_args": dict(train_args or {}), "preprocessing": prep.to_dict()}
     if resume:
         run_dir = out_dir / name
         last = run_dir / "weights" / "last.pt"
         if not last.is_file():
             raise DatasetError(f"cannot resume: {last} not found")
-        # the record must describe the run as it was started, whatever this call passes
+        # the run goes on as it was started: a different setting would be ignored by ultralytics, so it is refused
         saved = json.loads((run_dir / "run_config.json").read_text())
-        model, epochs, imgsz, batch, seed = saved["model"], saved["epochs"], saved["imgsz"], saved["batch"], saved["seed"]
-        select, train_args = saved["select"], saved["train_args"]
+        differs = sorted(k for k in settings if k in saved and saved[k] != json.loads(json.dumps(settings[k])))
+        if differs:
+            raise ValueError(f"resume with other settings than the run was started with: {differs} (it was started "
+                             f"with {', '.join(f'{k}={saved[k]!r}' for k in differs)})")
         prep = Preprocessing.from_dict(saved["preprocessing"])
     else:
         run_dir = unique_run_dir(out_dir, name)
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_detector_run(run_dir, data, cfg, model, is_config, epochs, imgsz, batch, device, workers, seed,
+                                   resume, prep, select, record_name, train_args, settings)
+    except BaseException:
+        if made and not (run_dir / "weights" / "last.pt").exists():  # failed before its first epoch
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_detector_run(run_dir: Path, data: str | os.PathLike, cfg: dict[str, Any], model: str, is_config: bool,
+                        epochs: int, imgsz: int, batch: int, device: str, workers: int, seed: int, resume: bool,
+                        prep: Preprocessing, select: str, record_name: str | None, train_args: Mapping[str, Any] | None,
+                        settings: dict[str, Any]) -> DetectorTrainResult:
+    """:func:`train_detector` once its run folder is made (which it removes if this fails before a checkpoint)."""
+    from .detect import import_ultralytics
+
     if not resume:
-        (run_dir / "run_config.json").write_text(json.dumps({
-            "data": str(Path(data).resolve()), "model": str(model), "epochs": epochs, "imgsz": imgsz, "batch": batch,
-            "seed": seed, "select": select, "train_args": dict(train_args or {}), "preprocessing": prep.to_dict()}, indent=2))
+        (run_dir / "run_config.json").write_text(json.dumps(settings, indent=2))
     data_yaml = Path(data)
     if prep.steps and not resume:
         data_yaml = _preprocessed_copy(cfg, prep, run_dir / "data", ("train", "val"))
@@ -265,6 +298,10 @@ def train_detector(
     t0 = time.time()
     if resume:
         yolo = ultralytics.YOLO(str(run_dir / "weights" / "last.pt"))
+        ck = yolo.ckpt or {}
+        if ck.get("epoch", -1) < 0 or ck.get("optimizer") is None:  # ultralytics strips both when a run ends
+            raise DatasetError(f"cannot resume {run_dir}: its training finished (weights/last.pt holds no optimizer "
+                               "state); nothing to continue. Start a new run to train longer")
         yolo.train(resume=True)
     else:
         yolo = ultralytics.YOLO(str(model), task="detect")
@@ -412,46 +449,76 @@ class CropSource:
     def samples(self, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
         """``(path, class index)`` pairs.
 
+        A class folder's images are found in its sub-folders too; hidden files and folders (names starting
+        with ``.``: ``._x.jpg``, ``.ipynb_checkpoints``) are skipped, as ``smearpipe classify`` skips them. A
+        folder or CSV class name matches one of ``classes`` in any letter case, with ``_`` for a space and a
+        plural ``s`` (``Band_Cells`` is ``band cell``), or through the WBC spellings of
+        :func:`~smearpipe.datasets.normalize_wbc_class` (``NEUTROPHIL``, ``Neutrophils``).
+
         Raises
         ------
         DatasetError
-            Missing crop folder or splits file, unknown classes or an empty set.
+            Missing crop folder or splits file, a splits file without the columns it needs, unknown classes
+            or an empty set.
         """
         import csv
-
-        from .datasets import normalize_wbc_class
 
         root = Path(self.root)
         if not root.is_dir():
             raise DatasetError(f"crop folder not found: {root}")
-        index = {c: i for i, c in enumerate(classes)}
         out: list[tuple[Path, int]] = []
         if self.splits_csv:
             if not Path(self.splits_csv).is_file():
                 raise DatasetError(f"splits file not found: {self.splits_csv} (columns path, class, split)")
-            with open(self.splits_csv, newline="") as f:
-                for row in csv.DictReader(f):
+            with open(self.splits_csv, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's UTF-8 mark
+                reader = csv.DictReader(f)
+                need = ["path", "class"] + (["split"] if self.split is not None else [])
+                missing = [c for c in need if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise DatasetError(f"{self.splits_csv}: no {' / '.join(missing)} column (it has "
+                                       f"{reader.fieldnames or 'none'}; columns path, class, split are needed)")
+                for row in reader:
                     if self.split is not None and row["split"] != self.split:
                         continue
-                    cls = normalize_wbc_class(row["class"])
-                    if cls not in index:
+                    k = class_index(row["class"], classes)
+                    if k is None:
                         raise DatasetError(f"{self.splits_csv}: unknown class {row['class']!r} (known: {list(classes)})")
-                    out.append((root / row["path"], index[cls]))
+                    out.append((root / row["path"], k))
         else:
-            folders = sorted(p for p in root.iterdir() if p.is_dir())
+            folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not folders:
                 raise DatasetError(f"{root} has no class folders (ImageFolder layout: root/<class>/<image>)")
             for folder in folders:
-                cls = normalize_wbc_class(folder.name)
-                if cls not in index:
+                k = class_index(folder.name, classes)
+                if k is None:
                     raise DatasetError(f"{root}: unknown class folder {folder.name!r} (known: {list(classes)})")
-                files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                               and not any(part.startswith(".") for part in p.relative_to(folder).parts))
                 if not files:
-                    raise DatasetError(f"class folder {folder} is empty")
-                out += [(p, index[cls]) for p in files]
+                    raise DatasetError(f"class folder {folder} holds no images")
+                out += [(p, k) for p in files]
         if not out:
             raise DatasetError(f"no crops found in {root}" + (f" for split {self.split!r}" if self.split else ""))
         return out
+
+
+def class_index(name: str, classes: Sequence[str]) -> int | None:
+    """Index of the class ``name`` spells in ``classes``, or None (see :meth:`CropSource.samples`).
+
+    >>> class_index("Band_Cells", ("blast", "band cell")), class_index("NEUTROPHILS", ("basophil", "neutrophil"))
+    (1, 1)
+    """
+    from .datasets import normalize_wbc_class
+
+    def key(x: str) -> str:
+        return " ".join(str(x).strip().lower().replace("_", " ").split())
+
+    keys = {key(c): i for i, c in enumerate(classes)}
+    k = key(name)
+    for candidate in (k, k[:-1] if k.endswith("s") else None, normalize_wbc_class(name)):
+        if candidate is not None and candidate in keys:
+            return keys[candidate]
+    return None
 
 
 def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
@@ -529,6 +596,11 @@ class _CachedCrops:
 
 def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
     return s if isinstance(s, CropSource) else CropSource(root=str(s))
+
+
+def _absolute(s: CropSource) -> CropSource:
+    """``s`` with absolute paths (normalised: no trailing ``/``, no ``..``; links kept)."""
+    return replace(s, root=os.path.abspath(s.root), splits_csv=os.path.abspath(s.splits_csv) if s.splits_csv else None)
 
 
 def _load_crops(sources: list[CropSource], classes: tuple[str, ...], size: int, prep: Preprocessing,
@@ -747,8 +819,8 @@ def train_classifier(
 
     Parameters
     ----------
-    train, val : list of CropSource or ImageFolder paths
-        Training and validation crops (never a test split).
+    train, val : CropSource, ImageFolder path, or a list of them
+        Training and validation crops (never a test split). Recorded with absolute paths.
     config : ClassifierTrainConfig, optional
         All training settings in one frozen record; keyword ``options`` override its fields
         (``train_classifier(tr, va, epochs=3)`` is ``config=ClassifierTrainConfig(epochs=3)``).
@@ -842,7 +914,12 @@ def train_classifier(
         keep some detail (validation crops at ``input_size``).
     out_dir, name, resume :
         The run folder is ``out_dir/name`` (``name-2``... if it exists, unless ``resume``, which
-        continues from ``checkpoint.pt`` there).
+        continues from ``checkpoint.pt`` there). The data are listed and checked before the folder is made, and
+        a run that fails before its first checkpoint removes the folder it made. A resume takes the settings
+        the run was started with, ``epochs`` included (ValueError naming those that differ; data paths are
+        compared as absolute paths), and continues torch's random state and the order crops are drawn in: with
+        ``num_workers=0`` it is the run it would have been uninterrupted; with worker processes their
+        augmentation draws start afresh.
     max_minutes : float, optional
         Stop after the first epoch that ends past this wall time, counted over the whole run (a resumed
         run continues the clock of its history; checkpoint kept, resumable).
@@ -900,7 +977,9 @@ def train_classifier(
     framing = Framing.from_value(framing)  # ValueError for unknown names or bad numbers
     if not (isinstance(cache_scale, (int, float)) and cache_scale >= 1):
         raise ValueError(f"cache_scale must be a number >= 1, got {cache_scale!r}")
-    train_sources, val_sources = [_as_source(s) for s in train], [_as_source(s) for s in val]
+    # one source alone may be given as itself; paths are kept absolute (a resume from another folder, the record)
+    train_sources, val_sources = ([_absolute(_as_source(s)) for s in ([x] if isinstance(x, (str, os.PathLike, CropSource))
+                                                                       else x)] for x in (train, val))
     if not train_sources or not val_sources:
         raise ValueError("train and val need at least one source each")
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("reinhard",))).resolved()
@@ -951,6 +1030,9 @@ def train_classifier(
         if not (run_dir / "checkpoint.pt").is_file():
             raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
         saved = json.loads((run_dir / "run_config.json").read_text())
+        for key in ("train", "val"):  # runs from before paths were kept absolute: relative to this folder
+            if isinstance(saved.get(key), list):
+                saved[key] = [_absolute(CropSource(**d)).to_dict() if isinstance(d, dict) else d for d in saved[key]]
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
                   "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0, "sam_rho": 0.0}
@@ -958,206 +1040,220 @@ def train_classifier(
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
             saved["preprocessing"] = Preprocessing.from_dict(saved["preprocessing"]).to_dict()
-        differs = sorted(k for k in config if k != "epochs" and saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
+        # epochs too: the learning-rate schedule was built for the run's number of steps
+        differs = sorted(k for k in config if saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
         if differs:
-            raise ValueError(f"resume with other settings than the run was started with: {differs}")
+            raise ValueError(f"resume with other settings than the run was started with: {differs}"
+                             + (f" (epochs: the run was started with {saved.get('epochs')})" if "epochs" in differs else ""))
+
+    # the data are listed and checked before the run folder is made: a refused run leaves no folder behind
+    listed = [[(p, y) for p, y in s.samples(classes)] for s in train_sources + val_sources]
+    n_train = [y for pairs in listed[:len(train_sources)] for _, y in pairs]
+    if len(n_train) < batch_size:
+        raise DatasetError(f"only {len(n_train)} training crops for batch_size {batch_size}: lower batch_size or add data")
+    missing = [c for k, c in enumerate(classes) if k not in set(n_train)]
+    if missing:
+        raise DatasetError(f"no training crops for class(es) {missing}")
+    made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    try:
+        cache_size = int(round(input_size * cache_scale)) if aug else input_size
+        # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
+        import hashlib
 
-    cache_size = int(round(input_size * cache_scale)) if aug else input_size
-    # Decoded + preprocessed crops are cached per (sources, classes, sizes, preprocessing), shared by runs.
-    import hashlib
+        # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for pairs in listed for p, y in pairs]
+        key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
+                          cache_size, input_size, prep.to_dict(), preprocess_resized, framing.to_dict(), files]
+                         + (["normalize_after_augment"] if normalize_after_augment else []), sort_keys=True)
+        cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if cache.is_file():
+            z = np.load(cache)
+            tr_x, tr_y, tr_s, va_x, va_y, va_s = (z[k] for k in ("tr_x", "tr_y", "tr_s", "va_x", "va_y", "va_s"))
+        else:
+            tr_prep = Preprocessing() if normalize_after_augment else prep  # then normalised per batch, after augmentation
+            tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, tr_prep, "caching train crops", preprocess_resized,
+                                           framing)
+            va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops", preprocess_resized, framing)
+            tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
+            os.replace(tmp, cache)  # atomic: a concurrent run never reads a half-written cache
 
-    # key: the options and every file's path, size and mtime (a moved or replaced crop invalidates it)
-    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns, y) for s in train_sources + val_sources for p, y in s.samples(classes)]
-    key = json.dumps([[t.to_dict() for t in train_sources], [v.to_dict() for v in val_sources], classes,
-                      cache_size, input_size, prep.to_dict(), preprocess_resized, framing.to_dict(), files]
-                     + (["normalize_after_augment"] if normalize_after_augment else []), sort_keys=True)
-    cache = out_dir / ".crop_cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    if cache.is_file():
-        z = np.load(cache)
-        tr_x, tr_y, tr_s, va_x, va_y, va_s = (z[k] for k in ("tr_x", "tr_y", "tr_s", "va_x", "va_y", "va_s"))
-    else:
-        tr_prep = Preprocessing() if normalize_after_augment else prep  # then normalised per batch, after augmentation
-        tr_x, tr_y, tr_s = _load_crops(train_sources, classes, cache_size, tr_prep, "caching train crops", preprocess_resized,
-                                       framing)
-        va_x, va_y, va_s = _load_crops(val_sources, classes, input_size, prep, "caching val crops", preprocess_resized, framing)
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, tr_x=tr_x, tr_y=tr_y, tr_s=tr_s, va_x=va_x, va_y=va_y, va_s=va_s)
-        os.replace(tmp, cache)  # atomic: a concurrent run never reads a half-written cache
+        # restored at the end: training does not reseed the caller's RNGs (the CPU's, and the GPU's it trains on)
+        caller_rng = torch.get_rng_state()
+        caller_cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        torch.manual_seed(seed)
+        counts = np.bincount(tr_y, minlength=len(classes)).astype(np.float64)  # none is 0: checked above
+        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+        geo = geometric_transform(input_size, aug) if aug else None
 
-    # restored at the end: training does not reseed the caller's RNGs (the CPU's, and the GPU's it trains on)
-    caller_rng = torch.get_rng_state()
-    caller_cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-    torch.manual_seed(seed)
-    if len(tr_y) < batch_size:
-        raise DatasetError(f"only {len(tr_y)} training crops for batch_size {batch_size}: lower batch_size or add data")
-    counts = np.bincount(tr_y, minlength=len(classes)).astype(np.float64)
-    if (counts == 0).any():
-        missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-        raise DatasetError(f"no training crops for class(es) {missing}")
-    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-    geo = geometric_transform(input_size, aug) if aug else None
+        train_set = _CachedCrops(tr_x, tr_y, geo)
+        sample_rng = torch.Generator().manual_seed(seed)  # the order crops are drawn in: checkpointed, as torch's RNG
+        if rebalance == "sampler":
+            src_w = np.array([s.weight for s in train_sources])[tr_s]
+            w = src_w / counts[tr_y]
+            sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(tr_y), replacement=True,
+                                            generator=sample_rng)
+            loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                                persistent_workers=num_workers > 0)
+        else:
+            loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+                                generator=sample_rng, persistent_workers=num_workers > 0)
+        class_weight = (torch.as_tensor(counts.sum() / (len(classes) * counts), dtype=torch.float32, device=dev)
+                        if rebalance == "loss" else None)
+        criterion = torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
 
-    train_set = _CachedCrops(tr_x, tr_y, geo)
-    if rebalance == "sampler":
-        src_w = np.array([s.weight for s in train_sources])[tr_s]
-        w = src_w / counts[tr_y]
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(tr_y), replacement=True,
-                                        generator=torch.Generator().manual_seed(seed))
-        loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                            persistent_workers=num_workers > 0)
-    else:
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(seed), persistent_workers=num_workers > 0)
-    class_weight = (torch.as_tensor(counts.sum() / (len(classes) * counts), dtype=torch.float32, device=dev)
-                    if rebalance == "loss" else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=class_weight, label_smoothing=label_smoothing)
-
-    model = build_vgg16(len(classes), batch_norm=batch_norm, pretrained=pretrained, freeze_features=freeze_features)
-    # which file the run started from, by content: a path alone can be overwritten (scripts/average_classifiers.py)
-    start_sha256 = (sha256_file(pretrained) if pretrained is not None and str(pretrained) != "imagenet"
-                    and Path(pretrained).is_file() else None)
-    model = model.to(dev, memory_format=torch.channels_last)
-    if aug and aug.mixstyle_p:  # training-mode hooks: validation and the saved network are plain VGG
-        add_mix_style(model.features, aug.mixstyle_p, aug.mixstyle_alpha)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
-    history: list[dict[str, float]] = []
-    best_f1, best_epoch, start_epoch = -1.0, -1, 0
-    averaged = _WeightAverage(model, ema) if ema else None
-    kept = averaged.model if averaged is not None else model  # the weights validated and saved
-    if resume:
-        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        if averaged is not None:
-            averaged.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        history, best_f1, best_epoch, start_epoch = ck["history"], ck["best_f1"], ck["best_epoch"], ck["epoch"] + 1
-        torch.set_rng_state(ck["rng"])
-        if dev.type == "cuda" and "cuda_rng" in ck:
-            torch.cuda.set_rng_state(ck["cuda_rng"], dev)
-
-    def evaluate() -> tuple[float, float, float, np.ndarray]:
-        kept.eval()
-        probs = []
-        with torch.inference_mode():
-            for i in range(0, len(va_y), 64):
-                x = torch.from_numpy(va_x[i:i + 64]).to(dev).permute(0, 3, 1, 2).float().div(255)
-                x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    probs.append(torch.softmax(kept(x).float(), 1).cpu())
-        p = torch.cat(probs)
-        loss = float(torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), torch.from_numpy(va_y)))
-        pred = p.argmax(1).numpy()
-        return loss, float((pred == va_y).mean()), float(f1_score(va_y, pred, average="macro")), pred
-
-    def colour_view(x: torch.Tensor) -> torch.Tensor:
-        if aug:
-            x = color_augment_batch(x, aug)
-        if normalize_after_augment:
-            x = reinhard_batch(x, reference=prep.reinhard_reference)
-            if "sharpen" in prep.steps:
-                x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
-                                          max_amount=prep.sharpen_max_amount)
-        if aug and aug.gray_p:
-            x = grayscale_batch(x, aug.gray_p)
-        return x
-
-    views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
-
-    def batch_loss(x: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training loss of one batch (all its colour views) and the first view's logits."""
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(x)
-        per_view = out.float().chunk(views)
-        total = sum(criterion(v, yb) for v in per_view) / views
-        if views > 1:
-            total = total + consistency * js_divergence(*per_view)
-        return total, per_view[0]
-
-    # on resume, minutes continue from the last finished epoch: history and wall time cover the whole run
-    t_start = time.time() - 60 * (history[-1]["minutes"] if history else 0.0)
-    stopped = "completed"
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        if freeze_features:
-            model.features.eval()
-        tot, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10)
-        for xb, yb in bar:
-            x = xb.float().div(255)
-            x = torch.cat([colour_view(x) for _ in range(views)])
-            x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
-            yb = yb.to(dev)
-            loss, logits = batch_loss(x, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if sam_rho:
-                _sam_second_gradient(model, params, sam_rho, functools.partial(batch_loss, x, yb))
-            opt.step()
-            sched.step()
+        model = build_vgg16(len(classes), batch_norm=batch_norm, pretrained=pretrained, freeze_features=freeze_features)
+        # which file the run started from, by content: a path alone can be overwritten (scripts/average_classifiers.py)
+        start_sha256 = (sha256_file(pretrained) if pretrained is not None and str(pretrained) != "imagenet"
+                        and Path(pretrained).is_file() else None)
+        model = model.to(dev, memory_format=torch.channels_last)
+        if aug and aug.mixstyle_p:  # training-mode hooks: validation and the saved network are plain VGG
+            add_mix_style(model.features, aug.mixstyle_p, aug.mixstyle_alpha)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.15)
+        history: list[dict[str, float]] = []
+        best_f1, best_epoch, start_epoch = -1.0, -1, 0
+        averaged = _WeightAverage(model, ema) if ema else None
+        kept = averaged.model if averaged is not None else model  # the weights validated and saved
+        if resume:
+            ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+            model.load_state_dict(ck["model"])
             if averaged is not None:
-                averaged.update()
-            tot += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-        val_loss, val_acc, val_f1, _ = evaluate()
-        row = {"epoch": epoch + 1, "train_loss": tot / seen, "train_acc": correct / seen, "val_loss": val_loss,
-               "val_acc": val_acc, "val_macro_f1": val_f1, "lr": float(sched.get_last_lr()[0]),
-               "minutes": (time.time() - t_start) / 60}
-        history.append(row)
-        print(json.dumps(row), flush=True)
-        if val_f1 > best_f1:
-            best_f1, best_epoch = val_f1, epoch + 1
-            _save_atomic(torch, kept.state_dict(), run_dir / "best_state.pt")
-        _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                             "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
-                             "rng": torch.get_rng_state()}
-                     | ({"ema": averaged.state_dict()} if averaged is not None else {})
-                     | ({"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
-                     run_dir / "checkpoint.pt")
-        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-        if epoch + 1 - best_epoch >= patience:
-            stopped = f"early stop: no better val macro-F1 for {patience} epochs"
-            break
-        if max_minutes is not None and (time.time() - t_start) / 60 > max_minutes:
-            stopped = f"time limit {max_minutes} min reached"
-            break
+                averaged.load_state_dict(ck["ema"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            history, best_f1, best_epoch, start_epoch = ck["history"], ck["best_f1"], ck["best_epoch"], ck["epoch"] + 1
+            torch.set_rng_state(ck["rng"])
+            if "sample_rng" in ck:  # a run from before it was saved replays its first epochs' order
+                sample_rng.set_state(ck["sample_rng"])
+            if dev.type == "cuda" and "cuda_rng" in ck:
+                torch.cuda.set_rng_state(ck["cuda_rng"], dev)
 
-    torch.set_rng_state(caller_rng)
-    if caller_cuda_rng is not None:
-        torch.cuda.set_rng_state(caller_cuda_rng, dev)
-    model.load_state_dict(torch.load(run_dir / "best_state.pt", map_location="cpu", weights_only=True))
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    rec = save_classifier(
-        model,
-        {
-            "classes": classes, "input_size": input_size, "preprocessing": prep,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_scale": crop_scale,
-            "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
-            "architecture": {"name": "vgg16_bn" if batch_norm else "vgg16", "batch_norm": batch_norm, "hidden": 256,
-                             "dropout": 0.3, "head": "global-avg-pool -> dropout -> 256 -> ReLU -> dropout -> N"},
-            "training": {
-                "train": [s.to_dict() for s in train_sources], "val": [s.to_dict() for s in val_sources],
-                "train_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
-                "epochs_planned": epochs, "epochs_run": len(history), "best_epoch": best_epoch, "stopped": stopped,
-                "batch_size": batch_size, "optimizer": f"AdamW(lr={lr}, weight_decay={weight_decay}) + OneCycle",
-                "label_smoothing": label_smoothing, "rebalance": rebalance,
-                "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
-                "pretrained_sha256": start_sha256,
-                "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
-                "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
-                "sam_rho": sam_rho, "wall_minutes": round((time.time() - t_start) / 60, 1),
+        def evaluate() -> tuple[float, float, float, np.ndarray]:
+            kept.eval()
+            probs = []
+            with torch.inference_mode():
+                for i in range(0, len(va_y), 64):
+                    x = torch.from_numpy(va_x[i:i + 64]).to(dev).permute(0, 3, 1, 2).float().div(255)
+                    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        probs.append(torch.softmax(kept(x).float(), 1).cpu())
+            p = torch.cat(probs)
+            loss = float(torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), torch.from_numpy(va_y)))
+            pred = p.argmax(1).numpy()
+            return loss, float((pred == va_y).mean()), float(f1_score(va_y, pred, average="macro")), pred
+
+        def colour_view(x: torch.Tensor) -> torch.Tensor:
+            if aug:
+                x = color_augment_batch(x, aug)
+            if normalize_after_augment:
+                x = reinhard_batch(x, reference=prep.reinhard_reference)
+                if "sharpen" in prep.steps:
+                    x = match_sharpness_batch(x, target=prep.sharpen_target, sigma=prep.sharpen_sigma,
+                                              max_amount=prep.sharpen_max_amount)
+            if aug and aug.gray_p:
+                x = grayscale_batch(x, aug.gray_p)
+            return x
+
+        views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
+
+        def batch_loss(x: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The training loss of one batch (all its colour views) and the first view's logits."""
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(x)
+            per_view = out.float().chunk(views)
+            total = sum(criterion(v, yb) for v in per_view) / views
+            if views > 1:
+                total = total + consistency * js_divergence(*per_view)
+            return total, per_view[0]
+
+        # on resume, minutes continue from the last finished epoch: history and wall time cover the whole run
+        t_start = time.time() - 60 * (history[-1]["minutes"] if history else 0.0)
+        stopped = "completed"
+        for epoch in range(start_epoch, epochs):
+            model.train()
+            if freeze_features:
+                model.features.eval()
+            tot, correct, seen = 0.0, 0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10)
+            for xb, yb in bar:
+                x = xb.float().div(255)
+                x = torch.cat([colour_view(x) for _ in range(views)])
+                x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
+                yb = yb.to(dev)
+                loss, logits = batch_loss(x, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if sam_rho:
+                    _sam_second_gradient(model, params, sam_rho, functools.partial(batch_loss, x, yb))
+                opt.step()
+                sched.step()
+                if averaged is not None:
+                    averaged.update()
+                tot += loss.item() * len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+            val_loss, val_acc, val_f1, _ = evaluate()
+            row = {"epoch": epoch + 1, "train_loss": tot / seen, "train_acc": correct / seen, "val_loss": val_loss,
+                   "val_acc": val_acc, "val_macro_f1": val_f1, "lr": float(sched.get_last_lr()[0]),
+                   "minutes": (time.time() - t_start) / 60}
+            history.append(row)
+            print(json.dumps(row), flush=True)
+            if val_f1 > best_f1:
+                best_f1, best_epoch = val_f1, epoch + 1
+                _save_atomic(torch, kept.state_dict(), run_dir / "best_state.pt")
+            _save_atomic(torch, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                 "history": history, "best_f1": best_f1, "best_epoch": best_epoch, "epoch": epoch,
+                                 "rng": torch.get_rng_state(), "sample_rng": sample_rng.get_state()}
+                         | ({"ema": averaged.state_dict()} if averaged is not None else {})
+                         | ({"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
+                         run_dir / "checkpoint.pt")
+            (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if epoch + 1 - best_epoch >= patience:
+                stopped = f"early stop: no better val macro-F1 for {patience} epochs"
+                break
+            if max_minutes is not None and (time.time() - t_start) / 60 > max_minutes:
+                stopped = f"time limit {max_minutes} min reached"
+                break
+
+        torch.set_rng_state(caller_rng)
+        if caller_cuda_rng is not None:
+            torch.cuda.set_rng_state(caller_cuda_rng, dev)
+        model.load_state_dict(torch.load(run_dir / "best_state.pt", map_location="cpu", weights_only=True))
+        model = model.to("cpu", memory_format=torch.contiguous_format)
+        rec = save_classifier(
+            model,
+            {
+                "classes": classes, "input_size": input_size, "preprocessing": prep,
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_scale": crop_scale,
+                "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
+                "architecture": {"name": "vgg16_bn" if batch_norm else "vgg16", "batch_norm": batch_norm, "hidden": 256,
+                                 "dropout": 0.3, "head": "global-avg-pool -> dropout -> 256 -> ReLU -> dropout -> N"},
+                "training": {
+                    "train": [s.to_dict() for s in train_sources], "val": [s.to_dict() for s in val_sources],
+                    "train_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+                    "epochs_planned": epochs, "epochs_run": len(history), "best_epoch": best_epoch, "stopped": stopped,
+                    "batch_size": batch_size, "optimizer": f"AdamW(lr={lr}, weight_decay={weight_decay}) + OneCycle",
+                    "label_smoothing": label_smoothing, "rebalance": rebalance,
+                    "augment": aug.to_dict() if aug else None, "pretrained": str(pretrained) if pretrained else None,
+                    "pretrained_sha256": start_sha256,
+                    "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
+                    "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
+                    "sam_rho": sam_rho, "wall_minutes": round((time.time() - t_start) / 60, 1),
+                },
+                "metrics": {"best_val_macro_f1": best_f1, "history": history},
             },
-            "metrics": {"best_val_macro_f1": best_f1, "history": history},
-        },
-        run_dir, record_name or "classifier", overwrite=True,
-    )
-    return ClassifierTrainResult(run_dir=run_dir, weights=rec.path, record=rec.path.with_suffix(".json"),
-                                 history=tuple(history), best_epoch=best_epoch, best_val_macro_f1=best_f1)
+            run_dir, record_name or "classifier", overwrite=True,
+        )
+        return ClassifierTrainResult(run_dir=run_dir, weights=rec.path, record=rec.path.with_suffix(".json"),
+                                     history=tuple(history), best_epoch=best_epoch, best_val_macro_f1=best_f1)
+    except BaseException:
+        if made and not (run_dir / "checkpoint.pt").exists():  # failed before its first epoch: nothing to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
