@@ -698,6 +698,15 @@ def test_too_few_crops_for_batch(tiny_crops, tmp_path):
         with pytest.raises(DatasetError, match="only 15 training crops"):
             train_classifier(one, tiny_crops / "val", epochs=1, batch_size=64, out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # refused before any run folder was made
+    with pytest.raises(DatasetError, match="15 validation crops are training crops too"):
+        train_classifier(tiny_crops / "train", tiny_crops / "train", epochs=1, batch_size=5, out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    val = tmp_path / "val2"
+    for c in ("eosinophil", "neutrophil"):
+        shutil.copytree(tiny_crops / "val" / c, val / c)
+    with pytest.warns(UserWarning, match=r"no validation crops for class\(es\) \['basophil', 'lymphocyte', 'monocyte'\]"):
+        train_classifier(tiny_crops / "train", val, epochs=1, batch_size=5, input_size=32, num_workers=0,
+                         out_dir=tmp_path / "runs")
 
 
 def test_crop_folders_as_users_have_them(tiny_crops, tmp_path):

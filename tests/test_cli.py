@@ -342,3 +342,13 @@ def test_classify_types_a_crop_given_twice_once(tiny_run, tmp_path, capsys):
                      str(tiny_run.weights)]) == 0
     assert "same file" in capsys.readouterr().err
     assert len(table.read_text().splitlines()) == 2  # header + one row
+
+
+def test_a_warning_about_the_models_is_printed_as_a_warning(smoke_run, tiny_run, tmp_path, capsys):
+    """The smoke detector boxed too few red cells to record its box ruler: the warning says which entry and why."""
+    reason = json.loads(smoke_run.record.read_text())["rbc_box_missing"]
+    assert cli_main(["analyze", str(FIELD), "--detector", str(smoke_run.weights), "--classifier", str(tiny_run.weights),
+                     "--conf", "0.01", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: detector 'smoke' records no rbc_box_px ({reason}): rescale='auto'" in err
+    assert "UserWarning" not in err and "train_long_side_px" not in err

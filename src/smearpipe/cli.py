@@ -392,7 +392,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             return 2
         steps = tuple(x for x in args.detector_preprocess.split(",") if x)
         detector = Detector.load(args.detector, preprocessing=Preprocessing(steps=steps))
-    pipeline = load_pipeline(detector=detector, classifier=args.classifier, config=config)
+    with warnings.catch_warnings(record=True) as caught:  # about the models, printed as the fields' warnings are
+        warnings.filterwarnings("always", category=UserWarning, module=r"smearpipe\.")
+        pipeline = load_pipeline(detector=detector, classifier=args.classifier, config=config)
+    _print_warnings(caught, None)
     try:  # before any field is analysed: an --out that cannot be a folder fails now, not after the slide
         made = _make_folder(out_dir)
     except OSError as exc:

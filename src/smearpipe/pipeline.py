@@ -200,7 +200,10 @@ def load_pipeline(
     if _rescaling(config):
         _scale_metadata(det)  # fail at load time, not on every field
     elif config.rescale == "auto" and _auto_metadata(det) is None:
-        warnings.warn(f"detector {det.record.name!r} records no rbc_box_px / train_long_side_px: rescale='auto' sees "
+        meta = det.record.metadata
+        missing = [k for k in ("rbc_box_px", "train_long_side_px") if meta.get(k) is None]
+        why = f" ({meta['rbc_box_missing']})" if meta.get("rbc_box_missing") and "rbc_box_px" in missing else ""
+        warnings.warn(f"detector {det.record.name!r} records no {' / '.join(missing)}{why}: rescale='auto' sees "
                       "every field as it is (add them to its record, see smearpipe.scale.measure_rbc_box_px, or pass "
                       "rescale=False)", stacklevel=2)
     return Pipeline(det, clf, config)

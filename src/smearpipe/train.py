@@ -1054,6 +1054,18 @@ def train_classifier(
     missing = [c for k, c in enumerate(classes) if k not in set(n_train)]
     if missing:
         raise DatasetError(f"no training crops for class(es) {missing}")
+    val_pairs = [pair for pairs in listed[len(train_sources):] for pair in pairs]
+    train_files = {os.path.realpath(p) for pairs in listed[:len(train_sources)] for p, _ in pairs}
+    shared = [p for p, _ in val_pairs if os.path.realpath(p) in train_files]
+    if shared:
+        raise DatasetError(f"{len(shared)} validation crops are training crops too (e.g. {shared[0]}): early stopping "
+                           "and the recorded validation metrics would be measured on what the network learnt")
+    unvalidated = [c for k, c in enumerate(classes) if k not in {y for _, y in val_pairs}]
+    if unvalidated:
+        import warnings
+
+        warnings.warn(f"no validation crops for class(es) {unvalidated}: early stopping's macro-F1 is over the "
+                      "other classes only", stacklevel=2)
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
