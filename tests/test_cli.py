@@ -352,3 +352,20 @@ def test_a_warning_about_the_models_is_printed_as_a_warning(smoke_run, tiny_run,
     err = capsys.readouterr().err
     assert f"warning: detector 'smoke' records no rbc_box_px ({reason}): rescale='auto'" in err
     assert "UserWarning" not in err and "train_long_side_px" not in err
+
+
+def test_extract_crops(tmp_path, capsys):
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages"):
+        (voc / sub).mkdir(parents=True)
+    for xml in SAMPLES.glob("*.xml"):
+        shutil.copy(xml, voc / "Annotations")
+        shutil.copy(xml.with_suffix(".jpg"), voc / "JPEGImages")
+    assert cli_main(["extract-crops", str(voc), "--all", "--out", str(tmp_path / "none")]) == 1
+    assert "no crop written" in capsys.readouterr().err  # boxes say only WBC, and no labels file
+    assert cli_main(["extract-crops", str(voc), "--all", "--labels", str(SAMPLES / "labels.csv"), "--scale", "1.75",
+                     "--out", str(tmp_path / "crops")]) == 0
+    assert "6 crops in" in capsys.readouterr().out
+    assert len(list((tmp_path / "crops" / "neutrophil").glob("*.png"))) == 4
+    assert cli_main(["extract-crops", str(voc), "--split", "train", "--out", str(tmp_path / "x")]) == 2
+    assert "VOC folder not found" in capsys.readouterr().err  # no ImageSets/Main: no splits

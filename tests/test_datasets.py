@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smearpipe.datasets import extract_wbc_crops, normalize_detection_class, read_voc, read_yolo_labels, voc_to_yolo
+from smearpipe.datasets import (
+    extract_wbc_crops,
+    normalize_detection_class,
+    read_bccd_subtype_labels,
+    read_voc,
+    read_yolo_labels,
+    voc_to_yolo,
+)
 from smearpipe.errors import DatasetError
+from smearpipe.io import read_image
 from smearpipe.train import CropSource, center_crop
 
 from .conftest import SAMPLES, make_voc
@@ -18,7 +26,7 @@ from .conftest import SAMPLES, make_voc
 @pytest.mark.parametrize(
     "name, expected",
     [("WBC", "WBC"), ("wbc", "WBC"), ("RBC", "RBC"), ("Platelets", "Platelets"), ("platelets", "Platelets"),
-     ("Platlets", "Platelets"), (" platelet ", "Platelets"), ("neutrophil", None), ("", None)],
+     ("Platlets", "Platelets"), (" platelet ", "Platelets"), ("neutrophil", "WBC"), ("Eosinophils", "WBC"), ("megakaryocyte", None), ("", None)],
 )
 def test_class_name_normalisation(name, expected):
     assert normalize_detection_class(name) == expected
@@ -405,3 +413,33 @@ def test_yolo_image_size_must_be_two_positive_integers(tmp_path, size):
     f.write_text("0 0.5 0.5 0.1 0.1\n")
     with pytest.raises(ValueError, match="image_size"):
         read_yolo_labels(f, image_size=size)
+
+
+def test_crops_from_a_yolo_dataset_are_those_from_its_voc_source(sample_voc, tmp_path):
+    voc_to_yolo(sample_voc, tmp_path / "yolo", splits=("train",))
+    from_voc = extract_wbc_crops(sample_voc, tmp_path / "a", labels_csv=SAMPLES / "labels.csv", split="train")
+    from_yolo = extract_wbc_crops(tmp_path / "yolo" / "data.yaml", tmp_path / "b", labels_csv=SAMPLES / "labels.csv",
+                                  split="train")
+    assert from_yolo.written == from_voc.written == {"neutrophil": 4, "monocyte": 1, "lymphocyte": 1}
+    assert from_yolo.skipped == from_voc.skipped == {"BloodImage_00135": "no WBC box"}
+    files = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.png"))
+    assert files == sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*.png"))
+    for f in files:  # the same cut, within the pixel voc_to_yolo moves VOC's 1-based corners by
+        a, b = read_image(tmp_path / "a" / f), read_image(tmp_path / "b" / f)
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 4
+
+
+def test_crops_of_boxes_labelled_with_their_type(sample_voc, tmp_path):
+    """A lab that boxes each white cell with its type needs no labels file; field labels may name images."""
+    for xml in (sample_voc / "Annotations").glob("*.xml"):
+        xml.write_text(xml.read_text().replace("<name>WBC</name>", "<name>Lymphocytes</name>"))
+    report = extract_wbc_crops(sample_voc, tmp_path / "typed", split=None)
+    assert report.written == {"lymphocyte": 6} and report.skipped == {"BloodImage_00135": "no WBC box"}
+    assert set(report.ignored_labels) == {"RBC", "Platelets"} and report.ignored_labels["RBC"] > 50
+    table = tmp_path / "labels.csv"
+    table.write_text("Image,Category\nBloodImage_00007.jpg,Eosinophil\nBloodImage_00011,basophils\n")
+    assert read_bccd_subtype_labels(table) == {"BloodImage_00007": ["eosinophil"], "BloodImage_00011": ["basophil"]}
+    for xml in (sample_voc / "Annotations").glob("BloodImage_0000[7]*.xml"):
+        xml.write_text(xml.read_text().replace("<name>Lymphocytes</name>", "<name>WBC</name>"))
+    report = extract_wbc_crops(sample_voc, tmp_path / "mixed", labels_csv=table, split=None)
+    assert report.written == {"lymphocyte": 5, "eosinophil": 1}

@@ -103,6 +103,21 @@ def _cmd_convert_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract_crops(args: argparse.Namespace) -> int:
+    from .datasets import extract_wbc_crops
+
+    report = extract_wbc_crops(args.source, args.out, labels_csv=args.labels, split=None if args.all else args.split,
+                               scale=args.scale, overwrite=args.overwrite)
+    print(json.dumps(report.to_dict(), indent=2))
+    if not report.written:
+        print(f"error: no crop written to {args.out}: see the skipped fields above (a field needs WBC boxes labelled "
+              "with their type, or a --labels file)", file=sys.stderr)
+        return 1
+    print(f"{sum(report.written.values())} crops in {args.out} ("
+          + ", ".join(f"{k} {v}" for k, v in sorted(report.written.items())) + f"); {len(report.skipped)} fields skipped")
+    return 0
+
+
 def _image_paths(raw_paths: Sequence[str], *, recursive: bool = False) -> list[Path]:
     """Files as given; folders expanded to their images (sorted; with ``recursive``, sub-folders too)."""
     from .io import IMAGE_SUFFIXES
@@ -584,6 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
     p.set_defaults(func=_cmd_convert_voc)
+
+    p = sub.add_parser("extract-crops", help="cut labelled WBC crops from annotated fields (an ImageFolder tree)")
+    p.add_argument("source", help="VOC folder (Annotations/, JPEGImages/, ImageSets/Main/) or YOLO data YAML")
+    p.add_argument("--out", required=True, help="output folder: OUT/<type>/<field>_<n>.png and crop_report.json")
+    p.add_argument("--labels", default=None,
+                   help="CSV with columns Image, Category for fields whose boxes say only WBC (BCCD's labels.csv; "
+                        "Image a BCCD number or an image name); boxes labelled with their type need none")
+    p.add_argument("--split", default="train", help="only this split's fields (default: %(default)s)")
+    p.add_argument("--all", action="store_true", help="every annotated field, whatever its split")
+    p.add_argument("--scale", type=_positive_float, default=2.0,
+                   help="crop side relative to the box's longer side (default: %(default)s; the shipped classifiers' "
+                        "BCCD crops: 1.75)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in --out")
+    p.set_defaults(func=_cmd_extract_crops)
 
     p = sub.add_parser("train-detector", help="train a YOLO detector on a YOLO-layout dataset")
     p.add_argument("data", help="data YAML (from convert-voc)")

@@ -6,6 +6,7 @@ into a non-empty one unless asked).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -13,7 +14,7 @@ import os
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import StringIO
@@ -65,10 +66,15 @@ _DETECTION_ALIASES: dict[str, str] = {
 def normalize_detection_class(name: str) -> str | None:
     """Map a spelling of a detection class to its canonical name, or None if unknown.
 
-    >>> normalize_detection_class("platlets")
-    'Platelets'
+    A WBC type (a box labelled with it, :func:`normalize_wbc_class`) is a ``WBC`` to the detector.
+
+    >>> normalize_detection_class("platlets"), normalize_detection_class("Neutrophils")
+    ('Platelets', 'WBC')
     """
-    return _DETECTION_ALIASES.get(" ".join(str(name).strip().lower().split()))
+    canonical = _DETECTION_ALIASES.get(" ".join(str(name).strip().lower().split()))
+    if canonical is None and normalize_wbc_class(name) is not None:
+        return "WBC"
+    return canonical
 
 
 @dataclass(frozen=True)
@@ -559,7 +565,9 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
 def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[str]]:
     """BCCD ``labels.csv`` (``,Image,Category``) -> ``{"BloodImage_00010": ["neutrophil", "eosinophil"]}``.
 
-    Rows with an empty category are left out; unknown names raise :class:`DatasetError`.
+    An ``Image`` that is a number is BCCD's image number (``10`` is ``BloodImage_00010``); any other is an image
+    name, with or without its extension (``field_7.jpg`` is ``field_7``). Rows with an empty category are left
+    out; unknown names raise :class:`DatasetError`.
     """
     import csv
 
@@ -585,13 +593,13 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
                 if name is None:
                     raise DatasetError(f"{path}: unknown WBC type {part.strip()!r} for image {row['Image']}")
                 labels.append(name)
-            try:
-                index = int(row["Image"])
-            except (TypeError, ValueError):
-                raise DatasetError(f"{path}: Image column must be an integer, got {row['Image']!r}") from None
-            key = f"BloodImage_{index:05d}"
+            image = (row["Image"] or "").strip()
+            if not image:
+                raise DatasetError(f"{path}: a row with Category {cat!r} names no Image")
+            # BCCD numbers its images; other datasets name them (with or without the extension)
+            key = f"BloodImage_{int(image):05d}" if image.isascii() and image.isdigit() else Path(image).stem
             if key in out and out[key] != labels:
-                raise DatasetError(f"{path}: image {index} is labelled twice, {out[key]} and {labels}")
+                raise DatasetError(f"{path}: image {image} is labelled twice, {out[key]} and {labels}")
             out[key] = labels
     return out
 
@@ -602,36 +610,43 @@ class CropReport:
 
     written: dict[str, int] = field(default_factory=dict)  # class -> crops
     skipped: dict[str, str] = field(default_factory=dict)  # image -> reason
+    ignored_labels: dict[str, int] = field(default_factory=dict)  # box label that is not a WBC -> boxes
 
     def to_dict(self) -> dict:
-        return {"written": self.written, "skipped": self.skipped}
+        return {"written": self.written, "skipped": self.skipped, "ignored_labels": self.ignored_labels}
 
 
 def extract_wbc_crops(
-    voc_root: str | os.PathLike,
+    source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    labels_csv: str | os.PathLike,
+    labels_csv: str | os.PathLike | None = None,
     split: str | None = "train",
     scale: float = 2.0,
     overwrite: bool = False,
 ) -> CropReport:
     """Cut labelled WBC crops from annotated fields into an ImageFolder tree ``out_dir/<class>/``.
 
-    A field's WBC boxes get the field's label(s) from ``labels_csv`` when that is unambiguous: one
-    WBC box and one label, or n boxes with n identical labels. Other fields are skipped and listed in
-    the report (labels are per image in BCCD, not per box).
+    A box whose label is a WBC type (``Neutrophil``, ``EOSINOPHILS``, ... :func:`normalize_wbc_class`) is cut
+    with that type. A box labelled ``WBC`` gets its field's label(s) from ``labels_csv`` when that is
+    unambiguous: one WBC box and one label, or n boxes with n identical labels (labels are per image in BCCD,
+    not per box). Other fields are skipped and listed in the report, and box labels that are neither
+    (``RBC``, ``Platelets``, a type smearpipe does not know) are counted in it (``ignored_labels``).
 
     Parameters
     ----------
-    voc_root : path
-        VOC folder (``Annotations``, ``JPEGImages``, ``ImageSets/Main``).
+    source : path
+        A VOC folder (``Annotations``, ``JPEGImages``, ``ImageSets/Main``), or an ultralytics data YAML
+        (``names`` and one images folder per split, labels beside it in ``labels/``, as
+        :func:`voc_to_yolo` writes it).
     out_dir : path
-        Output folder, outside ``voc_root``; must not exist or be empty unless ``overwrite=True``.
-    labels_csv : path
-        BCCD-style labels file (see :func:`read_bccd_subtype_labels`).
+        Output folder, outside the source dataset; must not exist or be empty unless ``overwrite=True``.
+    labels_csv : path, optional
+        Field labels for fields whose boxes say only ``WBC`` (:func:`read_bccd_subtype_labels`: BCCD's
+        ``labels.csv``, or the same columns with image names).
     split : str or None
-        Only fields in ``ImageSets/Main/<split>.txt``; None for all annotated fields.
+        Only fields of this split (VOC: ``ImageSets/Main/<split>.txt``; YAML: its ``<split>`` entry). None:
+        every annotated field (VOC), or every split the YAML names among train, val and test.
     scale : float
         Crop side relative to the box (see :func:`square_crop`).
     overwrite : bool
@@ -643,48 +658,44 @@ def extract_wbc_crops(
     ------
     DatasetError
         Missing or malformed source files, an image whose size is not its annotation's, or an
-        ``out_dir`` that is a file, overlaps ``voc_root`` or holds files of something else.
+        ``out_dir`` that is a file, overlaps the source or holds files of something else.
     """
-    voc_root, out_dir = Path(voc_root), Path(out_dir)
+    source, out_dir = Path(source), Path(out_dir)
+    if source.suffix.lower() in (".yaml", ".yml"):
+        root, fields = _yolo_fields(source, split)
+    else:
+        root, fields = source, _voc_fields(source, split)
+    _check_out_dir(root, out_dir, overwrite=overwrite, report_name="crop_report.json")
+    labels = read_bccd_subtype_labels(labels_csv) if labels_csv is not None else {}
+    report = CropReport()
+    # written beside out_dir and moved into place at the end: an error leaves an earlier extraction as it was,
+    # and a new one never mixes with stale crops
+    with _staged(out_dir, replace_all=True) as stage:
+        _write_crops(stage, fields, labels, scale, report)
+    return report
+
+
+_Field = tuple[str, Callable[[], tuple[np.ndarray, list[VocBox]]]]  # (image stem, read: image and its boxes)
+
+
+def _voc_fields(voc_root: Path, split: str | None) -> list[_Field]:
+    """The annotated fields of a VOC folder (one split, or all with ``split=None``), read when asked."""
+    from .io import read_image
+
     folders = [voc_root / "Annotations", voc_root / "JPEGImages"] + ([voc_root / "ImageSets" / "Main"] if split else [])
     for d in folders:
         if not d.is_dir():
             raise DatasetError(f"VOC folder not found: {d} (expected Annotations/, JPEGImages/"
                                f"{', ImageSets/Main/' if split else ''} under {voc_root})")
-    _check_out_dir(voc_root, out_dir, overwrite=overwrite, report_name="crop_report.json")
-    labels = read_bccd_subtype_labels(labels_csv)
     if split is None:
         stems = sorted(p.stem for p in (voc_root / "Annotations").glob("*.xml"))
         if not stems:
             raise DatasetError(f"no annotations (*.xml) in {voc_root / 'Annotations'}")
     else:
         stems = _read_split_file(voc_root / "ImageSets" / "Main" / f"{split}.txt")
-    report = CropReport()
-    # written beside out_dir and moved into place at the end: an error leaves an earlier extraction as it was,
-    # and a new one never mixes with stale crops
-    with _staged(out_dir, replace_all=True) as stage:
-        _write_crops(stage, voc_root, stems, labels, scale, report)
-    return report
 
-
-def _write_crops(stage: Path, voc_root: Path, stems: list[str], labels: Mapping[str, list[str]], scale: float,
-                 report: CropReport) -> None:
-    """The crops and report of :func:`extract_wbc_crops`, written into ``stage`` (which becomes ``out_dir``)."""
-    from .io import read_image, write_image
-
-    for stem in stems:
+    def read(stem: str) -> tuple[np.ndarray, list[VocBox]]:
         (width, height), boxes = read_voc(voc_root / "Annotations" / f"{stem}.xml")
-        wbcs = [b for b in boxes if normalize_detection_class(b.label) == "WBC" and b.xmax > b.xmin and b.ymax > b.ymin]
-        field_labels = labels.get(stem)
-        if not wbcs:
-            report.skipped[stem] = "no WBC box"
-            continue
-        if not field_labels:
-            report.skipped[stem] = "no subtype label"
-            continue
-        if not (len(field_labels) == len(wbcs) and len(set(field_labels)) == 1) and not (len(wbcs) == 1 and len(field_labels) == 1):
-            report.skipped[stem] = f"{len(wbcs)} WBC boxes vs labels {field_labels}: ambiguous"
-            continue
         matches = sorted((voc_root / "JPEGImages").glob(f"{stem}.*"))
         if not matches:
             raise DatasetError(f"image for annotation {stem} not found in {voc_root / 'JPEGImages'}")
@@ -695,8 +706,80 @@ def _write_crops(stage: Path, voc_root: Path, stems: list[str], labels: Mapping[
                 turned = " (its EXIF orientation turns it; the boxes must be in the upright image's pixels)"
             raise DatasetError(f"image {matches[0]} is {image.shape[1]}x{image.shape[0]} px but its annotation "
                                f"{stem}.xml gives {width}x{height}{turned}")
-        for i, box in enumerate(wbcs):
-            cls = field_labels[0]
+        return image, boxes
+
+    return [(stem, functools.partial(read, stem)) for stem in stems]
+
+
+def _yolo_fields(data_yaml: Path, split: str | None) -> tuple[Path, list[_Field]]:
+    """The dataset folder of an ultralytics data YAML and its fields (one split, or all it names)."""
+    import yaml
+
+    from .io import IMAGE_SUFFIXES, read_image
+
+    if not data_yaml.is_file():
+        raise DatasetError(f"data YAML not found: {data_yaml}")
+    try:
+        cfg = yaml.safe_load(data_yaml.read_text())
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"cannot parse data YAML {data_yaml}: {exc}") from None
+    if not isinstance(cfg, dict) or "names" not in cfg:
+        raise DatasetError(f"data YAML {data_yaml} must be a mapping with 'names' and split entries")
+    names = cfg["names"]
+    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    root = Path(cfg.get("path") or data_yaml.parent)
+    if not root.is_absolute():
+        root = (data_yaml.parent / root).resolve()
+    splits = [split] if split is not None else [s for s in ("train", "val", "test") if cfg.get(s) is not None]
+    if not splits:
+        raise DatasetError(f"data YAML {data_yaml} names no train, val or test split")
+    from .train import _split_dirs  # the one reading of a split entry, shared with training
+
+    fields: list[_Field] = []
+    seen: set[Path] = set()
+    for name in splits:
+        img_dir, label_dir = _split_dirs(cfg, root, name)
+        for f in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            if f.resolve() in seen:  # two splits on one folder
+                continue
+            seen.add(f.resolve())
+
+            def read(f: Path = f, label_dir: Path = label_dir) -> tuple[np.ndarray, list[VocBox]]:
+                image = read_image(f)
+                lf = label_dir / f"{f.stem}.txt"
+                rows = read_yolo_labels(lf, image_size=(image.shape[1], image.shape[0]),
+                                        num_classes=len(names)) if lf.is_file() else np.zeros((0, 5))
+                return image, [VocBox(str(names[int(r[0])]), *map(float, r[1:])) for r in rows]
+
+            fields.append((f.stem, read))
+    return root, fields
+
+
+def _write_crops(stage: Path, fields: list[_Field], labels: Mapping[str, list[str]], scale: float,
+                 report: CropReport) -> None:
+    """The crops and report of :func:`extract_wbc_crops`, written into ``stage`` (which becomes ``out_dir``)."""
+    from .io import write_image
+
+    for stem, read in fields:
+        image, boxes = read()
+        boxes = [b for b in boxes if b.xmax > b.xmin and b.ymax > b.ymin]
+        typed = [(b, normalize_wbc_class(b.label)) for b in boxes if normalize_wbc_class(b.label) is not None]
+        untyped = [b for b in boxes if normalize_wbc_class(b.label) is None and normalize_detection_class(b.label) == "WBC"]
+        for b in boxes:
+            if normalize_wbc_class(b.label) is None and normalize_detection_class(b.label) != "WBC":
+                report.ignored_labels[b.label] = report.ignored_labels.get(b.label, 0) + 1
+        cut: list[tuple[VocBox, str]] = list(typed)  # type: ignore[arg-type]
+        field_labels = labels.get(stem)
+        if untyped:
+            if not field_labels:
+                report.skipped[stem] = "no subtype label" + (f" for its {len(untyped)} WBC boxes" if typed else "")
+            elif (len(field_labels) == len(untyped) and len(set(field_labels)) == 1) or (len(untyped) == len(field_labels) == 1):
+                cut += [(b, field_labels[0]) for b in untyped]
+            else:
+                report.skipped[stem] = f"{len(untyped)} WBC boxes vs labels {field_labels}: ambiguous"
+        elif not typed:
+            report.skipped[stem] = "no WBC box"
+        for i, (box, cls) in enumerate(cut):
             crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)
             write_image(stage / cls / f"{stem}_{i}.png", crop)
             report.written[cls] = report.written.get(cls, 0) + 1
