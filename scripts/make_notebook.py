@@ -66,16 +66,18 @@ cells = [
          "m = evaluate_detector(work / 'yolo' / 'data.yaml', detector=det_run.weights, split='val', out_dir=work / 'eval_det')\n"
          "print('mAP@0.5 (meaningless after 1 epoch):', round(m['map50'], 3))"),
     md("## 5. Train the WBC classifier on your own crops\n\n"
-       "Cut labelled WBC crops from annotated fields (a field's label from a BCCD-style `labels.csv`), or use any "
-       "ImageFolder tree `root/<class>/<image>`. Here: the bundled fields' crops for both training and validation "
-       "(never do that for a real model), 1 epoch at 32 px."),
+       "Cut labelled WBC crops from annotated fields (`smearpipe extract-crops` on the command line): boxes labelled "
+       "with their WBC type, or `WBC` boxes with their field's label from a BCCD-style `labels.csv`. Or use any "
+       "ImageFolder tree `root/<class>/<image>`. Here: the bundled fields' crops, split as above, 1 epoch at 32 px "
+       "(the 2 validation crops are neutrophils: training warns that the other classes have none)."),
     code("from smearpipe.datasets import extract_wbc_crops\nfrom smearpipe.train import train_classifier\n"
          "from smearpipe.evaluate import evaluate_classifier\n\n"
-         "crops = extract_wbc_crops(voc, work / 'crops', labels_csv=SAMPLES / 'labels.csv', split=None, scale=1.75)\n"
-         "print('crops:', crops.written, 'skipped:', crops.skipped)\n"
-         "clf_run = train_classifier([work / 'crops'], [work / 'crops'], classes=('lymphocyte', 'monocyte', 'neutrophil'),\n"
+         "for split in ('train', 'val'):\n"
+         "    crops = extract_wbc_crops(voc, work / 'crops' / split, labels_csv=SAMPLES / 'labels.csv', split=split, scale=1.75)\n"
+         "    print(split, 'crops:', crops.written, 'skipped:', crops.skipped)\n"
+         "clf_run = train_classifier(work / 'crops' / 'train', work / 'crops' / 'val', classes=('lymphocyte', 'monocyte', 'neutrophil'),\n"
          "                           input_size=32, epochs=1, batch_size=2, out_dir=work / 'runs', name='my_classifier', num_workers=0)\n"
-         "ev = evaluate_classifier(work / 'crops', classifier=clf_run.weights, out_dir=work / 'eval_clf')\n"
+         "ev = evaluate_classifier(work / 'crops' / 'val', classifier=clf_run.weights, out_dir=work / 'eval_clf')\n"
          "print('figures:', ev['figures'])"),
     md("## 6. Use your own models in the pipeline\n\n"
        "`train_detector` records the scale of its training fields. A detector that finds no red cells yet (as "

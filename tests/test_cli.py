@@ -361,8 +361,9 @@ def test_extract_crops(tmp_path, capsys):
     for xml in SAMPLES.glob("*.xml"):
         shutil.copy(xml, voc / "Annotations")
         shutil.copy(xml.with_suffix(".jpg"), voc / "JPEGImages")
-    assert cli_main(["extract-crops", str(voc), "--all", "--out", str(tmp_path / "none")]) == 1
-    assert "no crop written" in capsys.readouterr().err  # boxes say only WBC, and no labels file
+    assert cli_main(["extract-crops", str(voc), "--all", "--out", str(tmp_path / "none")]) == 2
+    assert "no crop could be cut from 6 fields" in capsys.readouterr().err  # boxes say only WBC, and no labels file
+    assert not (tmp_path / "none").exists()
     assert cli_main(["extract-crops", str(voc), "--all", "--labels", str(SAMPLES / "labels.csv"), "--scale", "1.75",
                      "--out", str(tmp_path / "crops")]) == 0
     assert "6 crops in" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from .conftest import SAMPLES, make_voc
 @pytest.mark.parametrize(
     "name, expected",
     [("WBC", "WBC"), ("wbc", "WBC"), ("RBC", "RBC"), ("Platelets", "Platelets"), ("platelets", "Platelets"),
-     ("Platlets", "Platelets"), (" platelet ", "Platelets"), ("neutrophil", "WBC"), ("Eosinophils", "WBC"), ("megakaryocyte", None), ("", None)],
+     ("Platlets", "Platelets"), (" platelet ", "Platelets"), ("neutrophil", None), ("", None)],
 )
 def test_class_name_normalisation(name, expected):
     assert normalize_detection_class(name) == expected
@@ -431,15 +431,37 @@ def test_crops_from_a_yolo_dataset_are_those_from_its_voc_source(sample_voc, tmp
 
 def test_crops_of_boxes_labelled_with_their_type(sample_voc, tmp_path):
     """A lab that boxes each white cell with its type needs no labels file; field labels may name images."""
+    crops = tmp_path / "typed"
+    extract_wbc_crops(sample_voc, crops, labels_csv=SAMPLES / "labels.csv", split=None)
+    before = _files(crops)
+    with pytest.raises(DatasetError, match="no crop could be cut from 6 fields"):  # WBC boxes and no labels
+        extract_wbc_crops(sample_voc, crops, split=None, overwrite=True)
+    assert _files(crops) == before  # the earlier extraction is kept
     for xml in (sample_voc / "Annotations").glob("*.xml"):
-        xml.write_text(xml.read_text().replace("<name>WBC</name>", "<name>Lymphocytes</name>"))
-    report = extract_wbc_crops(sample_voc, tmp_path / "typed", split=None)
-    assert report.written == {"lymphocyte": 6} and report.skipped == {"BloodImage_00135": "no WBC box"}
-    assert set(report.ignored_labels) == {"RBC", "Platelets"} and report.ignored_labels["RBC"] > 50
+        xml.write_text(xml.read_text().replace("<name>WBC</name>", "<name>Lymphocytes</name>", 1)
+                       .replace("<name>WBC</name>", "<name>Blast</name>"))  # 00031's second box
+    report = extract_wbc_crops(sample_voc, crops, split=None, overwrite=True)
+    assert report.written == {"lymphocyte": 5} and report.skipped == {"BloodImage_00135": "no WBC box"}
+    assert report.ignored_labels == {"Blast": 1}  # not RBC / Platelets
+    with pytest.raises(DatasetError, match="unknown class"):  # the detector's conversion refuses the types...
+        voc_to_yolo(sample_voc, tmp_path / "yolo", splits=("train",))
+    converted = voc_to_yolo(sample_voc, tmp_path / "yolo", splits=("train",), wbc_types_as_wbc=True, on_unknown="skip")
+    assert converted.boxes["WBC"] == 5 and converted.unknown_labels == {"Blast": 1}  # ...unless told they are WBCs
     table = tmp_path / "labels.csv"
     table.write_text("Image,Category\nBloodImage_00007.jpg,Eosinophil\nBloodImage_00011,basophils\n")
     assert read_bccd_subtype_labels(table) == {"BloodImage_00007": ["eosinophil"], "BloodImage_00011": ["basophil"]}
     for xml in (sample_voc / "Annotations").glob("BloodImage_0000[7]*.xml"):
         xml.write_text(xml.read_text().replace("<name>Lymphocytes</name>", "<name>WBC</name>"))
     report = extract_wbc_crops(sample_voc, tmp_path / "mixed", labels_csv=table, split=None)
-    assert report.written == {"lymphocyte": 5, "eosinophil": 1}
+    assert report.written == {"lymphocyte": 4, "eosinophil": 1}
+
+
+def test_crops_from_yolo_fields_of_one_name_are_refused(sample_voc, tmp_path):
+    voc_to_yolo(sample_voc, tmp_path / "yolo", splits=("train",))
+    shutil.copytree(tmp_path / "yolo" / "images" / "train", tmp_path / "yolo" / "images" / "val")
+    shutil.copytree(tmp_path / "yolo" / "labels" / "train", tmp_path / "yolo" / "labels" / "val")
+    data = tmp_path / "yolo" / "data.yaml"
+    data.write_text(data.read_text() + "val: images/val\n")
+    with pytest.raises(DatasetError, match="two fields named 'BloodImage_00007'"):
+        extract_wbc_crops(data, tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split=None)
+    assert extract_wbc_crops(data, tmp_path / "crops", labels_csv=SAMPLES / "labels.csv", split="val").written

@@ -135,9 +135,18 @@ def test_bad_training_inputs(tiny_data, tmp_path):
     lists.write_text(tiny_data.read_text().replace("train: images/train", "train: [images/train]"))
     with pytest.raises(DatasetError, match="one images folder per split"):
         load_data_yaml(lists)
-    with pytest.raises(Exception):  # noqa: B017 - ultralytics' own error for a config it cannot find
-        train_detector(tiny_data, model="no_such_model.yaml", epochs=1, imgsz=64, batch=2, out_dir=tmp_path / "r")
-    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []  # the failed run left no folder
+
+def test_a_detector_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tiny_data, tmp_path, monkeypatch):
+    import smearpipe.detect
+
+    def fail():
+        assert (tmp_path / "r" / "train" / "run_config.json").is_file()  # the folder was made and in use
+        raise RuntimeError("ultralytics failed")
+
+    monkeypatch.setattr(smearpipe.detect, "import_ultralytics", fail)
+    with pytest.raises(RuntimeError, match="ultralytics failed"):
+        train_detector(tiny_data, epochs=1, imgsz=64, batch=2, out_dir=tmp_path / "r")
+    assert list((tmp_path / "r").iterdir()) == []
 
 
 def test_a_finished_detector_run_is_not_resumed(smoke_run, tiny_data, tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ def _cmd_convert_voc(args: argparse.Namespace) -> int:
         on_unknown=args.on_unknown,
         overwrite=args.overwrite,
         link_images=not args.copy,
+        wbc_types_as_wbc=args.wbc_types,
     )
     print(json.dumps(report.to_dict(), indent=2))
     return 0
@@ -109,10 +110,6 @@ def _cmd_extract_crops(args: argparse.Namespace) -> int:
     report = extract_wbc_crops(args.source, args.out, labels_csv=args.labels, split=None if args.all else args.split,
                                scale=args.scale, overwrite=args.overwrite)
     print(json.dumps(report.to_dict(), indent=2))
-    if not report.written:
-        print(f"error: no crop written to {args.out}: see the skipped fields above (a field needs WBC boxes labelled "
-              "with their type, or a --labels file)", file=sys.stderr)
-        return 1
     print(f"{sum(report.written.values())} crops in {args.out} ("
           + ", ".join(f"{k} {v}" for k, v in sorted(report.written.items())) + f"); {len(report.skipped)} fields skipped")
     return 0
@@ -598,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-unknown", choices=("error", "skip"), default="error")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--copy", action="store_true", help="copy images instead of symlinking them")
+    p.add_argument("--wbc-types", action="store_true",
+                   help="boxes labelled with a WBC type (Neutrophil, ...) are WBC boxes (their crops: extract-crops)")
     p.set_defaults(func=_cmd_convert_voc)
 
     p = sub.add_parser("extract-crops", help="cut labelled WBC crops from annotated fields (an ImageFolder tree)")

@@ -66,15 +66,10 @@ _DETECTION_ALIASES: dict[str, str] = {
 def normalize_detection_class(name: str) -> str | None:
     """Map a spelling of a detection class to its canonical name, or None if unknown.
 
-    A WBC type (a box labelled with it, :func:`normalize_wbc_class`) is a ``WBC`` to the detector.
-
-    >>> normalize_detection_class("platlets"), normalize_detection_class("Neutrophils")
-    ('Platelets', 'WBC')
+    >>> normalize_detection_class("platlets")
+    'Platelets'
     """
-    canonical = _DETECTION_ALIASES.get(" ".join(str(name).strip().lower().split()))
-    if canonical is None and normalize_wbc_class(name) is not None:
-        return "WBC"
-    return canonical
+    return _DETECTION_ALIASES.get(" ".join(str(name).strip().lower().split()))
 
 
 @dataclass(frozen=True)
@@ -246,6 +241,7 @@ def voc_to_yolo(
     splits: Sequence[str] = ("train", "val", "test"),
     classes: Sequence[str] = DETECTION_CLASSES,
     class_map: Mapping[str, str] | None = None,
+    wbc_types_as_wbc: bool = False,
     on_unknown: str = "error",
     overwrite: bool = False,
     link_images: bool = True,
@@ -272,6 +268,10 @@ def voc_to_yolo(
         Canonical class names, in class-id order.
     class_map : mapping, optional
         Extra spellings -> canonical name (checked before the built-in aliases).
+    wbc_types_as_wbc : bool
+        Boxes labelled with a WBC type (``Neutrophil``, ... :func:`normalize_wbc_class`) are ``WBC`` boxes (else
+        they are unknown names). The types are not kept in the YOLO labels: cut typed crops from the VOC source
+        with :func:`extract_wbc_crops`.
     on_unknown : {"error", "skip"}
         Unknown class names raise :class:`DatasetError` (listing them) or are skipped and
         counted in the report.
@@ -314,7 +314,8 @@ def voc_to_yolo(
 
     def canonical(label: str) -> str | None:
         key = " ".join(label.strip().lower().split())
-        for name in (extra.get(key), label if label in class_ids else None, normalize_detection_class(label)):
+        typed = "WBC" if wbc_types_as_wbc and normalize_wbc_class(label) is not None else None
+        for name in (extra.get(key), label if label in class_ids else None, normalize_detection_class(label), typed):
             if name in class_ids:
                 return name
         return None
@@ -411,6 +412,51 @@ def _write_yolo(stage: Path, out_dir: Path, split_ids: dict, parsed: dict, img_d
     (stage / "data.yaml").write_text("\n".join(yaml_lines) + "\n")
     report.data_yaml = str(out_dir / "data.yaml")
     (stage / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def read_data_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], list[str], Path]:
+    """An ultralytics data YAML: its content, class names in id order, and the dataset folder.
+
+    Raises
+    ------
+    DatasetError
+        A missing or unparsable file, or one without ``names``.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data YAML not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"cannot parse data YAML {path}: {exc}") from None
+    if not isinstance(cfg, dict) or "names" not in cfg:
+        raise DatasetError(f"data YAML {path} must be a mapping with 'names' and split entries")
+    names = cfg["names"]
+    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    root = Path(cfg.get("path") or path.parent)
+    if not root.is_absolute():
+        root = (path.parent / root).resolve()
+    return cfg, names, root
+
+
+def _split_dirs(cfg: Mapping[str, Any], root: Path, split: str) -> tuple[Path, Path]:
+    rel = cfg.get(split)
+    if rel is None:
+        raise DatasetError(f"data YAML has no {split!r} entry")
+    if not isinstance(rel, str):  # ultralytics also takes lists of folders and .txt file lists
+        raise DatasetError(f"data YAML {split!r} entry is {type(rel).__name__} {rel!r}: smearpipe checks and trains on "
+                           "one images folder per split (the layout smearpipe convert-voc writes); merge them into one")
+    img_dir = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not img_dir.is_dir():
+        raise DatasetError(f"{split} image folder not found: {img_dir}")
+    parts = list(img_dir.parts)
+    if "images" not in parts:
+        raise DatasetError(f"{split} image folder {img_dir} is not inside an 'images' folder (YOLO layout)")
+    i = len(parts) - 1 - parts[::-1].index("images")
+    label_dir = Path(*parts[:i], "labels", *parts[i + 1 :])
+    return img_dir, label_dir
 
 
 def read_yolo_labels(
@@ -565,11 +611,14 @@ def square_crop(image: np.ndarray, box: Sequence[float], *, scale: float = 2.0) 
 def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[str]]:
     """BCCD ``labels.csv`` (``,Image,Category``) -> ``{"BloodImage_00010": ["neutrophil", "eosinophil"]}``.
 
-    An ``Image`` that is a number is BCCD's image number (``10`` is ``BloodImage_00010``); any other is an image
-    name, with or without its extension (``field_7.jpg`` is ``field_7``). Rows with an empty category are left
+    An ``Image`` made of digits is BCCD's image number (``10`` and ``0010`` are ``BloodImage_00010``); any other
+    is an image name, with or without its extension (``field_7.jpg`` is ``field_7``; ``slide.3`` stays
+    ``slide.3``). Rows with an empty category are left
     out; unknown names raise :class:`DatasetError`.
     """
     import csv
+
+    from .io import IMAGE_SUFFIXES
 
     path = Path(labels_csv)
     if not path.is_file():
@@ -597,7 +646,10 @@ def read_bccd_subtype_labels(labels_csv: str | os.PathLike) -> dict[str, list[st
             if not image:
                 raise DatasetError(f"{path}: a row with Category {cat!r} names no Image")
             # BCCD numbers its images; other datasets name them (with or without the extension)
-            key = f"BloodImage_{int(image):05d}" if image.isascii() and image.isdigit() else Path(image).stem
+            if image.isascii() and image.isdigit():
+                key = f"BloodImage_{int(image):05d}"
+            else:
+                key = Path(image).stem if Path(image).suffix.lower() in IMAGE_SUFFIXES else image
             if key in out and out[key] != labels:
                 raise DatasetError(f"{path}: image {image} is labelled twice, {out[key]} and {labels}")
             out[key] = labels
@@ -630,8 +682,8 @@ def extract_wbc_crops(
     A box whose label is a WBC type (``Neutrophil``, ``EOSINOPHILS``, ... :func:`normalize_wbc_class`) is cut
     with that type. A box labelled ``WBC`` gets its field's label(s) from ``labels_csv`` when that is
     unambiguous: one WBC box and one label, or n boxes with n identical labels (labels are per image in BCCD,
-    not per box). Other fields are skipped and listed in the report, and box labels that are neither
-    (``RBC``, ``Platelets``, a type smearpipe does not know) are counted in it (``ignored_labels``).
+    not per box). Other fields are skipped and listed in the report, and boxes whose label is neither a WBC
+    type nor a detection class (a ``Blast``, say) are counted in it (``ignored_labels``).
 
     Parameters
     ----------
@@ -657,8 +709,9 @@ def extract_wbc_crops(
     Raises
     ------
     DatasetError
-        Missing or malformed source files, an image whose size is not its annotation's, or an
-        ``out_dir`` that is a file, overlaps the source or holds files of something else.
+        Missing or malformed source files, an image whose size is not its annotation's, two YOLO fields of one
+        name, no crop cut at all (an earlier extraction in ``out_dir`` is then kept), or an ``out_dir`` that is
+        a file, overlaps the source or holds files of something else.
     """
     source, out_dir = Path(source), Path(out_dir)
     if source.suffix.lower() in (".yaml", ".yml"):
@@ -713,36 +766,25 @@ def _voc_fields(voc_root: Path, split: str | None) -> list[_Field]:
 
 def _yolo_fields(data_yaml: Path, split: str | None) -> tuple[Path, list[_Field]]:
     """The dataset folder of an ultralytics data YAML and its fields (one split, or all it names)."""
-    import yaml
-
     from .io import IMAGE_SUFFIXES, read_image
 
-    if not data_yaml.is_file():
-        raise DatasetError(f"data YAML not found: {data_yaml}")
-    try:
-        cfg = yaml.safe_load(data_yaml.read_text())
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"cannot parse data YAML {data_yaml}: {exc}") from None
-    if not isinstance(cfg, dict) or "names" not in cfg:
-        raise DatasetError(f"data YAML {data_yaml} must be a mapping with 'names' and split entries")
-    names = cfg["names"]
-    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-    root = Path(cfg.get("path") or data_yaml.parent)
-    if not root.is_absolute():
-        root = (data_yaml.parent / root).resolve()
+    cfg, names, root = read_data_yaml(data_yaml)
     splits = [split] if split is not None else [s for s in ("train", "val", "test") if cfg.get(s) is not None]
     if not splits:
         raise DatasetError(f"data YAML {data_yaml} names no train, val or test split")
-    from .train import _split_dirs  # the one reading of a split entry, shared with training
-
     fields: list[_Field] = []
-    seen: set[Path] = set()
+    seen: dict[Path, str] = {}
+    stems: dict[str, Path] = {}
     for name in splits:
         img_dir, label_dir = _split_dirs(cfg, root, name)
-        for f in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        for f in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")):
             if f.resolve() in seen:  # two splits on one folder
                 continue
-            seen.add(f.resolve())
+            seen[f.resolve()] = name
+            if f.stem in stems:  # crops are named by the field's stem, and field labels are looked up by it
+                raise DatasetError(f"two fields named {f.stem!r}: {stems[f.stem]} and {f}; their crops would have one "
+                                   "name (extract one split at a time, or rename one)")
+            stems[f.stem] = f
 
             def read(f: Path = f, label_dir: Path = label_dir) -> tuple[np.ndarray, list[VocBox]]:
                 image = read_image(f)
@@ -757,23 +799,32 @@ def _yolo_fields(data_yaml: Path, split: str | None) -> tuple[Path, list[_Field]
 
 def _write_crops(stage: Path, fields: list[_Field], labels: Mapping[str, list[str]], scale: float,
                  report: CropReport) -> None:
-    """The crops and report of :func:`extract_wbc_crops`, written into ``stage`` (which becomes ``out_dir``)."""
+    """The crops and report of :func:`extract_wbc_crops`, written into ``stage`` (which becomes ``out_dir``).
+
+    Raises DatasetError, before ``stage`` replaces anything, when not one crop could be cut.
+    """
     from .io import write_image
 
     for stem, read in fields:
         image, boxes = read()
-        boxes = [b for b in boxes if b.xmax > b.xmin and b.ymax > b.ymin]
-        typed = [(b, normalize_wbc_class(b.label)) for b in boxes if normalize_wbc_class(b.label) is not None]
-        untyped = [b for b in boxes if normalize_wbc_class(b.label) is None and normalize_detection_class(b.label) == "WBC"]
+        typed: list[tuple[VocBox, str]] = []
+        untyped: list[VocBox] = []
         for b in boxes:
-            if normalize_wbc_class(b.label) is None and normalize_detection_class(b.label) != "WBC":
+            if not (b.xmax > b.xmin and b.ymax > b.ymin):
+                continue
+            kind = normalize_wbc_class(b.label)
+            if kind is not None:
+                typed.append((b, kind))
+            elif normalize_detection_class(b.label) == "WBC":
+                untyped.append(b)
+            elif normalize_detection_class(b.label) is None:  # neither a cell type nor RBC / Platelets
                 report.ignored_labels[b.label] = report.ignored_labels.get(b.label, 0) + 1
-        cut: list[tuple[VocBox, str]] = list(typed)  # type: ignore[arg-type]
+        cut = list(typed)
         field_labels = labels.get(stem)
         if untyped:
             if not field_labels:
                 report.skipped[stem] = "no subtype label" + (f" for its {len(untyped)} WBC boxes" if typed else "")
-            elif (len(field_labels) == len(untyped) and len(set(field_labels)) == 1) or (len(untyped) == len(field_labels) == 1):
+            elif len(field_labels) == len(untyped) and len(set(field_labels)) == 1:
                 cut += [(b, field_labels[0]) for b in untyped]
             else:
                 report.skipped[stem] = f"{len(untyped)} WBC boxes vs labels {field_labels}: ambiguous"
@@ -783,4 +834,9 @@ def _write_crops(stage: Path, fields: list[_Field], labels: Mapping[str, list[st
             crop = square_crop(image, (box.xmin, box.ymin, box.xmax, box.ymax), scale=scale)
             write_image(stage / cls / f"{stem}_{i}.png", crop)
             report.written[cls] = report.written.get(cls, 0) + 1
+    if not report.written:
+        reasons = sorted(set(report.skipped.values()))
+        raise DatasetError(f"no crop could be cut from {len(fields)} fields ({'; '.join(reasons[:3]) or 'none'}): "
+                           "a field needs WBC boxes labelled with their type, or WBC boxes and a field label in "
+                           "labels_csv")
     (stage / "crop_report.json").write_text(json.dumps(report.to_dict(), indent=2))

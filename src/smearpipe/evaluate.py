@@ -167,17 +167,19 @@ def evaluate_classifier(
     -------
     dict
         The content of ``metrics.json``: accuracy, macro/weighted averages, per-class precision/recall/F1/
-        support, confusion matrix, per-class one-vs-rest AUC.
+        support, confusion matrix, per-class one-vs-rest AUC. Macro averages are over the classes the crops
+        hold or the classifier answered (``macro_over``; scikit-learn's default, as training's validation
+        macro-F1): a class neither present nor predicted is no 0 in them.
     """
     from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
     from .classify import Classifier
     from .io import read_image
     from .report import plot_confidence, plot_confusion_matrix, plot_roc_curves, plot_training_curves
-    from .train import CropSource, _as_source, center_crop
+    from .train import _as_sources, center_crop
 
     clf = classifier if isinstance(classifier, Classifier) else Classifier.load(classifier)
-    srcs = [_as_source(s) for s in ([sources] if isinstance(sources, (str, os.PathLike, CropSource)) else list(sources))]
+    srcs = _as_sources(sources)
     if not srcs:
         raise ValueError("evaluate_classifier needs at least one crop source")
     out_dir = Path(out_dir)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .datasets import DETECTION_CLASSES, square_crop
+from .datasets import DETECTION_CLASSES, normalize_detection_class, square_crop
 from .detect import counting_threshold, suppress_nested
 from .errors import InvalidImageError, SlideWarning, SmearpipeError, WeightsError
 from .framing import nucleus_box
@@ -309,8 +309,6 @@ def _is_grey(rgb: np.ndarray, tolerance: int = 2) -> bool:
 
 def _detection_labels(detector: Any) -> set[str]:
     """The canonical labels (WBC/RBC/Platelets) the detector's record lists."""
-    from .datasets import normalize_detection_class
-
     return {normalize_detection_class(c) for c in detector.record.classes} - {None}
 
 
@@ -496,9 +494,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         A field without colour (grey, or every pixel's channels within 2 levels of each other): the models
         tell cells apart by their stain, so counts and types of a grey field are not to be trusted (the six
         bundled BCCD fields made grey: no WBC found on any). A coloured field on which the detector finds no red
-        cell: it may not be a blood smear (with the default settings every one of the 364 BCCD fields has at least
-        2 and 148 of 150 PBC train images at least 1; 11 scikit-image sample pictures, from a cat to a retina, have
-        none, yet 9 got a typed WBC). Also for scales ``rescale="auto"`` does not follow.
+        cell: it may not be a blood smear, though any picture gets boxes and types (README, "Pipeline"). Also for
+        scales ``rescale="auto"`` does not follow.
 
     Examples
     --------

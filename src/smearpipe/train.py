@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .datasets import DETECTION_CLASSES, normalize_detection_class, read_yolo_labels
+from .datasets import DETECTION_CLASSES, _split_dirs, normalize_detection_class, read_data_yaml, read_yolo_labels
 from .errors import DatasetError, ImageReadError, WeightsError
 from .framing import Framing
 from .io import IMAGE_SUFFIXES, read_image, write_image
@@ -49,22 +50,31 @@ def unique_run_dir(out_dir: str | os.PathLike, name: str) -> Path:
     return candidate
 
 
-def _split_dirs(cfg: Mapping[str, Any], root: Path, split: str) -> tuple[Path, Path]:
-    rel = cfg.get(split)
-    if rel is None:
-        raise DatasetError(f"data YAML has no {split!r} entry")
-    if not isinstance(rel, str):  # ultralytics also takes lists of folders and .txt file lists
-        raise DatasetError(f"data YAML {split!r} entry is {type(rel).__name__} {rel!r}: smearpipe checks and trains on "
-                           "one images folder per split (the layout smearpipe convert-voc writes); merge them into one")
-    img_dir = Path(rel) if Path(rel).is_absolute() else root / rel
-    if not img_dir.is_dir():
-        raise DatasetError(f"{split} image folder not found: {img_dir}")
-    parts = list(img_dir.parts)
-    if "images" not in parts:
-        raise DatasetError(f"{split} image folder {img_dir} is not inside an 'images' folder (YOLO layout)")
-    i = len(parts) - 1 - parts[::-1].index("images")
-    label_dir = Path(*parts[:i], "labels", *parts[i + 1 :])
-    return img_dir, label_dir
+def _make_run_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    """Make and return the new run folder :func:`unique_run_dir` names; two runs started at once get two."""
+    base = Path(out_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = base / (name if n == 1 else f"{name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def _refuse_other_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
+                           before: Mapping[str, Any] | None = None) -> None:
+    """ValueError naming the settings of ``current`` that differ from the run's ``saved`` ones (a setting the
+    saved run lacks counts as ``before[key]``, its value before the option existed)."""
+    before = before or {}
+    differs = sorted(k for k in current if saved.get(k, before.get(k)) != json.loads(json.dumps(current[k])))
+    if differs:
+        started = [f"{k}={saved.get(k, before.get(k))!r}" for k in differs
+                   if not isinstance(saved.get(k, before.get(k)), (dict, list))]
+        raise ValueError(f"resume with other settings than the run was started with: {differs}"
+                         + (f" (it was started with {', '.join(started)})" if started else ""))
 
 
 def load_data_yaml(
@@ -86,22 +96,10 @@ def load_data_yaml(
         With a message naming the file or folder at fault.
     """
     path = Path(data)
-    if not path.is_file():
-        raise DatasetError(f"data YAML not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"cannot parse data YAML {path}: {exc}") from None
-    if not isinstance(cfg, dict) or "names" not in cfg:
-        raise DatasetError(f"data YAML {path} must be a mapping with 'names' and split entries")
-    names = cfg["names"]
-    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    cfg, names, root = read_data_yaml(path)
     unknown = [n for n in names if normalize_detection_class(n) is None]
     if unknown:
         raise DatasetError(f"data YAML {path}: unknown class name(s) {unknown}; expected spellings of {list(DETECTION_CLASSES)}")
-    root = Path(cfg.get("path") or path.parent)
-    if not root.is_absolute():
-        root = (path.parent / root).resolve()
     stats = {}
     for split in splits:
         img_dir, label_dir = _split_dirs(cfg, root, split)
@@ -252,7 +250,8 @@ def train_detector(
             "weights are not downloaded automatically: download them yourself and pass the file path"
         )
     out_dir = Path(out_dir)
-    settings = {"data": str(Path(data).resolve()), "model": str(model), "epochs": epochs, "imgsz": imgsz, "batch": batch,
+    model = str(Path(model).resolve()) if not is_config else str(model)  # a file: compared and recorded absolute
+    settings = {"data": str(Path(data).resolve()), "model": model, "epochs": epochs, "imgsz": imgsz, "batch": batch,
                 "seed": seed, "select": select, "train_args": dict(train_args or {}), "preprocessing": prep.to_dict()}
     if resume:
         run_dir = out_dir / name
@@ -261,113 +260,106 @@ def train_detector(
             raise DatasetError(f"cannot resume: {last} not found")
         # the run goes on as it was started: a different setting would be ignored by ultralytics, so it is refused
         saved = json.loads((run_dir / "run_config.json").read_text())
-        differs = sorted(k for k in settings if k in saved and saved[k] != json.loads(json.dumps(settings[k])))
-        if differs:
-            raise ValueError(f"resume with other settings than the run was started with: {differs} (it was started "
-                             f"with {', '.join(f'{k}={saved[k]!r}' for k in differs)})")
-        prep = Preprocessing.from_dict(saved["preprocessing"])
+        saved_prep = Preprocessing.from_dict(saved["preprocessing"])  # fields added since: their defaults
+        saved["preprocessing"] = saved_prep.to_dict()
+        if not str(saved.get("model", "")).endswith((".yaml", ".yml")):
+            saved["model"] = str(Path(saved["model"]).resolve())  # a run from before models were kept absolute
+        if preprocessing is None or preprocessing.reinhard_reference is None:  # no reference asked for: the run's
+            settings["preprocessing"] = replace(prep, reinhard_reference=saved_prep.reinhard_reference).to_dict()
+        _refuse_other_settings(saved, settings)
+        prep = saved_prep
+        made = False
     else:
-        run_dir = unique_run_dir(out_dir, name)
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train_detector_run(run_dir, data, cfg, model, is_config, epochs, imgsz, batch, device, workers, seed,
-                                   resume, prep, select, record_name, train_args, settings)
-    except BaseException:
-        if made and not (run_dir / "weights" / "last.pt").exists():  # failed before its first epoch
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def _train_detector_run(run_dir: Path, data: str | os.PathLike, cfg: dict[str, Any], model: str, is_config: bool,
-                        epochs: int, imgsz: int, batch: int, device: str, workers: int, seed: int, resume: bool,
-                        prep: Preprocessing, select: str, record_name: str | None, train_args: Mapping[str, Any] | None,
-                        settings: dict[str, Any]) -> DetectorTrainResult:
-    """:func:`train_detector` once its run folder is made (which it removes if this fails before a checkpoint)."""
+        run_dir, made = _make_run_dir(out_dir, name), True
     from .detect import import_ultralytics
 
-    if not resume:
-        (run_dir / "run_config.json").write_text(json.dumps(settings, indent=2))
-    data_yaml = Path(data)
-    if prep.steps and not resume:
-        data_yaml = _preprocessed_copy(cfg, prep, run_dir / "data", ("train", "val"))
-    elif prep.steps:
-        data_yaml = run_dir / "data" / "data.yaml"
+    try:
+        if not resume:
+            (run_dir / "run_config.json").write_text(json.dumps(settings, indent=2))
+        data_yaml = Path(data)
+        if prep.steps and not resume:
+            data_yaml = _preprocessed_copy(cfg, prep, run_dir / "data", ("train", "val"))
+        elif prep.steps:
+            data_yaml = run_dir / "data" / "data.yaml"
 
-    ultralytics = import_ultralytics()
-    t0 = time.time()
-    if resume:
-        yolo = ultralytics.YOLO(str(run_dir / "weights" / "last.pt"))
-        ck = yolo.ckpt or {}
-        if ck.get("epoch", -1) < 0 or ck.get("optimizer") is None:  # ultralytics strips both when a run ends
-            raise DatasetError(f"cannot resume {run_dir}: its training finished (weights/last.pt holds no optimizer "
-                               "state); nothing to continue. Start a new run to train longer")
-        yolo.train(resume=True)
-    else:
-        yolo = ultralytics.YOLO(str(model), task="detect")
-        args = dict(
-            data=str(data_yaml), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch), device=device,
-            workers=int(workers), seed=int(seed), project=str(run_dir.parent.resolve()), name=run_dir.name,
-            exist_ok=True, pretrained=not is_config, amp=False, plots=True, verbose=False,
-        )
-        args.update(dict(train_args or {}))
-        yolo.train(**args)
-    minutes = (time.time() - t0) / 60
+        ultralytics = import_ultralytics()
+        t0 = time.time()
+        if resume:
+            yolo = ultralytics.YOLO(str(run_dir / "weights" / "last.pt"))
+            ck = yolo.ckpt or {}
+            if ck.get("epoch", -1) < 0 or ck.get("optimizer") is None:  # ultralytics strips both when a run ends
+                raise DatasetError(f"cannot resume {run_dir}: its training finished (weights/last.pt holds no optimizer "
+                                   "state); nothing to continue. Start a new run to train longer")
+            yolo.train(resume=True)
+        else:
+            yolo = ultralytics.YOLO(str(model), task="detect")
+            args = dict(
+                data=str(data_yaml), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch), device=device,
+                workers=int(workers), seed=int(seed), project=str(run_dir.parent.resolve()), name=run_dir.name,
+                exist_ok=True, pretrained=not is_config, amp=False, plots=True, verbose=False,
+            )
+            args.update(dict(train_args or {}))
+            yolo.train(**args)
+        minutes = (time.time() - t0) / 60
 
-    chosen = run_dir / "weights" / f"{select}.pt"
-    if not chosen.is_file():
-        raise WeightsError(f"training finished without {chosen}")
-    weights = run_dir / "detector.pt"
-    shutil.copyfile(chosen, weights)
-    metrics: dict[str, Any] = {}
-    results_csv = run_dir / "results.csv"
-    if results_csv.is_file():
-        import csv
+        chosen = run_dir / "weights" / f"{select}.pt"
+        if not chosen.is_file():
+            raise WeightsError(f"training finished without {chosen}")
+        weights = run_dir / "detector.pt"
+        shutil.copyfile(chosen, weights)
+        metrics: dict[str, Any] = {}
+        results_csv = run_dir / "results.csv"
+        if results_csv.is_file():
+            import csv
 
-        rows = list(csv.DictReader(results_csv.open()))
-        if rows:
-            last_epoch = {}
-            for k, v in rows[-1].items():
-                try:
-                    last_epoch[k.strip()] = float(v)
-                except (TypeError, ValueError):
-                    continue
-            metrics = {"last_epoch_val": last_epoch, "note": f"validation metrics of the last epoch; shipped checkpoint: {select}.pt"}
-    record = WeightsRecord(
-        name=record_name or run_dir.name,
-        kind="detector",
-        file=weights.name,
-        sha256=sha256_file(weights),
-        classes=tuple(normalize_detection_class(n) or n for n in cfg["names"]),
-        input_size=int(imgsz),
-        preprocessing=prep,
-        metadata={
-            "architecture": str(model),
-            "training": {
-                "data": str(Path(data).resolve()),
-                "splits": {"train": cfg.get("train"), "val": cfg.get("val")},
-                "stats": cfg["_stats"],
-                "epochs": int(epochs),
-                "imgsz": int(imgsz),
-                "batch": int(batch),
-                "seed": int(seed),
-                "checkpoint": select,
-                "train_args": dict(train_args or {}),
-                "wall_minutes": round(minutes, 1),
+            rows = list(csv.DictReader(results_csv.open()))
+            if rows:
+                last_epoch = {}
+                for k, v in rows[-1].items():
+                    try:
+                        last_epoch[k.strip()] = float(v)
+                    except (TypeError, ValueError):
+                        continue
+                metrics = {"last_epoch_val": last_epoch, "note": f"validation metrics of the last epoch; shipped checkpoint: {select}.pt"}
+        record = WeightsRecord(
+            name=record_name or run_dir.name,
+            kind="detector",
+            file=weights.name,
+            sha256=sha256_file(weights),
+            classes=tuple(normalize_detection_class(n) or n for n in cfg["names"]),
+            input_size=int(imgsz),
+            preprocessing=prep,
+            metadata={
+                "architecture": str(model),
+                "training": {
+                    "data": str(Path(data).resolve()),
+                    "splits": {"train": cfg.get("train"), "val": cfg.get("val")},
+                    "stats": cfg["_stats"],
+                    "epochs": int(epochs),
+                    "imgsz": int(imgsz),
+                    "batch": int(batch),
+                    "seed": int(seed),
+                    "checkpoint": select,
+                    "train_args": dict(train_args or {}),
+                    "wall_minutes": round(minutes, 1),
+                },
+                "metrics": metrics,
+                "default_conf": 0.25,
+                "default_iou": 0.7,
             },
-            "metrics": metrics,
-            "default_conf": 0.25,
-            "default_iou": 0.7,
-        },
-        folder=str(run_dir),
-    )
-    record_path = record.write(run_dir / "detector.json", overwrite=True)
-    scale = _training_scale(weights, cfg)
-    if scale:
-        record = replace(record, metadata={**record.metadata, **scale})
-        record.write(record_path, overwrite=True)
-    (run_dir / "train_summary.json").write_text(json.dumps({"run_dir": str(run_dir), **record.to_dict()}, indent=2))
-    return DetectorTrainResult(run_dir=run_dir, weights=weights, record=record_path, metrics=metrics)
+            folder=str(run_dir),
+        )
+        record_path = record.write(run_dir / "detector.json", overwrite=True)
+        scale = _training_scale(weights, cfg)
+        if scale:
+            record = replace(record, metadata={**record.metadata, **scale})
+            record.write(record_path, overwrite=True)
+        (run_dir / "train_summary.json").write_text(json.dumps({"run_dir": str(run_dir), **record.to_dict()}, indent=2))
+        return DetectorTrainResult(run_dir=run_dir, weights=weights, record=record_path, metrics=metrics)
+    except BaseException:
+        if made and not (run_dir / "weights" / "last.pt").exists():  # failed before its first epoch: nothing to resume
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 _SCALE_FIELDS = 100  # training fields measured for the scale keys of a detector's record
@@ -598,6 +590,11 @@ def _as_source(s: CropSource | str | os.PathLike) -> CropSource:
     return s if isinstance(s, CropSource) else CropSource(root=str(s))
 
 
+def _as_sources(x: CropSource | str | os.PathLike | Sequence[CropSource | str | os.PathLike]) -> list[CropSource]:
+    """One source, or a list of them, as a list of :class:`CropSource`."""
+    return [_as_source(s) for s in ([x] if isinstance(x, (str, os.PathLike, CropSource)) else x)]
+
+
 def _absolute(s: CropSource) -> CropSource:
     """``s`` with absolute paths (normalised: no trailing ``/``, no ``..``; links kept)."""
     return replace(s, root=os.path.abspath(s.root), splits_csv=os.path.abspath(s.splits_csv) if s.splits_csv else None)
@@ -805,8 +802,8 @@ class ClassifierTrainConfig:
 
 
 def train_classifier(
-    train: list[CropSource | str | os.PathLike],
-    val: list[CropSource | str | os.PathLike],
+    train: CropSource | str | os.PathLike | Sequence[CropSource | str | os.PathLike],
+    val: CropSource | str | os.PathLike | Sequence[CropSource | str | os.PathLike],
     *,
     config: ClassifierTrainConfig | None = None,
     out_dir: str | os.PathLike = "runs/classifier",
@@ -918,8 +915,8 @@ def train_classifier(
         a run that fails before its first checkpoint removes the folder it made. A resume takes the settings
         the run was started with, ``epochs`` included (ValueError naming those that differ; data paths are
         compared as absolute paths), and continues torch's random state and the order crops are drawn in: with
-        ``num_workers=0`` it is the run it would have been uninterrupted; with worker processes their
-        augmentation draws start afresh.
+        ``num_workers=0`` it is the run it would have been uninterrupted; with worker processes the order and
+        the workers' augmentation draws go on from the checkpoint, but not as the uninterrupted run's did.
     max_minutes : float, optional
         Stop after the first epoch that ends past this wall time, counted over the whole run (a resumed
         run continues the clock of its history; checkpoint kept, resumable).
@@ -978,8 +975,7 @@ def train_classifier(
     if not (isinstance(cache_scale, (int, float)) and cache_scale >= 1):
         raise ValueError(f"cache_scale must be a number >= 1, got {cache_scale!r}")
     # one source alone may be given as itself; paths are kept absolute (a resume from another folder, the record)
-    train_sources, val_sources = ([_absolute(_as_source(s)) for s in ([x] if isinstance(x, (str, os.PathLike, CropSource))
-                                                                       else x)] for x in (train, val))
+    train_sources, val_sources = ([_absolute(s) for s in _as_sources(x)] for x in (train, val))
     if not train_sources or not val_sources:
         raise ValueError("train and val need at least one source each")
     prep = (preprocessing if preprocessing is not None else Preprocessing(steps=("reinhard",))).resolved()
@@ -1025,8 +1021,8 @@ def train_classifier(
               "val": [s.to_dict() for s in val_sources]}
 
     out_dir = Path(out_dir)
-    run_dir = out_dir / name if resume else unique_run_dir(out_dir, name)
     if resume:
+        run_dir = out_dir / name
         if not (run_dir / "checkpoint.pt").is_file():
             raise DatasetError(f"cannot resume: {run_dir / 'checkpoint.pt'} not found")
         saved = json.loads((run_dir / "run_config.json").read_text())
@@ -1040,11 +1036,7 @@ def train_classifier(
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
             saved["preprocessing"] = Preprocessing.from_dict(saved["preprocessing"]).to_dict()
-        # epochs too: the learning-rate schedule was built for the run's number of steps
-        differs = sorted(k for k in config if saved.get(k, before.get(k)) != json.loads(json.dumps(config[k])))
-        if differs:
-            raise ValueError(f"resume with other settings than the run was started with: {differs}"
-                             + (f" (epochs: the run was started with {saved.get('epochs')})" if "epochs" in differs else ""))
+        _refuse_other_settings(saved, config, before)  # epochs too: the schedule was built for the run's steps
 
     # the data are listed and checked before the run folder is made: a refused run leaves no folder behind
     listed = [[(p, y) for p, y in s.samples(classes)] for s in train_sources + val_sources]
@@ -1066,9 +1058,9 @@ def train_classifier(
 
         warnings.warn(f"no validation crops for class(es) {unvalidated}: early stopping's macro-F1 is over the "
                       "other classes only", stacklevel=2)
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    made = not resume
+    if made:
+        run_dir = _make_run_dir(out_dir, name)
         (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     try:
         cache_size = int(round(input_size * cache_scale)) if aug else input_size
@@ -1216,7 +1208,7 @@ def train_classifier(
                    "val_acc": val_acc, "val_macro_f1": val_f1, "lr": float(sched.get_last_lr()[0]),
                    "minutes": (time.time() - t_start) / 60}
             history.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)  # progress, as tqdm's: stdout stays the caller's
             if val_f1 > best_f1:
                 best_f1, best_epoch = val_f1, epoch + 1
                 _save_atomic(torch, kept.state_dict(), run_dir / "best_state.pt")
