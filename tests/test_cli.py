@@ -278,6 +278,10 @@ def test_analyze_warnings_name_their_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {strip}: red cells measured" in err
     assert f"warning: {FIELD}" not in err
+    # kept with the results: the field JSON lists its warnings
+    assert [w.split(": ", 1)[1][:19] for w in json.loads((tmp_path / "out" / "strip.json").read_text())["warnings"]] \
+        == ["red cells measured "]
+    assert json.loads((tmp_path / "out" / f"{FIELD.stem}.json").read_text())["warnings"] == []
 
 
 def test_analyze_a_slide_warning_names_no_field(tmp_path, capsys):

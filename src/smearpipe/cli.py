@@ -346,19 +346,23 @@ def _unmake(made: list[Path]) -> None:
             return
 
 
-def _print_warnings(caught: list, source: str | None) -> None:
+def _print_warnings(caught: list, source: str | None) -> list[str]:
     """Print and forget the warnings ``caught`` while ``source`` was analysed, each naming it (unless it does, or
-    is about the whole slide: those come while the first field is read)."""
+    is about the whole slide: those come while the first field is read); return the field's own, as printed."""
     from .errors import SlideWarning
 
+    own = []
     for w in caught:
         text = str(w.message)
         if issubclass(w.category, SlideWarning):
             text = f"slide: {text}"
-        elif source is not None and not text.startswith(source):
-            text = f"{source}: {text}"
+        else:
+            if source is not None and not text.startswith(source):
+                text = f"{source}: {text}"
+            own.append(text)
         print(f"warning: {text}", file=sys.stderr)
     caught.clear()
+    return own
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -418,10 +422,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # each warning printed with the field it is about
         warnings.filterwarnings("always", category=UserWarning, module=r"smearpipe\.")  # per field, not once
         for (source, out), stem in zip(fields, stems, strict=True):
-            _print_warnings(caught, source)
+            warned = _print_warnings(caught, source)
             if not isinstance(out, Exception):
                 try:
-                    write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite)
+                    write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite, warnings=warned)
                 except FileExistsError as exc:  # appeared while the slide was analysed
                     errors.append((source, str(exc)))
                     print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)

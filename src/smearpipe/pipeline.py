@@ -814,10 +814,17 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
 
 
 def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os.PathLike, stem: str,
-                        *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked."""
+                        *, overwrite: bool = False, warnings: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked.
+
+    ``warnings`` (what was warned while the field was analysed) go into the JSON as its ``"warnings"`` list, so
+    that a result read back later still says that a field had no colour or no red cells, say
+    (:meth:`SmearResult.from_dict` reads the JSON without them).
+    """
     from .io import replace_file, require_file_name, write_image
 
+    if isinstance(warnings, str) or not all(isinstance(w, str) for w in warnings):
+        raise TypeError(f"warnings must be a sequence of str, got {warnings!r}")
     require_file_name(stem, what="stem")
     out_dir = Path(out_dir)
     png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
@@ -827,5 +834,5 @@ def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os
                 raise FileExistsError(f"refusing to overwrite {p} (use --overwrite / overwrite=True)")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(png, draw(result, image), overwrite=overwrite)
-    replace_file(js, (result.to_json(indent=1) + "\n").encode())
+    replace_file(js, (json.dumps({**result.to_dict(), "warnings": list(warnings)}, indent=1) + "\n").encode())
     return png, js
