@@ -495,6 +495,17 @@ def _cmd_evaluate_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser, *, out: str, record_help: str) -> None:
+    """The options of a training run's folder, seed, record name and resumption (train-detector, train-classifier)."""
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default=out, help="the run goes to OUT/NAME (default: %(default)s)")
+    p.add_argument("--name", default="train", help="run folder name; NAME-2, ... if it exists (default: %(default)s)")
+    p.add_argument("--record-name", default=None, help=record_help)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run OUT/NAME from its checkpoint (give the settings it was started "
+                        "with)")
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = float(text)
@@ -624,12 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640, help="network input size, a multiple of 32 (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--out", default="runs/detector", help="the run goes to OUT/NAME (default: %(default)s)")
-    p.add_argument("--name", default="train", help="run folder name; NAME-2, ... if it exists (default: %(default)s)")
-    p.add_argument("--record-name", default=None, help="name in the weights record (default: the run folder's)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run OUT/NAME (give the settings it was started with)")
+    _add_run_args(p, out="runs/detector",
+                  record_help="name written in the record of detector.pt (default: the run folder's name)")
     p.add_argument("--preprocess", default="",
                    help="comma-separated preprocessing steps applied to all images, recorded and repeated at "
                         "inference; 'reinhard' normalises to the average BCCD training field")
@@ -658,12 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule (default: %(default)s)")
     p.add_argument("--patience", type=int, default=5,
                    help="early stop after this many epochs without a better val macro-F1 (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--out", default="runs/classifier", help="the run goes to OUT/NAME (default: %(default)s)")
-    p.add_argument("--name", default="train", help="run folder name; NAME-2, ... if it exists (default: %(default)s)")
-    p.add_argument("--record-name", default=None, help="name of the weights and their record (default: classifier)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run OUT/NAME from its checkpoint (give the settings it was started with)")
+    _add_run_args(p, out="runs/classifier",
+                  record_help="name of the weights file and its record, NAME.safetensors and NAME.json "
+                              "(default: classifier)")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop after the first epoch that ends past this wall time (resumable)")
     p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
