@@ -31,7 +31,7 @@ def test_adapt_batchnorm_writes_a_new_calibrated_classifier(tiny_run, lab_crops,
     import torch
 
     source = Classifier.load(tiny_run.weights)
-    adapted = adapt_batchnorm(source, lab_crops, out_dir=tmp_path, name="classifier-mylab")
+    adapted = adapt_batchnorm(source, iter(lab_crops), out_dir=tmp_path, name="classifier-mylab")  # any iterable
     rec = json.loads((tmp_path / "classifier-mylab.json").read_text())
     assert rec["adapted"]["from"] == source.name and rec["adapted"]["n_crops"] == len(lab_crops)
     assert rec["adapted"]["from_sha256"] == source.record.sha256 and "metrics" not in rec
@@ -93,7 +93,8 @@ def test_adapt_entropy_moves_only_batchnorm_scale_and_shift_and_lowers_entropy(t
     import torch
 
     source = Classifier.load(tiny_run.weights)
-    adapted = adapt_entropy(source, lab_crops, out_dir=tmp_path, name="lab", lr=1e-2, epochs=5, batch_size=8)
+    adapted = adapt_entropy(source, (c for c in lab_crops), out_dir=tmp_path, name="lab", lr=1e-2, epochs=5,
+                            batch_size=8)
     rec = json.loads((tmp_path / "lab.json").read_text())
     assert rec["adapted"]["from"] == source.name and rec["adapted"]["from_sha256"] == source.record.sha256
     assert (rec["adapted"]["n_crops"], rec["adapted"]["lr"], rec["adapted"]["epochs"]) == (len(lab_crops), 1e-2, 5)

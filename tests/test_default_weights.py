@@ -257,3 +257,20 @@ def test_default_pipeline_on_another_labs_fields(pbc_root):
         found += bool(centre)
         typed += bool(centre) and max(centre, key=lambda d: d.score).wbc_type == r["class"]
     assert found >= 27 and typed >= 26, (found, typed)
+
+
+def test_threads_sharing_a_detector_keep_their_own_thresholds():
+    """ultralytics sets its thresholds on the one predictor of a model at every call: without a lock, calls in two
+    threads ran with each other's (29 of 30 calls wrong in a review)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from smearpipe.io import read_image
+
+    det = Detector.load()
+    img = read_image(SAMPLES / "BloodImage_00031.jpg")
+    expected = {c: len(det.predict(img, conf=c)) for c in (0.05, 0.6)}
+    assert expected[0.05] > expected[0.6]
+    confs = [0.05, 0.6] * 12
+    with ThreadPoolExecutor(2) as ex:
+        got = list(ex.map(lambda c: len(det.predict(img, conf=c)), confs))
+    assert got == [expected[c] for c in confs]

@@ -107,6 +107,13 @@ def test_missing_file_names_path(tmp_path):
         read_image(missing)
 
 
+def test_a_path_that_is_not_a_path():
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got bytes"):
+        read_image(b"x.png")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="an array: load_image"):
+        read_image(np.zeros((4, 4, 3), np.uint8))  # type: ignore[arg-type]
+
+
 def test_directory_is_not_an_image(tmp_path):
     with pytest.raises(ImageReadError, match="not a file"):
         read_image(tmp_path)

@@ -187,6 +187,12 @@ def test_clopper_pearson_matches_beta_quantiles(k, n):
     assert lo == pytest.approx(exp_lo, abs=1e-9) and hi == pytest.approx(exp_hi, abs=1e-9)
 
 
+@pytest.mark.parametrize("k, n, confidence", [(5, 3, 0.95), (-1, 3, 0.95), (1.5, 3, 0.95), (1, 3, 1.0), (True, 3, 0.95)])
+def test_clopper_pearson_bad_counts(k, n, confidence):
+    with pytest.raises(ValueError, match="must be"):
+        clopper_pearson(k, n, confidence=confidence)
+
+
 def test_summary_maths():
     r = SmearResult((), {"WBC": 3, "RBC": 10, "Platelets": 1}, {"neutrophil": 2, "lymphocyte": 1}, (10, 10), {}, {})
     s = summarize([r, r])
@@ -446,7 +452,7 @@ def test_slide_scale_is_the_median_of_the_first_fields(pipe, tmp_path):
     stub = Pipeline(det, pipe.classifier, PipelineConfig(rescale=True, slide_scale_fields=3))  # config via the pipeline
     slide = analyze_fields(fields, pipeline=stub, progress=False)
     assert len(slide.errors) == 1 and slide.errors[0][0] == str(tmp_path / "broken.jpg")
-    assert [r.source for r in slide.fields] == [str(paths[0]), None, *map(str, paths[1:])]  # input order kept
+    assert [r.source for r in slide.fields] == [str(paths[0]), "array[2]", *map(str, paths[1:])]  # input order kept
     expected = 100.0 / float(np.median(each[:3]))  # the first three measurable fields
     assert all(r.scale_factor == pytest.approx(expected) for r in slide.fields)  # one scale, the blank field too
     with pytest.warns(UserWarning, match="no red cells measurable"):
@@ -525,8 +531,9 @@ def test_analyze_fields_refuses_one_grey_image(pipe):
 
 def test_detector_conf_checks_and_box_cap(pipe):
     img = read_image(SAMPLES / "BloodImage_00007.jpg")
-    with pytest.raises(ValueError, match="conf must be a number"):
-        pipe.detector.predict(img, conf=True)
+    for bad in (True, "0.5"):
+        with pytest.raises(TypeError, match="conf must be a number"):
+            pipe.detector.predict(img, conf=bad)
     with pytest.warns(UserWarning, match="the most one image returns"):
         assert len(pipe.detector.predict(img, conf=0.0, imgsz=640)) == 1000
 
@@ -568,10 +575,17 @@ def test_pipeline_and_config_types(pipe, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs", [dict(review_probability="0.5"), dict(wbc_max_overlap="0.5"), dict(det_conf=2.0),
-                                    dict(det_iou="0.7"), dict(review_probability=True)])
+                                    dict(det_iou="0.7"), dict(det_iou=0), dict(review_probability=True)])
 def test_config_numbers_must_be_numbers(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         PipelineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("known", [dict(rbc_diameter_px=40), dict(pixel_size_um=0.2)])
+def test_a_known_scale_and_no_rescaling_contradict(known):
+    with pytest.raises(ValueError, match="rescale=False contradicts"):
+        PipelineConfig(rescale=False, **known)
+    assert PipelineConfig(rescale=True, **known) and PipelineConfig(**known)
 
 
 def test_saved_results_are_checked_and_draw_wants_a_result(pipe):
@@ -597,6 +611,11 @@ def test_field_outputs_stay_in_their_folder(pipe, tmp_path, stem):
     assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.png"))
     png, js = write_field_outputs(r, img, out, "field 1")
     assert png.parent == out and js.parent == out
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        write_field_outputs(r, img, png, "field 2")
+    with pytest.raises(TypeError, match="warnings must be a sequence of str"):
+        write_field_outputs(r, img, out, "field 3", warnings="no colour")
+    assert sorted(p.name for p in out.iterdir()) == ["field 1.json", "field 1.png"]
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -637,6 +656,10 @@ def test_a_grey_field_is_analysed_with_a_warning(pipe):
     nearly[::3, ::5, 0] = np.minimum(nearly[::3, ::5, 0], 253) + 2  # within 2 levels: still grey
     with pytest.warns(UserWarning, match="no colour"):
         analyze_smear(nearly, pipeline=pipe)
+    barred = grey.copy()
+    barred[440:450, 500:620] = (255, 0, 0)  # a red scale bar burnt into the grey field
+    with pytest.warns(UserWarning, match="^field 7 has no colour"):
+        analyze_smear(barred, pipeline=pipe, source="field 7")  # named as the caller names it
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*no colour")
         analyze_smear(rgb, pipeline=pipe)  # a stained field: no such warning

@@ -610,7 +610,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
             var = (squares / count - mean * mean).clamp_min(0) * count / max(count - 1, 1)  # unbiased, as BN keeps it
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
             bn.running_var.copy_(var.to(bn.running_var.dtype))
-    return _save_adapted(model, clf, out_dir, name, n_crops=len(crops),
+    return _save_adapted(model, clf, out_dir, name, n_crops=len(x_all),
                          method="AdaBN: batch-norm running statistics re-estimated on unlabelled crops")
 
 
@@ -703,7 +703,7 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
                 optimizer.zero_grad()
                 entropy.backward()
                 optimizer.step()
-    return _save_adapted(model, clf, out_dir, name, n_crops=len(crops),
+    return _save_adapted(model, clf, out_dir, name, n_crops=len(x_all),
                          method="TENT with running statistics kept: batch-norm scale and shift moved by Adam to lower "
                                 "the entropy of the predictions on unlabelled crops",
                          lr=float(lr), epochs=int(epochs), batch_size=int(batch_size), seed=int(seed))

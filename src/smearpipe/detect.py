@@ -7,7 +7,9 @@ checks (smearpipe never downloads anything for detection).
 
 from __future__ import annotations
 
+import numbers
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,6 +122,9 @@ class Detector:
                  class_conf: dict[str, float] | None = None) -> None:
         self.model = model
         self.record = record
+        # ultralytics keeps one predictor per model and sets its thresholds on every call: calls from several
+        # threads would otherwise run with each other's conf / iou / imgsz
+        self._lock = threading.Lock()
         self.conf = float(conf)
         self.iou = float(iou)
         self.class_conf = {str(k): float(v) for k, v in (class_conf or {}).items()}
@@ -234,8 +239,8 @@ class Detector:
         """:meth:`predict` for several fields at once."""
         require_image_list(images, caller="predict_batch", hint="use predict() for one image")
         for name, v in (("conf", conf), ("iou", iou)):
-            if isinstance(v, bool):
-                raise ValueError(f"{name} must be a number, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
         per_class = self.class_conf if conf is None else {}
         conf = (min(per_class.values()) if per_class else self.conf) if conf is None else float(conf)
         iou = self.iou if iou is None else float(iou)
@@ -249,9 +254,10 @@ class Detector:
         bgrs = [cv2.cvtColor(self.preprocessing(rgb), cv2.COLOR_RGB2BGR) for rgb in rgbs]
         if not bgrs:
             return []
-        results = self.model.predict(
-            source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=MAX_DETECTIONS
-        )
+        with self._lock:
+            results = self.model.predict(
+                source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=MAX_DETECTIONS
+            )
         out = []
         for res, rgb in zip(results, rgbs, strict=True):
             h, w = rgb.shape[:2]

@@ -162,6 +162,9 @@ def read_image(path: str | os.PathLike, *, bit_depth: int | None = None) -> np.n
         names the path (and the sample type).
     """
     _check_bit_depth(bit_depth)
+    if not isinstance(path, (str, os.PathLike)):
+        hint = " (an array: load_image or to_rgb_uint8)" if isinstance(path, np.ndarray) else ""
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}{hint}")
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"image file not found: {path}")

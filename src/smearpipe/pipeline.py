@@ -54,7 +54,8 @@ class PipelineConfig:
     Attributes
     ----------
     det_conf, det_iou : float, optional
-        Detector score and NMS thresholds (None: the detector record's defaults).
+        Detector score threshold in [0, 1] and NMS overlap threshold in (0, 1] (None: the detector record's
+        defaults).
     wbc_max_overlap : float, optional
         A WBC box whose intersection with a higher-scoring WBC box covers more than this fraction of the
         smaller box is dropped as a duplicate (:func:`~smearpipe.detect.suppress_nested`); None keeps
@@ -63,7 +64,8 @@ class PipelineConfig:
         A WBC whose top type probability is below this is flagged ``needs_review`` (so is one whose box
         touches the image border, or whose crop shows no violet nucleus, :func:`~smearpipe.framing.nucleus_box`).
     border_margin : float
-        A box within this many pixels of the image edge is flagged (the cell may be cut).
+        A WBC box within this many pixels of the image edge is flagged (the cell may be cut; red cells and
+        platelets are counted as they are).
     crop_scale : float, optional
         Crop side relative to the WBC box, 0.5 to 8 (None: the classifier record's ``crop_scale``).
     rescale : {"auto", True, False}
@@ -97,7 +99,7 @@ class PipelineConfig:
         - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
-        implies ``rescale=True``; otherwise the diameter is estimated from the field. A value that puts a
+        implies ``rescale=True`` (``rescale=False`` with either is refused); otherwise the diameter is estimated from the field. A value that puts a
         red cell outside 2-4000 px (:data:`~smearpipe.scale.KNOWN_RBC_DIAMETER_PX`) is refused: most likely
         a wrong unit (metres or nanometres per pixel).
     slide_scale_fields : int
@@ -126,6 +128,9 @@ class PipelineConfig:
             raise ValueError(f"rescale must be 'auto', True or False, got {self.rescale!r}")
         if self.rbc_diameter_px is not None and self.pixel_size_um is not None:
             raise ValueError("give rbc_diameter_px or pixel_size_um, not both")
+        if self.rescale is False and (self.rbc_diameter_px is not None or self.pixel_size_um is not None):
+            raise ValueError("rescale=False contradicts a known rbc_diameter_px / pixel_size_um, which rescales the "
+                             "field: leave rescale at its default, or drop the known scale")
         from .scale import check_known_scale
 
         check_known_scale(rbc_diameter_px=self.rbc_diameter_px, pixel_size_um=self.pixel_size_um)
@@ -133,10 +138,10 @@ class PipelineConfig:
             raise ValueError(f"wbc_max_overlap must be a number in (0, 1] or None, got {self.wbc_max_overlap!r}")
         if not (_is_real(self.review_probability) and 0.0 <= self.review_probability <= 1.0):
             raise ValueError(f"review_probability must be a number in [0, 1], got {self.review_probability!r}")
-        for name in ("det_conf", "det_iou"):
-            v = getattr(self, name)
-            if v is not None and not (_is_real(v) and 0.0 <= v <= 1.0):
-                raise ValueError(f"{name} must be a number in [0, 1] or None, got {v!r}")
+        if self.det_conf is not None and not (_is_real(self.det_conf) and 0.0 <= self.det_conf <= 1.0):
+            raise ValueError(f"det_conf must be a number in [0, 1] or None, got {self.det_conf!r}")
+        if self.det_iou is not None and not (_is_real(self.det_iou) and 0.0 < self.det_iou <= 1.0):
+            raise ValueError(f"det_iou must be a number in (0, 1] or None, got {self.det_iou!r}")
         if not (_is_real(self.border_margin) and 0 <= self.border_margin < math.inf):
             raise ValueError(f"border_margin must be a finite number >= 0, got {self.border_margin!r}")
         if isinstance(self.slide_scale_fields, bool) or not isinstance(self.slide_scale_fields, numbers.Integral) \
@@ -302,9 +307,10 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
 
 
 def _is_grey(rgb: np.ndarray, tolerance: int = 2) -> bool:
-    """True when no pixel's channels differ by more than ``tolerance`` levels (a grey image stored as RGB)."""
+    """True when 99 % of the pixels have channels within ``tolerance`` levels (a grey image stored as RGB; a
+    coloured scale bar or label burnt into it is under 1 %)."""
     small = rgb[::8, ::8].astype(np.int16)  # one pixel in 64: a stained smear has colour everywhere
-    return int(np.ptp(small, axis=2).max()) <= tolerance
+    return float(np.mean(np.ptp(small, axis=2) <= tolerance)) >= 0.99
 
 
 def _detection_labels(detector: Any) -> set[str]:
@@ -463,7 +469,8 @@ def type_review_reasons(proba: np.ndarray, crop: np.ndarray, *, review_probabili
     return reasons
 
 
-def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None) -> SmearResult:
+def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config: PipelineConfig | None = None,
+                  source: str | None = None) -> SmearResult:
     """Detect, count and type the cells of one blood smear field.
 
     Parameters
@@ -474,6 +481,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         From :func:`load_pipeline`; None uses the shipped default weights (loaded once).
     config : PipelineConfig, optional
         Overrides ``pipeline.config`` for this call.
+    source : str, optional
+        The field's name in the result (``SmearResult.source``) and in warnings; default: the path, or None
+        for an array (:func:`iter_fields` names arrays ``array[i]``).
 
     Returns
     -------
@@ -491,7 +501,7 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     Warns
     -----
     UserWarning
-        A field without colour (grey, or every pixel's channels within 2 levels of each other): the models
+        A field without colour (grey: 99 % of its pixels' channels within 2 levels of each other): the models
         tell cells apart by their stain, so counts and types of a grey field are not to be trusted (the six
         bundled BCCD fields made grey: no WBC found on any). A coloured field on which the detector finds no red
         cell: it may not be a blood smear, though any picture gets boxes and types (README, "Pipeline"). Also for
@@ -506,8 +516,11 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     p = pipeline or _default_pipeline()
     cfg = config or p.config
     t0 = time.perf_counter()
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"source must be a str (the field's name), got {type(source).__name__}")
     rgb = load_image(image)
-    source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    if source is None and isinstance(image, (str, os.PathLike)):
+        source = os.fspath(image)
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_FIELD_SIDE:
         raise InvalidImageError(f"{source or 'image'}: {w}x{h} px; a field needs at least {MIN_FIELD_SIDE} px per side "
@@ -594,6 +607,13 @@ def clopper_pearson(k: int, n: int, *, confidence: float = 0.95) -> tuple[float,
     """Exact (Clopper-Pearson) binomial confidence interval for ``k`` successes of ``n``, as proportions."""
     from scipy.stats import binomtest
 
+    for name, v in (("k", k), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{name} must be a count (an integer >= 0), got {v!r}")
+    if k > n:
+        raise ValueError(f"k ({k}) must be at most n ({n})")
+    if not (_is_real(confidence) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     if n == 0:
         return (0.0, 1.0)
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
@@ -706,7 +726,7 @@ def iter_fields(
     def one(i: int, image: ImageLike, cfg: PipelineConfig) -> tuple[str, SmearResult | SmearpipeError]:
         source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"array[{i}]"
         try:
-            return source, analyze_smear(image, pipeline=p, config=cfg)
+            return source, analyze_smear(image, pipeline=p, config=cfg, source=source)
         except SmearpipeError as exc:
             return source, exc
 
@@ -827,6 +847,8 @@ def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os
         raise TypeError(f"warnings must be a sequence of str, got {warnings!r}")
     require_file_name(stem, what="stem")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a folder")
     png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
     if not overwrite:
         for p in (png, js):
