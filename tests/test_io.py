@@ -247,3 +247,11 @@ def test_channel_first_hint_only_where_it_fits():
     assert "channel-first" not in str(info.value)
     with pytest.raises(InvalidImageError, match="channel-first"):
         to_rgb_uint8(np.zeros((3, 40, 50), np.uint8))
+
+
+def test_the_public_names_are_importable_from_the_package():
+    import smearpipe
+
+    for name in smearpipe.__all__:
+        assert getattr(smearpipe, name) is not None, name
+    assert issubclass(smearpipe.ScaleEstimationError, smearpipe.SmearpipeError)

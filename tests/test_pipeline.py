@@ -588,9 +588,9 @@ def test_a_known_scale_and_no_rescaling_contradict(known):
     assert PipelineConfig(rescale=True, **known) and PipelineConfig(**known)
 
 
-def test_saved_results_are_checked_and_draw_wants_a_result(pipe):
+def test_saved_results_are_checked_and_draw_wants_a_result():
     img = read_image(SAMPLES / "BloodImage_00007.jpg")
-    d = analyze_smear(img, pipeline=pipe).to_dict()
+    d = analyze_smear(img).to_dict()  # the shipped models: a typed WBC among the boxes
     with pytest.raises(TypeError, match="SmearResult.from_dict"):
         draw(d, img)
     for change, message in [(dict(image_size="ab"), "image_size"), (dict(image_size=[640, 0]), "image_size"),
@@ -598,6 +598,17 @@ def test_saved_results_are_checked_and_draw_wants_a_result(pipe):
                             ({"detections": [{**d["detections"][0], "wbc_probability": "high"}]}, "wbc_probability")]:
         with pytest.raises(ValueError, match=message):
             SmearResult.from_dict({**d, **change})
+    wbc = next(i for i, c in enumerate(d["detections"]) if c["wbc_type"] is not None)
+
+    def changed(i, **cell):
+        return {**d, "detections": [{**c, **cell} if j == i else c for j, c in enumerate(d["detections"])]}
+
+    for bad, message in [(changed(0, box=[10, 10, 5, 5]), "x2 > x1"), (changed(0, score=float("nan")), "score"),
+                         (changed(0, label="Cat"), "label must be one of"), (changed(wbc, wbc_type="dog"), "typed cell"),
+                         ({**d, "counts": {**d["counts"], "WBC": 99}}, "not those of its boxes"),
+                         ({**d, "differential": {k: 0 for k in d["differential"]}}, "not those of its boxes")]:
+        with pytest.raises(ValueError, match=message):
+            SmearResult.from_dict(bad)
     assert draw(SmearResult.from_dict(d), img).shape == img.shape
 
 

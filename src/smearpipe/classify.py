@@ -441,6 +441,9 @@ def _check_output(out_dir: str | os.PathLike, name: object) -> None:
     from .io import require_file_name
 
     require_file_name(name)
+    if str(name).lower().endswith((".safetensors", ".json")):  # x.safetensors.safetensors otherwise
+        raise ValueError(f"name is the weights' name without an extension (NAME.safetensors and NAME.json are "
+                         f"written), got {name!r}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is an existing file; pass the path of a folder")
 

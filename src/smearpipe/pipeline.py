@@ -368,8 +368,16 @@ class CellResult:
         p = d.get("wbc_probability")
         if p is not None and not (_is_real(p) and 0.0 <= p <= 1.0):
             raise ValueError(f"wbc_probability must be a number in [0, 1] or null, got {p!r}")
-        if not _is_real(d["score"]):
-            raise ValueError(f"score must be a number, got {d['score']!r}")
+        if not (_is_real(d["score"]) and 0.0 <= d["score"] <= 1.0):
+            raise ValueError(f"score must be a number in [0, 1], got {d['score']!r}")
+        if not (box[2] > box[0] and box[3] > box[1]):
+            raise ValueError(f"a box has x2 > x1 and y2 > y1, got {d['box']!r}")
+        if d["label"] not in DETECTION_CLASSES:
+            raise ValueError(f"label must be one of {list(DETECTION_CLASSES)}, got {d['label']!r}")
+        if (d.get("wbc_type") is not None) != (d["label"] == "WBC" and d.get("probabilities") is not None) \
+                or (d.get("wbc_type") is not None and d["wbc_type"] not in d["probabilities"]):
+            raise ValueError(f"a typed cell is a WBC whose wbc_type is one of its probabilities' classes, got label "
+                             f"{d['label']!r}, wbc_type {d.get('wbc_type')!r}")
         return cls(box=box, label=d["label"], score=d["score"], wbc_type=d.get("wbc_type"),  # type: ignore[arg-type]
                    wbc_probability=p, probabilities=d.get("probabilities"),
                    needs_review=d.get("needs_review", False), review_reasons=tuple(d.get("review_reasons", ())))
@@ -425,10 +433,17 @@ class SmearResult:
                         for v in size)):
             raise ValueError(f"not a smearpipe field result: image_size must be [width, height] in pixels, got {size!r}")
         try:
-            return cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
-                       differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
-                       models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
-                       scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
+            result = cls(detections=tuple(CellResult.from_dict(x) for x in d["detections"]), counts=dict(d["counts"]),
+                         differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
+                         models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
+                         scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
+            boxes = {c: sum(x.label == c for x in result.detections) for c in DETECTION_CLASSES}
+            types = {c: sum(x.wbc_type == c for x in result.detections) for c in result.differential}
+            if {c: result.counts.get(c, 0) for c in DETECTION_CLASSES} != boxes or types != result.differential \
+                    or sum(types.values()) != sum(x.wbc_type is not None for x in result.detections):
+                raise ValueError(f"its counts {result.counts} / differential {result.differential} are not those of "
+                                 f"its boxes ({boxes} / {types})")
+            return result
         except KeyError as exc:
             raise ValueError(f"not a smearpipe field result: no {exc} entry") from None
         except (TypeError, ValueError, AttributeError) as exc:
