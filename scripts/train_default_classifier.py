@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--consistency", type=float, default=0.0,
                     help="weight of the Jensen-Shannon consistency between two colour augmentations of each crop "
                          "(train_classifier(consistency=...); 0: off; twice the compute per step)")
+    ap.add_argument("--mixup", type=float, default=0.0,
+                    help="mixup with this Beta(a, a) parameter (train_classifier(mixup=...); 0: off)")
     ap.add_argument("--sam-rho", type=float, default=0.0,
                     help="sharpness-aware minimisation with this radius (train_classifier(sam_rho=...); 0.05 is "
                          "usual; 0: off; twice the compute per step)")
@@ -169,7 +171,7 @@ def main() -> None:
                                                           **({} if args.crop_scale_min is None
                                                              else {"crop_scale_min": args.crop_scale_min})),
                               normalize_after_augment=args.normalize_after_augment,
-                              ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, patience=args.patience,
+                              ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, mixup=args.mixup, patience=args.patience,
                               cache_scale=CACHE_SCALE, pretrained=args.init, record_name=args.record_name,
                               num_workers=args.workers, device=args.device, resume=args.resume, seed=args.seed,
                               **preprocessing(args))

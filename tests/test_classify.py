@@ -480,7 +480,7 @@ def test_train_with_sam(tiny_crops, tmp_path, monkeypatch):
     assert json.loads((run.run_dir / "run_config.json").read_text())["sam_rho"] == 0.05
 
 
-@pytest.mark.parametrize("option", ["consistency", "sam_rho"])
+@pytest.mark.parametrize("option", ["consistency", "sam_rho", "mixup"])
 @pytest.mark.parametrize("bad, error", [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
                                         (True, TypeError), ("0.05", TypeError)])
 def test_train_refuses_bad_loss_settings(tiny_crops, tmp_path, option, bad, error):
@@ -488,6 +488,32 @@ def test_train_refuses_bad_loss_settings(tiny_crops, tmp_path, option, bad, erro
     with pytest.raises(error, match=option):
         train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, input_size=32, out_dir=tmp_path,
                          num_workers=0, **{option: bad})
+
+
+def test_train_with_mixup(tiny_crops, tmp_path, monkeypatch):
+    """mixup > 0: every batch the network sees is a blend of two crops, and the loss weighs both labels so."""
+    import torch
+
+    losses = []
+    real_ce = torch.nn.CrossEntropyLoss.forward
+
+    def watch(self, logits, target):
+        losses.append(target.clone())
+        return real_ce(self, logits, target)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", watch)
+    opts = dict(epochs=1, batch_size=5, input_size=32, num_workers=0, augment=False, bf16=False)
+    with pytest.raises(ValueError, match="mixup and consistency"):
+        train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, mixup=0.4, consistency=1.0,
+                         **{**opts, "augment": None})
+    plain = train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, name="plain", **opts)
+    assert len(losses) == 3  # 15 crops, batches of 5: one loss per batch
+    losses.clear()
+    run = train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, name="mix", mixup=0.4, **opts)
+    assert len(losses) == 6  # two per batch: its own labels and the shuffled ones
+    assert any(not torch.equal(a, b) for a, b in zip(losses[::2], losses[1::2], strict=True))
+    assert run.history[0]["train_loss"] != plain.history[0]["train_loss"]
+    assert json.loads(run.record.read_text())["training"]["mixup"] == 0.4
 
 
 def test_train_with_consistency(tiny_crops, tmp_path, monkeypatch):

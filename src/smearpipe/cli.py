@@ -537,7 +537,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
                            framing=args.framing, normalize_after_augment=args.normalize_after_augment,
-                           ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, device=args.device,
+                           ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, mixup=args.mixup,
+                           device=args.device,
                            num_workers=args.workers, patience=args.patience, seed=args.seed, record_name=args.record_name,
                            classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None)
     print(json.dumps({k: v for k, v in res.to_dict().items() if k != "history"}, indent=2))
@@ -687,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency", type=float, default=0.0,
                    help="weight of a Jensen-Shannon consistency term between two colour augmentations of each crop "
                         "(AugMix uses 12; 0: off; twice the compute per step)")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup with this Beta(a, a) parameter: each batch blended with a shuffled copy of itself, "
+                        "labels alike (0.2-0.4 is usual; 0: off)")
     p.add_argument("--sam-rho", type=float, default=0.0,
                    help="sharpness-aware minimisation (SAM) with this neighbourhood radius (0.05 is usual; 0: off; "
                         "twice the compute per step)")

@@ -793,6 +793,7 @@ class ClassifierTrainConfig:
     ema: float = 0.0
     consistency: float = 0.0
     sam_rho: float = 0.0
+    mixup: float = 0.0
     cache_scale: float = 1.15
     max_minutes: float | None = None
     bf16: bool | None = None
@@ -906,6 +907,12 @@ def train_classifier(
         averages out (``scripts/sam_bf16_check.py``: SAM's change of the gradient has a cosine of 0.999
         between float32 and bf16 on v8). The history's ``train_loss`` and ``train_acc`` are those of the first
         pass. TypeError for a non-number, ValueError if negative or not finite.
+    mixup : float
+        Mixup (Zhang et al. 2018) with this Beta(a, a) parameter (0, the default, turns it off; 0.2-0.4 is usual):
+        each training batch is blended with a shuffled copy of itself by a weight drawn from Beta(a, a), after
+        colour augmentation and normalisation, and the loss mixes the two labels' by the same weight. The
+        history's ``train_acc`` is then measured against the batch's own labels. Not with ``consistency``.
+        TypeError for a non-number, ValueError if negative or not finite.
     cache_scale : float
         Training crops are cached at ``cache_scale * input_size`` px so that random resized crops
         keep some detail (validation crops at ``input_size``).
@@ -942,7 +949,7 @@ def train_classifier(
         raise TypeError(f"unknown train_classifier option(s) {sorted(set(options) - set(known))}; known: {known}") from None
     (classes, input_size, epochs, batch_size, lr, weight_decay, label_smoothing, preprocessing, augment, rebalance, patience,
      pretrained, freeze_features, batch_norm, crop_scale, preprocess_resized, framing, normalize_after_augment, ema, consistency,
-     sam_rho, cache_scale, max_minutes, bf16, device,
+     sam_rho, mixup, cache_scale, max_minutes, bf16, device,
      num_workers, seed) = (
         getattr(cfg, f.name) for f in dataclasses.fields(ClassifierTrainConfig))
     import torch
@@ -990,6 +997,10 @@ def train_classifier(
     if consistency and not aug:
         raise ValueError("consistency compares two colour augmentations of each crop; it needs augmentation on")
     sam_rho = _finite_nonnegative(sam_rho, "sam_rho", "radius")
+    mixup = _finite_nonnegative(mixup, "mixup", "Beta parameter")
+    if mixup and consistency:
+        raise ValueError("mixup and consistency do not combine: the consistency term compares two colour views of one "
+                         "crop, mixup blends two crops")
     if normalize_after_augment and (prep.steps not in (("reinhard",), ("reinhard", "sharpen")) or not preprocess_resized
                                     or not aug):
         raise ValueError("normalize_after_augment needs preprocessing steps ('reinhard',) or ('reinhard', 'sharpen'), "
@@ -1016,7 +1027,7 @@ def train_classifier(
               "pretrained": str(pretrained) if pretrained else None, "freeze_features": freeze_features,
               "crop_scale": crop_scale, "preprocess_resized": preprocess_resized, "framing": framing.to_dict(),
               "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
-              "sam_rho": sam_rho, "cache_scale": cache_scale, "seed": seed,
+              "sam_rho": sam_rho, "mixup": mixup, "cache_scale": cache_scale, "seed": seed,
               "train": [s.to_dict() for s in train_sources],
               "val": [s.to_dict() for s in val_sources]}
 
@@ -1031,7 +1042,7 @@ def train_classifier(
                 saved[key] = [_absolute(CropSource(**d)).to_dict() if isinstance(d, dict) else d for d in saved[key]]
         # runs started before an option existed ran with its old behaviour
         before = {"preprocess_resized": False, "cache_scale": 1.15, "framing": Framing("as_given").to_dict(),
-                  "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0, "sam_rho": 0.0}
+                  "normalize_after_augment": False, "ema": 0.0, "consistency": 0.0, "sam_rho": 0.0, "mixup": 0.0}
         if isinstance(saved.get("augment"), dict):  # augment keys added later: their defaults (off)
             saved["augment"] = {**AugmentConfig().to_dict(), **saved["augment"]}
         if isinstance(saved.get("preprocessing"), dict):  # Preprocessing fields added later: their defaults
@@ -1167,12 +1178,18 @@ def train_classifier(
 
         views = 2 if consistency else 1  # consistency: two colour draws of each batch's geometric view
 
-        def batch_loss(x: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """The training loss of one batch (all its colour views) and the first view's logits."""
+        def batch_loss(x: torch.Tensor, yb: torch.Tensor, mixed: tuple[torch.Tensor, float] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+            """The training loss of one batch (all its colour views) and the first view's logits; ``mixed``: the
+            other crops' labels and the weight of the batch's own (mixup)."""
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(x)
             per_view = out.float().chunk(views)
-            total = sum(criterion(v, yb) for v in per_view) / views
+            if mixed is None:
+                total = sum(criterion(v, yb) for v in per_view) / views
+            else:
+                other, lam = mixed
+                total = sum(lam * criterion(v, yb) + (1 - lam) * criterion(v, other) for v in per_view) / views
             if views > 1:
                 total = total + consistency * js_divergence(*per_view)
             return total, per_view[0]
@@ -1191,11 +1208,16 @@ def train_classifier(
                 x = torch.cat([colour_view(x) for _ in range(views)])
                 x = ((x.to(dev) - mean) / std).contiguous(memory_format=torch.channels_last)
                 yb = yb.to(dev)
-                loss, logits = batch_loss(x, yb)
+                mixed = None
+                if mixup:  # each crop blended with another of the batch (Zhang et al. 2018); labels alike
+                    lam = float(torch.distributions.Beta(mixup, mixup).sample())
+                    perm = torch.randperm(len(yb)).to(dev)
+                    x, mixed = lam * x + (1 - lam) * x[perm], (yb[perm], lam)
+                loss, logits = batch_loss(x, yb, mixed)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if sam_rho:
-                    _sam_second_gradient(model, params, sam_rho, functools.partial(batch_loss, x, yb))
+                    _sam_second_gradient(model, params, sam_rho, functools.partial(batch_loss, x, yb, mixed))
                 opt.step()
                 sched.step()
                 if averaged is not None:
@@ -1249,7 +1271,7 @@ def train_classifier(
                     "pretrained_sha256": start_sha256,
                     "freeze_features": freeze_features, "bf16_autocast": use_bf16, "device": str(dev), "seed": seed,
                     "normalize_after_augment": normalize_after_augment, "ema": ema, "consistency": consistency,
-                    "sam_rho": sam_rho, "wall_minutes": round((time.time() - t_start) / 60, 1),
+                    "sam_rho": sam_rho, "mixup": mixup, "wall_minutes": round((time.time() - t_start) / 60, 1),
                 },
                 "metrics": {"best_val_macro_f1": best_f1, "history": history},
             },
