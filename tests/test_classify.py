@@ -491,27 +491,54 @@ def test_train_refuses_bad_loss_settings(tiny_crops, tmp_path, option, bad, erro
 
 
 def test_train_with_mixup(tiny_crops, tmp_path, monkeypatch):
-    """mixup > 0: every batch the network sees is a blend of two crops, and the loss weighs both labels so."""
+    """mixup > 0: the network sees lam * crop + (1 - lam) * another crop of the batch, and the loss weighs their
+    labels by lam and 1 - lam; mixup=0 draws nothing (earlier recipes' random streams are as they were)."""
     import torch
 
-    losses = []
+    import smearpipe.classify as classify
+
+    draws = []
+    real_randperm = torch.randperm
+
+    def randperm(n, *a, **k):
+        if n != 5:
+            return real_randperm(n, *a, **k)
+        draws.append("perm")
+        return torch.arange(n - 1, -1, -1)  # a batch of 5, reversed
+
+    def beta(self, *a, **k):
+        draws.append("beta")
+        return torch.tensor(0.25)
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    monkeypatch.setattr(torch.distributions.Beta, "sample", beta)
+    inputs, targets = [], []
+    real_build = classify.build_vgg16
+
+    def build(*a, **k):
+        model = real_build(*a, **k)
+        model.register_forward_pre_hook(lambda m, x: inputs.append(x[0].detach().clone()) if m.training else None)
+        return model
+
+    monkeypatch.setattr(classify, "build_vgg16", build)
     real_ce = torch.nn.CrossEntropyLoss.forward
-
-    def watch(self, logits, target):
-        losses.append(target.clone())
-        return real_ce(self, logits, target)
-
-    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", watch)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward",
+                        lambda self, logits, t: targets.append(t.clone()) or real_ce(self, logits, t))
     opts = dict(epochs=1, batch_size=5, input_size=32, num_workers=0, augment=False, bf16=False)
     with pytest.raises(ValueError, match="mixup and consistency"):
         train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, mixup=0.4, consistency=1.0,
                          **{**opts, "augment": None})
     plain = train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, name="plain", **opts)
-    assert len(losses) == 3  # 15 crops, batches of 5: one loss per batch
-    losses.clear()
+    assert "beta" not in draws and draws.count("perm") == 0  # mixup off: nothing drawn for it
+    plain_inputs, plain_targets = inputs[:], targets[:]
+    inputs.clear(), targets.clear()
     run = train_classifier(tiny_crops / "train", tiny_crops / "val", out_dir=tmp_path, name="mix", mixup=0.4, **opts)
-    assert len(losses) == 6  # two per batch: its own labels and the shuffled ones
-    assert any(not torch.equal(a, b) for a, b in zip(losses[::2], losses[1::2], strict=True))
+    assert draws.count("beta") == 3 and len(inputs) == len(plain_inputs) == 3  # 15 crops: 3 batches of 5
+    for seen, own in zip(inputs, plain_inputs, strict=True):  # the same batches (same seed), blended 0.25 / 0.75
+        assert torch.allclose(seen, 0.25 * own + 0.75 * own.flip(0), atol=1e-5)
+    assert len(targets) == 6  # per batch: its own labels (weight 0.25), then the reversed batch's (0.75)
+    for k, own in enumerate(plain_targets):
+        assert torch.equal(targets[2 * k], own) and torch.equal(targets[2 * k + 1], own.flip(0))
     assert run.history[0]["train_loss"] != plain.history[0]["train_loss"]
     assert json.loads(run.record.read_text())["training"]["mixup"] == 0.4
 
@@ -725,6 +752,9 @@ def test_too_few_crops_for_batch(tiny_crops, tmp_path):
         with pytest.raises(DatasetError, match="only 15 training crops"):
             train_classifier(one, tiny_crops / "val", epochs=1, batch_size=64, out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # refused before any run folder was made
+    for name in ("mine.safetensors", "sub/mine", ""):  # refused before training, not when the weights are written
+        with pytest.raises(ValueError, match="name"):
+            train_classifier(tiny_crops / "train", tiny_crops / "val", epochs=1, out_dir=tmp_path, record_name=name)
     with pytest.raises(DatasetError, match="15 validation crops are training crops too"):
         train_classifier(tiny_crops / "train", tiny_crops / "train", epochs=1, batch_size=5, out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -278,8 +278,8 @@ def test_analyze_warnings_name_their_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: {strip}: red cells measured" in err
     assert f"warning: {FIELD}" not in err
-    # kept with the results: the field JSON lists its warnings
-    assert [w.split(": ", 1)[1][:19] for w in json.loads((tmp_path / "out" / "strip.json").read_text())["warnings"]] \
+    # kept with the results: the field JSON lists its warnings, as analyze_smear gave them
+    assert [w[:19] for w in json.loads((tmp_path / "out" / "strip.json").read_text())["warnings"]] \
         == ["red cells measured "]
     assert json.loads((tmp_path / "out" / f"{FIELD.stem}.json").read_text())["warnings"] == []
 
@@ -295,6 +295,11 @@ def test_analyze_a_slide_warning_names_no_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: slide: no red cells measurable on the first 2 fields" in err
     assert f"warning: {tmp_path / 'a.png'}" not in err
+    assert cli_main(["analyze", str(tmp_path / "a.png"), str(FIELD), "--rescale", "--out", str(tmp_path / "out2"),
+                     "--quiet"]) == 0  # the sample field gives the slide's ruler, the blank one is seen at it
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "out2" / "slide_summary.json").read_text())
+    assert summary["warnings"] == []  # no slide warning: a field had red cells
 
 
 def test_analyze_with_a_detector_file_without_a_record(smoke_run, tiny_run, tmp_path, capsys):

@@ -191,6 +191,9 @@ def test_import_smearpipe_does_not_import_ultralytics():
     code = "import sys, smearpipe, smearpipe.detect, smearpipe.preprocess; print('ultralytics' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+    code = "import sys, smearpipe; smearpipe.SlideResult; print('torch' in sys.modules, 'ultralytics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"  # the package and its results: neither torch nor ultralytics
 
 
 def test_load_and_predict_with_network_forbidden(smoke_run):

@@ -606,7 +606,10 @@ def test_saved_results_are_checked_and_draw_wants_a_result():
     for bad, message in [(changed(0, box=[10, 10, 5, 5]), "x2 > x1"), (changed(0, score=float("nan")), "score"),
                          (changed(0, label="Cat"), "label must be one of"), (changed(wbc, wbc_type="dog"), "typed cell"),
                          ({**d, "counts": {**d["counts"], "WBC": 99}}, "not those of its boxes"),
-                         ({**d, "differential": {k: 0 for k in d["differential"]}}, "not those of its boxes")]:
+                         ({**d, "differential": {k: 0 for k in d["differential"]}}, "not those of its boxes"),
+                         ({**d, "counts": {**d["counts"], "Cat": 5}}, "whole numbers"),
+                         ({**d, "counts": {**d["counts"], "RBC": float(d["counts"]["RBC"])}}, "whole numbers"),
+                         (changed(wbc, probabilities="neutrophil"), "probabilities must be a mapping")]:
         with pytest.raises(ValueError, match=message):
             SmearResult.from_dict(bad)
     assert draw(SmearResult.from_dict(d), img).shape == img.shape
@@ -624,9 +627,11 @@ def test_field_outputs_stay_in_their_folder(pipe, tmp_path, stem):
     assert png.parent == out and js.parent == out
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         write_field_outputs(r, img, png, "field 2")
-    with pytest.raises(TypeError, match="warnings must be a sequence of str"):
-        write_field_outputs(r, img, out, "field 3", warnings="no colour")
+    with pytest.raises(TypeError, match="not one str"):
+        write_field_outputs(r, img, out, "field 3", messages="no colour")
     assert sorted(p.name for p in out.iterdir()) == ["field 1.json", "field 1.png"]
+    _, js = write_field_outputs(r, img, out, "field 4", messages=(m for m in ["no colour", "no red cells"]))
+    assert json.loads(js.read_text())["warnings"] == ["no colour", "no red cells"]  # a generator is read once
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -436,14 +436,20 @@ def _model_from_record(record: WeightsRecord) -> Any:
     return model
 
 
-def _check_output(out_dir: str | os.PathLike, name: object) -> None:
-    """ValueError unless ``name`` is a plain file name and ``out_dir`` is (or can become) a folder."""
+def check_weights_name(name: object) -> None:
+    """ValueError unless ``name`` is a plain file name without the extension (``NAME.safetensors`` and
+    ``NAME.json`` are written; ``x.safetensors.safetensors`` otherwise)."""
     from .io import require_file_name
 
     require_file_name(name)
-    if str(name).lower().endswith((".safetensors", ".json")):  # x.safetensors.safetensors otherwise
+    if str(name).lower().endswith((".safetensors", ".json")):
         raise ValueError(f"name is the weights' name without an extension (NAME.safetensors and NAME.json are "
                          f"written), got {name!r}")
+
+
+def _check_output(out_dir: str | os.PathLike, name: object) -> None:
+    """ValueError unless ``name`` is a plain weights name and ``out_dir`` is (or can become) a folder."""
+    check_weights_name(name)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"out_dir {out_dir} is an existing file; pass the path of a folder")
 
@@ -480,7 +486,7 @@ def save_classifier(model: Any, record_fields: Mapping[str, Any], out_dir: str |
 MIN_ADAPT_CROPS = 32
 
 
-def _adaptation_inputs(classifier: Classifier | str | os.PathLike | None, crops: Sequence[np.ndarray], *,
+def _adaptation_inputs(classifier: Classifier | str | os.PathLike | None, crops: Iterable[np.ndarray], *,
                        out_dir: str | os.PathLike, name: str, batch_size: int, caller: str) -> tuple[Classifier, Any]:
     """Checks shared by the adaptation functions (before any work), then ``(classifier, prepared crops tensor)``."""
     import torch
@@ -525,7 +531,7 @@ class _Stop(Exception):
     """Ends a forward pass once the batch-norm layer being measured has seen its input."""
 
 
-def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Sequence[np.ndarray], *,
+def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Iterable[np.ndarray], *,
                     out_dir: str | os.PathLike, name: str, batch_size: int = 64) -> Classifier:
     """Calibrate a classifier to another lab without labels: re-estimate its batch-norm statistics.
 
@@ -542,8 +548,8 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
     Parameters
     ----------
     classifier : Classifier, name or path, or None for the shipped default
-    crops : list of (H, W, 3) uint8 ndarray
-        Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS`.
+    crops : iterable of (H, W, 3) uint8 ndarray
+        Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS` (a list, or any iterable, read once).
     out_dir, name :
         Writes ``out_dir/name.safetensors`` and its record ``name.json``. The record keeps the
         source's record (less its test metrics, which do not describe the adapted model) and says
@@ -617,7 +623,7 @@ def adapt_batchnorm(classifier: Classifier | str | os.PathLike | None, crops: Se
                          method="AdaBN: batch-norm running statistics re-estimated on unlabelled crops")
 
 
-def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequence[np.ndarray], *,
+def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Iterable[np.ndarray], *,
                   out_dir: str | os.PathLike, name: str, lr: float = 1e-3, epochs: int = 1, batch_size: int = 64,
                   seed: int = 0) -> Classifier:
     """Calibrate a classifier to another lab without labels: make its answers on that lab's crops confident.
@@ -639,8 +645,8 @@ def adapt_entropy(classifier: Classifier | str | os.PathLike | None, crops: Sequ
     classifier : Classifier, str or path, or None
         The classifier to adapt: loaded, a registered name, a ``.safetensors`` file with its record, or
         None for the shipped default.
-    crops : list of (H, W, 3) uint8 ndarray
-        Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS`.
+    crops : iterable of (H, W, 3) uint8 ndarray
+        Unlabelled WBC crops of the new lab, at least :data:`MIN_ADAPT_CROPS` (a list, or any iterable, read once).
     out_dir : str or path
         Folder for the adapted weights (created if missing).
     name : str

@@ -346,23 +346,28 @@ def _unmake(made: list[Path]) -> None:
             return
 
 
-def _print_warnings(caught: list, source: str | None) -> list[str]:
+def _print_warnings(caught: list, source: str | None) -> tuple[list[str], list[str]]:
     """Print and forget the warnings ``caught`` while ``source`` was analysed, each naming it (unless it does, or
-    is about the whole slide: those come while the first field is read); return the field's own, as printed."""
+    is about the whole slide: those come while the first field is read). Returns smearpipe's own among them, as
+    they were given: the field's, and the slide's."""
     from .errors import SlideWarning
 
-    own = []
+    package = Path(__file__).resolve().parent
+    own: list[str] = []
+    slide: list[str] = []
     for w in caught:
         text = str(w.message)
+        ours = Path(w.filename).resolve().is_relative_to(package)  # not torch's or ultralytics'
         if issubclass(w.category, SlideWarning):
-            text = f"slide: {text}"
-        else:
-            if source is not None and not text.startswith(source):
-                text = f"{source}: {text}"
+            print(f"warning: slide: {text}", file=sys.stderr)
+            slide.append(text)
+            continue
+        named = text if source is None or text.startswith(source) else f"{source}: {text}"
+        print(f"warning: {named}", file=sys.stderr)
+        if ours:
             own.append(text)
-        print(f"warning: {text}", file=sys.stderr)
     caught.clear()
-    return own
+    return own, slide
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -417,15 +422,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot use --out {out_dir} as the output folder: {exc}", file=sys.stderr)
         return 2
-    results, errors, written = [], [], []
+    results, errors, written, slide_warnings = [], [], [], []
     fields = iter_fields(paths, pipeline=pipeline, progress=not args.quiet)  # in input order
     with warnings.catch_warnings(record=True) as caught:  # each warning printed with the field it is about
         warnings.filterwarnings("always", category=UserWarning, module=r"smearpipe\.")  # per field, not once
         for (source, out), stem in zip(fields, stems, strict=True):
-            warned = _print_warnings(caught, source)
+            warned, about_slide = _print_warnings(caught, source)
+            slide_warnings += about_slide
             if not isinstance(out, Exception):
                 try:
-                    write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite, warnings=warned)
+                    write_field_outputs(out, source, out_dir, stem, overwrite=args.overwrite, messages=warned)
                 except FileExistsError as exc:  # appeared while the slide was analysed
                     errors.append((source, str(exc)))
                     print(f"error: {source}: {exc}; use another --out or --overwrite", file=sys.stderr)
@@ -438,7 +444,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             else:
                 errors.append((source, str(out)))
                 print(f"error: {source}: {out}", file=sys.stderr)
-        _print_warnings(caught, None)
+        slide_warnings += _print_warnings(caught, None)[1]
     if not results:  # nothing analysed: no summary of nothing, and an earlier run's outputs stay as they were
         _unmake(made)
         print("error: no field could be analysed; " + (f"the earlier run's outputs in {out_dir} are kept" if earlier
@@ -446,7 +452,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         return 2
     summary = summarize(results, failed=len(errors), classes=pipeline.classifier.classes)
     payload = {"summary": summary.to_dict(), "errors": [list(e) for e in errors], "models": pipeline.models,
-               "fields": [r.source for r in results], "outputs": written}
+               "fields": [r.source for r in results], "outputs": written, "warnings": slide_warnings}
     replace_file(summary_paths[0], (json.dumps(payload, indent=2) + "\n").encode())
     table = io.StringIO()
     w = csv.writer(table)

@@ -11,6 +11,7 @@ import numbers
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,24 @@ from .preprocess import Preprocessing
 from .weights import DEFAULT_DETECTOR, WeightsRecord, resolve, sha256_file
 
 __all__ = ["Detection", "Detector", "counting_threshold", "import_ultralytics", "suppress_nested"]
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.Lock:
+    """The lock of one ultralytics model, whichever :class:`Detector` wraps it.
+
+    ultralytics keeps one predictor per model and sets its thresholds (conf, iou, imgsz) on every call, and
+    validation may fuse the model's layers in place: calls from several threads would otherwise run with each
+    other's settings (22 of 24 calls with two thresholds in two threads came back wrong without it).
+    """
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
 
 
 def import_ultralytics() -> Any:
@@ -122,9 +141,7 @@ class Detector:
                  class_conf: dict[str, float] | None = None) -> None:
         self.model = model
         self.record = record
-        # ultralytics keeps one predictor per model and sets its thresholds on every call: calls from several
-        # threads would otherwise run with each other's conf / iou / imgsz
-        self._lock = threading.Lock()
+
         self.conf = float(conf)
         self.iou = float(iou)
         self.class_conf = {str(k): float(v) for k, v in (class_conf or {}).items()}
@@ -254,7 +271,7 @@ class Detector:
         bgrs = [cv2.cvtColor(self.preprocessing(rgb), cv2.COLOR_RGB2BGR) for rgb in rgbs]
         if not bgrs:
             return []
-        with self._lock:
+        with model_lock(self.model):
             results = self.model.predict(
                 source=bgrs, imgsz=int(imgsz), conf=conf, iou=iou, device="cpu", verbose=False, max_det=MAX_DETECTIONS
             )

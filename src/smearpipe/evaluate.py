@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import normalize_detection_class, read_yolo_labels
-from .detect import Detector, import_ultralytics
+from .detect import Detector, import_ultralytics, model_lock
 from .errors import DatasetError
 from .train import _preprocessed_copy, _split_dirs, load_data_yaml
 
@@ -104,10 +104,12 @@ def evaluate_detector(
     if prep.steps:
         data_yaml = _preprocessed_copy(cfg, prep, out_dir / "data", (split,))
     import_ultralytics()
-    val = det.model.val(
-        data=str(data_yaml), split=split, imgsz=det.record.input_size, batch=8, conf=0.001, iou=0.7,
-        device="cpu", plots=True, project=str(out_dir.resolve()), name="ultralytics_val", exist_ok=True, verbose=False,
-    )
+    with model_lock(det.model):  # validation may fuse the model in place: not beside a prediction on it
+        val = det.model.val(
+            data=str(data_yaml), split=split, imgsz=det.record.input_size, batch=8, conf=0.001, iou=0.7,
+            device="cpu", plots=True, project=str(out_dir.resolve()), name="ultralytics_val", exist_ok=True,
+            verbose=False,
+        )
     box = val.box
     names = cfg["names"]
     per_class = {}

@@ -374,6 +374,8 @@ class CellResult:
             raise ValueError(f"a box has x2 > x1 and y2 > y1, got {d['box']!r}")
         if d["label"] not in DETECTION_CLASSES:
             raise ValueError(f"label must be one of {list(DETECTION_CLASSES)}, got {d['label']!r}")
+        if d.get("probabilities") is not None and not isinstance(d["probabilities"], Mapping):
+            raise ValueError(f"probabilities must be a mapping of type -> probability, got {d['probabilities']!r}")
         if (d.get("wbc_type") is not None) != (d["label"] == "WBC" and d.get("probabilities") is not None) \
                 or (d.get("wbc_type") is not None and d["wbc_type"] not in d["probabilities"]):
             raise ValueError(f"a typed cell is a WBC whose wbc_type is one of its probabilities' classes, got label "
@@ -424,7 +426,8 @@ class SmearResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SmearResult:
-        """Inverse of :meth:`to_dict`; ValueError naming what is missing or malformed."""
+        """Inverse of :meth:`to_dict`; ValueError naming what is missing or malformed, also when the counts and
+        differential are not those of the boxes (a result edited by hand, or written by something else)."""
         if not isinstance(d, dict):
             raise ValueError(f"not a smearpipe field result: expected a JSON object, got {type(d).__name__}")
         size = d.get("image_size")
@@ -437,6 +440,11 @@ class SmearResult:
                          differential=dict(d["differential"]), image_size=tuple(d["image_size"]),  # type: ignore[arg-type]
                          models=d["models"], timings_ms=dict(d["timings_ms"]), source=d.get("source"),
                          scale_factor=float(d.get("scale_factor", 1.0)), detector_imgsz=d.get("detector_imgsz"))
+            if set(result.counts) != set(DETECTION_CLASSES) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in [*result.counts.values(),
+                                                                             *result.differential.values()]):
+                raise ValueError(f"counts are whole numbers of {list(DETECTION_CLASSES)} (and the differential's of "
+                                 f"WBC types), got {result.counts} / {result.differential}")
             boxes = {c: sum(x.label == c for x in result.detections) for c in DETECTION_CLASSES}
             types = {c: sum(x.wbc_type == c for x in result.detections) for c in result.differential}
             if {c: result.counts.get(c, 0) for c in DETECTION_CLASSES} != boxes or types != result.differential \
@@ -497,8 +505,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     config : PipelineConfig, optional
         Overrides ``pipeline.config`` for this call.
     source : str, optional
-        The field's name in the result (``SmearResult.source``) and in warnings; default: the path, or None
-        for an array (:func:`iter_fields` names arrays ``array[i]``).
+        The field's name in the result (``SmearResult.source``), in the warnings about the field's colour and
+        red cells and in errors about its array; default: the path, or None for an array (:func:`iter_fields`
+        names arrays ``array[i]``).
 
     Returns
     -------
@@ -528,12 +537,12 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
     >>> r.counts, r.differential                                          # doctest: +SKIP
     """
     _check_pipeline_args(pipeline, config)
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"source must be a str (the field's name), got {type(source).__name__}")
     p = pipeline or _default_pipeline()
     cfg = config or p.config
     t0 = time.perf_counter()
-    if source is not None and not isinstance(source, str):
-        raise TypeError(f"source must be a str (the field's name), got {type(source).__name__}")
-    rgb = load_image(image)
+    rgb = load_image(image, name=source or "image")
     if source is None and isinstance(image, (str, os.PathLike)):
         source = os.fspath(image)
     h, w = rgb.shape[:2]
@@ -849,17 +858,20 @@ def draw(result: SmearResult, image: ImageLike, *, thickness: int = 2) -> np.nda
 
 
 def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os.PathLike, stem: str,
-                        *, overwrite: bool = False, warnings: Sequence[str] = ()) -> tuple[Path, Path]:
+                        *, overwrite: bool = False, messages: Iterable[str] = ()) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (annotated) and ``<stem>.json``; never overwrite unless asked.
 
-    ``warnings`` (what was warned while the field was analysed) go into the JSON as its ``"warnings"`` list, so
-    that a result read back later still says that a field had no colour or no red cells, say
+    ``messages`` (the warnings given while the field was analysed) go into the JSON as its ``"warnings"`` list,
+    so that a result read back later still says that a field had no colour or no red cells, say
     (:meth:`SmearResult.from_dict` reads the JSON without them).
     """
     from .io import replace_file, require_file_name, write_image
 
-    if isinstance(warnings, str) or not all(isinstance(w, str) for w in warnings):
-        raise TypeError(f"warnings must be a sequence of str, got {warnings!r}")
+    if isinstance(messages, str):
+        raise TypeError(f"messages must be an iterable of str, not one str: {messages!r}")
+    messages = list(messages)
+    if not all(isinstance(m, str) for m in messages):
+        raise TypeError(f"messages must be str, got {messages!r}")
     require_file_name(stem, what="stem")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -871,5 +883,5 @@ def write_field_outputs(result: SmearResult, image: ImageLike, out_dir: str | os
                 raise FileExistsError(f"refusing to overwrite {p} (use --overwrite / overwrite=True)")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_image(png, draw(result, image), overwrite=overwrite)
-    replace_file(js, (json.dumps({**result.to_dict(), "warnings": list(warnings)}, indent=1) + "\n").encode())
+    replace_file(js, (json.dumps({**result.to_dict(), "warnings": messages}, indent=1) + "\n").encode())
     return png, js

@@ -996,6 +996,10 @@ def train_classifier(
     consistency = _finite_nonnegative(consistency, "consistency", "weight")
     if consistency and not aug:
         raise ValueError("consistency compares two colour augmentations of each crop; it needs augmentation on")
+    if record_name is not None:  # now, not when the weights are written after hours of training
+        from .classify import check_weights_name
+
+        check_weights_name(record_name)
     sam_rho = _finite_nonnegative(sam_rho, "sam_rho", "radius")
     mixup = _finite_nonnegative(mixup, "mixup", "Beta parameter")
     if mixup and consistency:
