@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from smearpipe.datasets import _split_dirs
 from smearpipe.detect import Detector
 from smearpipe.evaluate import _count_summary, _true_counts
-from smearpipe.train import _split_dirs, load_data_yaml
+from smearpipe.train import load_data_yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ship_detector import bccd_yolo_data  # noqa: E402  (a sibling script)

@@ -58,6 +58,7 @@ import json
 from pathlib import Path
 
 from smearpipe.augment import AugmentConfig
+from smearpipe.cli import add_training_options
 from smearpipe.datasets import extract_wbc_crops
 from smearpipe.framing import FRAMINGS
 from smearpipe.preprocess import Preprocessing
@@ -116,8 +117,7 @@ def main() -> None:
     ap.add_argument("--blur", type=float, nargs=2, default=(AugmentConfig.blur_p, AugmentConfig.blur_sigma_max),
                     metavar=("P", "SIGMA"), help="blur augmentation: share of crops and largest sigma in px at the input size "
                                                  "(AugmentConfig.blur_p, blur_sigma_max)")
-    ap.add_argument("--ema", type=float, default=0.0,
-                    help="exponential moving average of the weights with this decay, validated and saved (0: off)")
+    add_training_options(ap)  # --ema, --consistency, --mixup, --sam-rho, as smearpipe train-classifier
     ap.add_argument("--gamma", type=float, default=AugmentConfig.gamma,
                     help="gamma augmentation: exponent exp(U(-g, g)) (AugmentConfig.gamma)")
     ap.add_argument("--stain-vector", type=float, default=0.0,
@@ -130,14 +130,6 @@ def main() -> None:
     ap.add_argument("--mixstyle", type=float, default=0.0,
                     help="chance per batch that each of the first three VGG stages mixes feature statistics between "
                          "crops (MixStyle, AugmentConfig.mixstyle_p)")
-    ap.add_argument("--consistency", type=float, default=0.0,
-                    help="weight of the Jensen-Shannon consistency between two colour augmentations of each crop "
-                         "(train_classifier(consistency=...); 0: off; twice the compute per step)")
-    ap.add_argument("--mixup", type=float, default=0.0,
-                    help="mixup with this Beta(a, a) parameter (train_classifier(mixup=...); 0: off)")
-    ap.add_argument("--sam-rho", type=float, default=0.0,
-                    help="sharpness-aware minimisation with this radius (train_classifier(sam_rho=...); 0.05 is "
-                         "usual; 0: off; twice the compute per step)")
     ap.add_argument("--crop-scale-min", type=float, default=None,
                     help="random resized crops keep at least this share of the area (AugmentConfig.crop_scale_min; "
                          "default 0.5 with cell framing, 0.25 without)")

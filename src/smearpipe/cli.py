@@ -501,6 +501,23 @@ def _cmd_evaluate_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """``--ema``, ``--consistency``, ``--mixup``, ``--sam-rho``: the :func:`~smearpipe.train.train_classifier` options
+    of the same names (``smearpipe train-classifier`` and ``scripts/train_default_classifier.py``)."""
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="validate and save an exponential moving average of the weights with this decay (e.g. 0.998; "
+                        "0: off)")
+    p.add_argument("--consistency", type=float, default=0.0,
+                   help="weight of a Jensen-Shannon consistency term between two colour augmentations of each crop "
+                        "(AugMix uses 12; 0: off; twice the compute per step)")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup with this Beta(a, a) parameter: each batch blended with a shuffled copy of itself, "
+                        "labels alike (0.2-0.4 is usual; 0: off)")
+    p.add_argument("--sam-rho", type=float, default=0.0,
+                   help="sharpness-aware minimisation (SAM) with this neighbourhood radius (0.05 is usual; 0: off; "
+                        "twice the compute per step)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, *, out: str, record_help: str) -> None:
     """The options of a training run's folder, seed, record name and resumption (train-detector, train-classifier)."""
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -688,18 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-after-augment", action="store_true",
                    help="apply the 'reinhard' step to each training batch after colour augmentation, as inference "
                         "normalises another lab's shifted crop (needs --preprocess reinhard)")
-    p.add_argument("--ema", type=float, default=0.0,
-                   help="validate and save an exponential moving average of the weights with this decay (e.g. 0.998; "
-                        "0: off)")
-    p.add_argument("--consistency", type=float, default=0.0,
-                   help="weight of a Jensen-Shannon consistency term between two colour augmentations of each crop "
-                        "(AugMix uses 12; 0: off; twice the compute per step)")
-    p.add_argument("--mixup", type=float, default=0.0,
-                   help="mixup with this Beta(a, a) parameter: each batch blended with a shuffled copy of itself, "
-                        "labels alike (0.2-0.4 is usual; 0: off)")
-    p.add_argument("--sam-rho", type=float, default=0.0,
-                   help="sharpness-aware minimisation (SAM) with this neighbourhood radius (0.05 is usual; 0: off; "
-                        "twice the compute per step)")
+    add_training_options(p)
     p.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:N, mps (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default: %(default)s)")
     p.set_defaults(func=_cmd_train_classifier)

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import normalize_detection_class, read_yolo_labels
+from .datasets import _split_dirs, normalize_detection_class, read_yolo_labels
 from .detect import Detector, import_ultralytics, model_lock
 from .errors import DatasetError
-from .train import _preprocessed_copy, _split_dirs, load_data_yaml
+from .train import _preprocessed_copy, load_data_yaml
 
 __all__ = ["evaluate_detector", "evaluate_classifier"]
 
