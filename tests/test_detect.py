@@ -161,6 +161,22 @@ def test_a_finished_detector_run_is_not_resumed(smoke_run, tiny_data, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing written where the call was made
 
 
+def test_a_resumed_detector_run_counts_its_earlier_training_time(smoke_run, tmp_path):
+    from smearpipe.train import _logged_train_seconds
+
+    # ultralytics' time column restarts at each (re)start: two segments of 30 + 25 s
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("epoch,time,metrics/mAP50(B)\n1,10.0,0.1\n2,30.0,0.2\n3,12.5,0.3\n4,25.0,0.4\n")
+    assert _logged_train_seconds(csv_path) == pytest.approx(55.0)
+    csv_path.write_text("                  epoch,                   time\n1,4.5\n")  # older, padded header
+    assert _logged_train_seconds(csv_path) == pytest.approx(4.5)
+    csv_path.write_text("epoch,train/box_loss\n1,0.5\n")  # no time column: nothing to add
+    assert _logged_train_seconds(csv_path) == 0.0 and _logged_train_seconds(tmp_path / "missing.csv") == 0.0
+    # the smoke run's own log: one segment, as long as its record's time or shorter (setup and final validation)
+    logged = _logged_train_seconds(smoke_run.run_dir / "results.csv") / 60
+    assert 0 < logged <= json.loads(smoke_run.record.read_text())["training"]["wall_minutes"] + 0.05
+
+
 def _copy_dataset(tiny_data: Path, dest: Path) -> Path:
     shutil.copytree(tiny_data.parent, dest, symlinks=False)
     yaml_path = dest / "data.yaml"

@@ -171,6 +171,27 @@ class DetectorTrainResult:
         return {"run_dir": str(self.run_dir), "weights": str(self.weights), "record": str(self.record), "metrics": dict(self.metrics)}
 
 
+def _logged_train_seconds(results_csv: Path) -> float:
+    """Training seconds an ultralytics run logged in ``results.csv``: its ``time`` column counts from the start of
+    each (re)start, so the total is the sum of each segment's last value (0 without the file or column). Time spent
+    after the last logged epoch of an interrupted segment is not in the file."""
+    import csv
+
+    if not results_csv.is_file():
+        return 0.0
+    total, last = 0.0, 0.0
+    with results_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                t = float(next(v for k, v in row.items() if k and k.strip() == "time"))
+            except (StopIteration, TypeError, ValueError):
+                return 0.0
+            if t < last:  # a resumed segment begins
+                total += last
+            last = t
+    return total + last
+
+
 def train_detector(
     data: str | os.PathLike,
     *,
@@ -207,6 +228,8 @@ def train_detector(
         Continue the interrupted run ``out_dir/name`` from its ``weights/last.pt``, with the settings it was
         started with (ValueError naming those that differ: ultralytics would ignore them). A finished run
         cannot be resumed (DatasetError). A new run that fails before its first checkpoint removes its folder.
+        The record's ``wall_minutes`` then adds the training time the run logged before (``results.csv``; time
+        after its last logged epoch is lost) and ``resumed`` is true.
     preprocessing : Preprocessing, optional
         Applied to every training/validation image (a preprocessed copy is written in the run folder)
         and stored in the record, so :class:`~smearpipe.detect.Detector` applies it at inference. A
@@ -283,6 +306,8 @@ def train_detector(
             data_yaml = run_dir / "data" / "data.yaml"
 
         ultralytics = import_ultralytics()
+        # a resumed run's record counts the training time logged before it too
+        earlier_minutes = _logged_train_seconds(run_dir / "results.csv") / 60 if resume else 0.0
         t0 = time.time()
         if resume:
             yolo = ultralytics.YOLO(str(run_dir / "weights" / "last.pt"))
@@ -300,7 +325,7 @@ def train_detector(
             )
             args.update(dict(train_args or {}))
             yolo.train(**args)
-        minutes = (time.time() - t0) / 60
+        minutes = earlier_minutes + (time.time() - t0) / 60
 
         chosen = run_dir / "weights" / f"{select}.pt"
         if not chosen.is_file():
@@ -342,6 +367,7 @@ def train_detector(
                     "checkpoint": select,
                     "train_args": dict(train_args or {}),
                     "wall_minutes": round(minutes, 1),
+                    **({"resumed": True} if resume else {}),
                 },
                 "metrics": metrics,
                 "default_conf": 0.25,
