@@ -155,25 +155,28 @@ def test_default_pipeline_on_bundled_fields():
     assert rbc_found >= 0.4 * rbc_annotated
 
 
-@pytest.mark.parametrize("stem, rescaled", [("BloodImage_00007", True), ("BloodImage_00031", False)])
-def test_implausible_scale_warning_says_what_was_done(stem, rescaled):
-    """A 4000x300 strip tiled from a field: the second look measures the red cells implausibly far off. The
-    warning says whether the field stays as given or at the scale of the first rescaled look, as the result does."""
+@pytest.mark.parametrize("stem", ["BloodImage_00007", "BloodImage_00031"])
+def test_a_strip_tiled_from_a_field_is_seen_at_the_training_scale(stem):
+    """A 4000x300 strip tiled from a field: red cells of the training size on an image 6.25x as wide as the
+    training fields. Before, the 6.25x change of view this needs was taken for an implausible measurement."""
     import warnings
 
-    from smearpipe import analyze_smear
+    from smearpipe import analyze_smear, load_pipeline
     from smearpipe.io import read_image
+    from smearpipe.pipeline import PipelineConfig
 
+    pipe = load_pipeline()
     field = read_image(SAMPLES / f"{stem}.jpg")
     strip = np.ascontiguousarray(np.tile(field[:300], (1, 7, 1))[:, :4000])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = analyze_smear(strip)
-    messages = [str(w.message) for w in caught if "off the detector's view" in str(w.message)]
-    assert len(messages) == 1
-    assert (result.scale_factor != 1.0) == rescaled
-    assert ("not rescaled" in messages[0]) == (not rescaled)
-    assert (f"({result.scale_factor:.2f}x)" in messages[0]) == rescaled
+    tile = analyze_smear(np.ascontiguousarray(field[:300]), pipeline=pipe).counts["WBC"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*outside the")
+        r = analyze_smear(strip, pipeline=pipe)
+    assert 0.8 < r.scale_factor < 1.25 and r.detector_imgsz > 2500
+    assert tile >= 1 and 6 * tile <= r.counts["WBC"] <= 7 * tile  # six whole tiles and a quarter of one
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no red cells found")  # as it is: (almost) none
+        assert analyze_smear(strip, pipeline=pipe, config=PipelineConfig(rescale=False)).counts["WBC"] < 6 * tile
 
 
 def test_rescaling_finds_a_small_cell_in_original_pixels():
@@ -212,6 +215,29 @@ def test_rescaling_finds_a_small_cell_in_original_pixels():
     assert r.scale_factor == 1.0 and r.detector_imgsz is None
     off = analyze_smear(img, pipeline=pipe, config=PipelineConfig(rescale=False))
     assert [(d.box, d.label) for d in r.detections] == [(d.box, d.label) for d in off.detections]
+
+
+def test_a_wide_camera_image_is_seen_at_the_training_scale(bccd_root):
+    """12 BCCD fields in two rows of six (3840x960 px): red cells of the training size on an image 6x as wide as
+    the training fields. Letterboxed to the detector's input as it is, almost nothing would be found."""
+    import warnings
+
+    from smearpipe import analyze_smear, load_pipeline
+    from smearpipe.io import read_image
+    from smearpipe.pipeline import PipelineConfig
+
+    pipe = load_pipeline()
+    fields = [read_image(bccd_root / "JPEGImages" / f"BloodImage_{i:05d}.jpg") for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12)]
+    wide = np.concatenate([np.concatenate(fields[:6], axis=1), np.concatenate(fields[6:], axis=1)], axis=0)
+    assert wide.shape == (960, 3840, 3)
+    one_by_one = [analyze_smear(f, pipeline=pipe).counts for f in fields]
+    wbc, rbc = (sum(c[k] for c in one_by_one) for k in ("WBC", "RBC"))
+    r = analyze_smear(wide, pipeline=pipe)
+    assert 2500 < r.detector_imgsz <= 4096 and 0.8 < r.scale_factor < 1.25
+    assert abs(r.counts["WBC"] - wbc) <= 1 and abs(r.counts["RBC"] - rbc) <= 0.15 * rbc, (r.counts, wbc, rbc)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no red cells found")  # as it is: (almost) none
+        assert analyze_smear(wide, pipeline=pipe, config=PipelineConfig(rescale=False)).counts["RBC"] < 0.2 * rbc
 
 
 def test_a_picture_without_red_cells_is_warned_about():

@@ -383,13 +383,23 @@ def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe):
     with pytest.warns(UserWarning, match="outside the 0.2-5.0x"):
         r = analyze_smear(np.full((480, 640, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
     assert det.sizes == [None] and r.scale_factor == 1.0
-    # the range is on the detector's view, not on pixels: a 3000 px wide photo at the training magnification
+    # a second look that measures implausibly: kept at the first rescaled look's scale, and the warning says so
+    det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), [40, 4])
+    with pytest.warns(UserWarning, match=r"both outside the 0.2-5.0x .* kept at the scale of its previous look \(2.50x\)"):
+        r = analyze_smear(np.full((480, 640, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+    assert det.sizes == [None, 1280] and r.scale_factor == pytest.approx(2.5)
+    # the range is on the red cells' size or on the detector's view, either: a 3000 px wide photo of a field
     # (red cells ~470 px, 0.21x the training boxes) is seen as the training fields are, without a warning
     det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 470)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = analyze_smear(np.full((2000, 3000, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
-    assert det.sizes == [None] and r.scale_factor == 1.0
+        assert det.sizes == [None] and r.scale_factor == 1.0
+        # and a wide camera image at the training magnification (red cells of the training size, the view
+        # enlarged 6x) is detected at the input size that shows it so
+        det = MagnifiedDetector(_auto_record(pipe, rbc_box_px=100.0, rbc_diameter_px=None), 100)
+        r = analyze_smear(np.full((2880, 3840, 3), _SMEAR, np.uint8), pipeline=Pipeline(det, pipe.classifier))
+        assert det.sizes == [None, 3072] and r.scale_factor == pytest.approx(1.0) and r.detector_imgsz == 3072
 
 
 def test_noise_is_not_measured_as_red_cells(pipe):

@@ -84,8 +84,8 @@ class PipelineConfig:
           Where the first detection has too few red-cell boxes (at 2.5x lower magnification the detector misses
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is, and so is
-          one whose measurement would move the detector's view outside :data:`RESCALE_RANGE` (0.2-5x; a warning
-          says so). A rescaled view with too few red-cell boxes to confirm it that has lost every WBC the first
+          one whose measurement puts the red cells outside :data:`RESCALE_RANGE` (0.2-5x) of the training size
+          and would move the detector's view by more than that range too (a warning says so). A rescaled view with too few red-cell boxes to confirm it that has lost every WBC the first
           detection found (at the record's WBC threshold) is taken for a wrong scale: the first detection stays
           (at a higher magnification, granulometry may read a WBC filling the field as the red-cell size).
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
@@ -94,7 +94,7 @@ class PipelineConfig:
           :func:`~smearpipe.scale.estimate_rbc_diameter` on the image alone (no detector; ~50-100 ms per
           640x480 field; single-field estimates scatter, see ``slide_scale_fields``), and every field is
           detected once at that scale. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the record. A
-          measured scale outside :data:`RESCALE_RANGE` raises ``ScaleEstimationError`` (a slide's median leaves
+          measured scale outside :data:`RESCALE_RANGE` on both counts (as above) raises ``ScaleEstimationError`` (a slide's median leaves
           such fields out); a given diameter or pixel size is always followed.
         - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
@@ -224,19 +224,27 @@ def _rescaling(cfg: PipelineConfig) -> bool:
 AUTO_RESCALE_TOLERANCE = 1.25
 #: Smallest field side analysed: a 5x5 image letterboxed to the network input is a blur the detector calls a WBC.
 MIN_FIELD_SIDE = 32
-#: How far a measured ruler may move the detector's view of a field from the view it gets as it is (letterboxed
-#: to the input size): magnification differs 2-4x between labs. A measurement outside is taken for noise or
-#: texture (random noise reads as red cells of ~10 px, 8.6x on a 640x480 field) and not followed; a known
-#: ``rbc_diameter_px`` / ``pixel_size_um`` always is.
+#: How far a measured ruler may put a field's red cells from the training fields' size, or move the detector's
+#: view of the field from the view it gets as it is (letterboxed to the input size): magnification differs 2-4x
+#: between labs. A measurement outside on both counts is taken for noise or texture (random noise reads as red
+#: cells of ~10 px: 8.6x on a 640x480 field, more on a larger one) and not followed; a known ``rbc_diameter_px`` /
+#: ``pixel_size_um`` always is. Either count alone would refuse real fields: a photo of the same field with 6x
+#: the pixels has red cells 6x larger and needs no change of view; a 3840x2880 camera image at the training
+#: magnification has red cells of the training size and needs its view enlarged 6x.
 RESCALE_RANGE = (0.2, 5.0)
 _AUTO_PASSES = 2  # detections after the first, at most
 
 
-def _implausible_view(factor: float, shape: tuple[int, ...], train_long_side: float) -> float | None:
-    """The change of the detector's view that a measured ``factor`` asks for on a field of ``shape`` when it is
-    outside :data:`RESCALE_RANGE` (for the message), else None."""
+def _implausible_ruler(factor: float, shape: tuple[int, ...], train_long_side: float) -> str | None:
+    """What is implausible about a measured ``factor`` (training red-cell size / the field's) on a field of
+    ``shape``, for a message: both it and the change of the detector's view it asks for are outside
+    :data:`RESCALE_RANGE`; else None."""
     view = factor * max(shape[:2]) / train_long_side
-    return None if RESCALE_RANGE[0] <= view <= RESCALE_RANGE[1] else view
+    lo, hi = RESCALE_RANGE
+    if lo <= factor <= hi or lo <= view <= hi:
+        return None
+    return (f"red cells measured {factor:.2f}x from the training size, {view:.2f}x off the detector's view of the "
+            f"field: both outside the {lo}-{hi}x")
 
 
 def _found_wbc(dets: list, meta: dict[str, float]) -> bool:
@@ -286,12 +294,11 @@ def _auto_rescale(detector: Any, rgb: np.ndarray, dets: list, cfg: PipelineConfi
                 break
         else:
             break
-        view = _implausible_view(need, rgb.shape, meta["train_long_side_px"])
-        if view is not None:
+        implausible = _implausible_ruler(need, rgb.shape, meta["train_long_side_px"])
+        if implausible:
             kept = "not rescaled" if imgsz is None else f"kept at the scale of its previous look ({factor:.2f}x)"
-            warnings.warn(f"red cells measured {view:.2f}x off the detector's view of the field, outside the "
-                          f"{RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x that rescale='auto' follows: {kept} (pass "
-                          "rbc_diameter_px or pixel_size_um if the field's scale is known)", stacklevel=3)
+            warnings.warn(f"{implausible} that rescale='auto' follows: {kept} (pass rbc_diameter_px or pixel_size_um "
+                          "if the field's scale is known)", stacklevel=3)
             break
         if abs(np.log(need / seen)) <= np.log(AUTO_RESCALE_TOLERANCE):
             break
@@ -561,15 +568,14 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         # no snapping to 1.0: changing the input size costs nothing, unlike resampling the field
         factor = rescale_factor(rgb, target_rbc_diameter=meta["rbc_diameter_px"], rbc_diameter_px=cfg.rbc_diameter_px,
                                 pixel_size_um=cfg.pixel_size_um, tolerance=0.0)
-        view = _implausible_view(factor, rgb.shape, meta["train_long_side_px"])
-        if cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and view is not None:
+        implausible = _implausible_ruler(factor, rgb.shape, meta["train_long_side_px"])
+        if cfg.rbc_diameter_px is None and cfg.pixel_size_um is None and implausible:
             from .scale import ScaleEstimationError
 
             raise ScaleEstimationError(
-                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px: "
-                f"{view:.2f}x off the detector's view of the field, outside "
-                f"the {RESCALE_RANGE[0]}-{RESCALE_RANGE[1]}x a measured ruler is followed over (noise or texture?): pass "
-                "rbc_diameter_px or pixel_size_um if the scale is known")
+                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px: {implausible} a measured "
+                "ruler is followed over (noise or texture?): pass rbc_diameter_px or pixel_size_um if the scale is "
+                "known")
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
                                     train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()
@@ -768,7 +774,7 @@ def iter_fields(
             try:
                 rgb = load_image(image)
                 d = estimate_rbc_diameter(rgb)
-                if _implausible_view(meta["rbc_diameter_px"] / d, rgb.shape, meta["train_long_side_px"]) is None:
+                if _implausible_ruler(meta["rbc_diameter_px"] / d, rgb.shape, meta["train_long_side_px"]) is None:
                     diameters.append(d)  # else noise or texture, not red cells
             except ScaleEstimationError:
                 pass  # blank: analysed at the slide's scale below
