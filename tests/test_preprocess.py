@@ -399,6 +399,49 @@ def test_reinhard_flat_and_tiny_images():
         reinhard_normalize(np.zeros((3, 20, 20), np.uint8))
 
 
+def _in_eyepiece(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A field as a photo through the eyepiece shows it: inside a circle that cuts its corners, and that circle
+    inside a larger black frame."""
+    h, w = field.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    circle = field.copy()
+    circle[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 > (0.55 * w) ** 2] = 0
+    framed = np.zeros((h + 240, w + 320, 3), np.uint8)
+    framed[120:120 + h, 160:160 + w] = circle
+    return circle, framed
+
+
+def test_reinhard_leaves_out_the_black_around_an_eyepiece_circle(bccd_field):
+    """The black outside a photo's lit circle is no part of the smear: it would darken and stretch every colour."""
+    from smearpipe.augment import reinhard_batch
+    from smearpipe.preprocess import _lab_with_statistics
+
+    circle, framed = _in_eyepiece(bccd_field)
+    lit = framed.max(axis=2) > 0
+    assert 0.3 < 1 - lit.mean() < 0.6  # the black is a large part of the photo
+    inside = np.ascontiguousarray(framed[lit].reshape(-1, 1, 3))  # the lit pixels alone, as a 1-px-wide image
+    for ref in (default_reinhard_reference(), field_reinhard_reference()):
+        np.testing.assert_allclose(_lab_with_statistics(framed)[1:], _lab_with_statistics(inside)[1:], rtol=1e-5)
+        # so the lit field is normalised as it would be alone, not brightened against the black
+        np.testing.assert_array_equal(reinhard_normalize(framed, reference=ref)[lit],
+                                      reinhard_normalize(inside, reference=ref).reshape(-1, 3))
+    mean_with_black = cv2.meanStdDev(cv2.cvtColor(framed.astype(np.float32) / 255, cv2.COLOR_RGB2LAB))[0].ravel()
+    assert mean_with_black[0] < _lab_with_statistics(framed)[1][0] - 20  # what the statistics were before
+    # the torch twin (training) does the same, and leaves a crop with a few dark pixels (< 1 %) as it was
+    import torch
+
+    batch = [framed, cv2.resize(bccd_field, framed.shape[1::-1])]  # one photo with black, one without
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
+    got = np.rint(reinhard_batch(x).permute(0, 2, 3, 1).numpy() * 255).astype(int)
+    expected = np.stack([reinhard_normalize(im) for im in batch]).astype(int)
+    assert np.quantile(np.abs(got - expected), 0.999) <= 1
+    dotted = bccd_field.copy()
+    dotted[::12, ::12] = 0  # 0.7 % black pixels: kept in the statistics
+    np.testing.assert_allclose(_lab_with_statistics(dotted)[1],
+                               cv2.meanStdDev(cv2.cvtColor(dotted.astype(np.float32) / 255, cv2.COLOR_RGB2LAB))[0].ravel(),
+                               rtol=1e-6)
+
+
 def _reinhard_reference_implementation(image, ref):
     """reinhard_normalize as first written, in numpy (before its OpenCV fast path): the values must not change."""
     from smearpipe import preprocess as P
@@ -407,13 +450,17 @@ def _reinhard_reference_implementation(image, ref):
     bg = np.multiply(estimate_background(image), 1 / 255).astype(np.float32).reshape(1, 1, 3)
     dist = np.linalg.norm(lab - cv2.cvtColor(bg, cv2.COLOR_RGB2LAB).reshape(3), axis=2)
     stained = (dist >= P._STAINED_MIN_DELTA_E) & (lab[..., 0] >= P._STAINED_MIN_L)
-    share, mask = float(stained.mean()), None
+    # since 2026-11-28: black pixels (outside the lit field), where more than 1 % of the image, are left out
+    lit = lab[..., 0] >= P._UNLIT_MAX_L
+    if not 0 < lit.mean() <= 1 - P._UNLIT_MAX_SHARE:
+        lit = np.ones_like(lit)
+    share, mask = float(stained.sum() / lit.sum()), (None if lit.all() else lit.view(np.uint8))
     if ref.region == "stained" and share >= P._STAINED_MIN_FRACTION:
         mask = stained.view(np.uint8)
     elif (ref.region == "all" and ref.min_stained_fraction is not None
           and P._STAINED_MIN_FRACTION <= share < ref.min_stained_fraction):
         m_s, s_s = (v.ravel() for v in cv2.meanStdDev(lab, mask=stained.view(np.uint8)))
-        m_b, s_b = (v.ravel() for v in cv2.meanStdDev(lab, mask=(~stained).view(np.uint8)))
+        m_b, s_b = (v.ravel() for v in cv2.meanStdDev(lab, mask=(lit & ~stained).view(np.uint8)))
         p = ref.min_stained_fraction
         mean = p * m_s + (1 - p) * m_b
         std = np.sqrt(p * (s_s ** 2 + (m_s - mean) ** 2) + (1 - p) * (s_b ** 2 + (m_b - mean) ** 2))
@@ -430,7 +477,8 @@ def _reinhard_reference_implementation(image, ref):
 def test_reinhard_fast_path_gives_the_reference_implementation_values(bccd_field, pbc_crops):
     rng = np.random.default_rng(3)
     images = [bccd_field, *pbc_crops.values(), bccd_field[100:103, 50:250], bccd_field[::7, ::5].copy(),
-              rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), np.zeros((1, 1, 3), np.uint8)]
+              rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), np.zeros((1, 1, 3), np.uint8),
+              *_in_eyepiece(bccd_field)]
     detector_ref = ReinhardReference.from_dict(  # the shipped detector's: pooled statistics (analyze_smear's path)
         json.loads((REPO / "weights" / "detector-bccd-yolov8n-v5.json").read_text())["preprocessing"]["reinhard_reference"])
     assert detector_ref.min_stained_fraction is not None
@@ -527,7 +575,10 @@ def test_stained_reference_ignores_how_much_glass_or_border_surrounds_the_cells(
         return np.abs(reinhard_normalize(canvas, reference=ref)[inner].astype(int) - reinhard_normalize(small, reference=ref)).mean()
 
     assert shift(stained) < 5  # BloodImage_00000: 0.0 grey levels on glass, 2.6 on black
-    assert shift(whole) > 20  # 36 and 49
+    if fill == "background":
+        assert shift(whole) > 20  # 36
+    else:  # black is outside the lit field and left out of every statistic (before 2026-11-28: 49)
+        assert shift(whole) < 0.5
 
 
 def test_reinhard_region_round_trip_and_refusals(bccd_field):

@@ -502,7 +502,7 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     >>> reinhard_batch(x).shape
     torch.Size([2, 3, 16, 16])
     """
-    from .preprocess import _REINHARD_MIN_STD, default_reinhard_reference
+    from .preprocess import _REINHARD_MIN_STD, _UNLIT_MAX_L, _UNLIT_MAX_SHARE, default_reinhard_reference
 
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"reinhard_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
@@ -514,8 +514,18 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
         raise ValueError("reinhard_batch normalises with statistics of all pixels; this reference's region is "
                          f"{ref.region!r}, min_stained_fraction {ref.min_stained_fraction}")
     lab = _rgb_to_lab(x.float())
-    m = lab.mean(dim=(2, 3), keepdim=True)
-    s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(_REINHARD_MIN_STD)
+    # as reinhard_normalize: an image more than 1 % black (outside the lit field) has its statistics without them
+    lit = lab[:, :1] >= _UNLIT_MAX_L
+    n_lit = lit.sum(dim=(2, 3), keepdim=True)
+    unlit = (n_lit > 0) & (n_lit <= (1 - _UNLIT_MAX_SHARE) * lit[0, 0].numel())
+    if bool(unlit.any()):
+        w = torch.where(unlit, lit, torch.ones_like(lit)).to(lab.dtype)
+        w_sum = w.sum(dim=(2, 3), keepdim=True)
+        m = (lab * w).sum(dim=(2, 3), keepdim=True) / w_sum
+        s = (((lab - m) ** 2 * w).sum(dim=(2, 3), keepdim=True) / w_sum).sqrt().clamp_min(_REINHARD_MIN_STD)
+    else:
+        m = lab.mean(dim=(2, 3), keepdim=True)
+        s = lab.std(dim=(2, 3), correction=0, keepdim=True).clamp_min(_REINHARD_MIN_STD)
     ref_m = torch.as_tensor(np.asarray(ref.mean, np.float32), device=x.device).view(1, 3, 1, 1)
     ref_s = torch.as_tensor(np.asarray(ref.std, np.float32), device=x.device).view(1, 3, 1, 1)
     out = (lab - m) * (ref_s / s) + ref_m
