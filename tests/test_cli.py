@@ -269,18 +269,17 @@ def test_preprocess_takes_folders_and_refuses_before_writing(tmp_path, capsys):
 
 def test_analyze_warnings_name_their_field(tmp_path, capsys):
     """The shipped pipeline warns about a field whose red cells read implausibly; the CLI says which field."""
-    from smearpipe.io import read_image, write_image
+    from smearpipe.io import write_image
 
-    field = read_image(FIELD)
-    strip = tmp_path / "strip.png"
-    write_image(strip, np.ascontiguousarray(np.tile(field[:300], (1, 7, 1))[:, :4000]))
-    assert cli_main(["analyze", str(FIELD), str(strip), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    noise = tmp_path / "noise.png"  # random noise: read as red cells 8.6x too small, and no red cell boxed
+    write_image(noise, np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    assert cli_main(["analyze", str(FIELD), str(noise), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {strip}: red cells measured" in err
+    assert f"warning: {noise}: red cells measured" in err
     assert f"warning: {FIELD}" not in err
     # kept with the results: the field JSON lists its warnings, as analyze_smear gave them
-    assert [w[:19] for w in json.loads((tmp_path / "out" / "strip.json").read_text())["warnings"]] \
-        == ["red cells measured "]
+    measured, no_red = json.loads((tmp_path / "out" / "noise.json").read_text())["warnings"]
+    assert measured.startswith("red cells measured ") and no_red.startswith(f"{noise}: no red cells found")
     assert json.loads((tmp_path / "out" / f"{FIELD.stem}.json").read_text())["warnings"] == []
 
 
