@@ -1,5 +1,5 @@
-"""What averaging (or distilling) PBC-only networks could give at best: every network's mean probability, on PBC val
-and on the protocol's BCCD dev crops.
+"""What averaging (or distilling) PBC-only networks might give: every network's mean probability, on PBC val and
+on the protocol's BCCD dev crops.
 
 Usage:
   python scripts/ensemble_bound.py runs/seed/*/*.safetensors runs/ep24/*/*.safetensors ... \\
@@ -10,8 +10,8 @@ BCCD train/val fields (the protocol's "dev" crops) with its recorded preprocessi
 protocol model is scored, when the record lacks it). Reported per model and for the mean probability of all of
 them, with the crops every model types right, the crops at least one types right and those the majority types
 right. A knowledge-distilled single network rarely beats the ensemble it learns from, so the ensemble of many
-differently trained networks bounds what averaging or distillation could add. Validation data only: no test split
-is read.
+differently trained networks indicates (a rule of thumb, not a bound) what averaging or distillation could add.
+Validation data only: no test split is read.
 """
 
 from __future__ import annotations

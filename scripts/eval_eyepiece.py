@@ -4,14 +4,15 @@ Usage:
   python scripts/eval_eyepiece.py [--split val] [--out reports/eyepiece] [--overwrite]
 
 A phone or camera held to the eyepiece records the field as a lit circle in black. Each BCCD field of ``--split``
-is analysed (default pipeline, ``rescale="auto"``) three ways: as it is; inside a circle of 0.55 times its width
-(the circle cuts its corners, as an eyepiece's field stop does); and that circle inside a black frame (160 px left
-and right, 120 px above and below: 960x720 px, 57 % of it black). Counted: WBC and RBC boxes in total, and the
+is analysed (default pipeline, ``rescale="auto"``) four ways: as it is; inside a circle of 0.55 times its width
+(the circle cuts its corners, as an eyepiece's field stop does); that circle inside a black frame (160 px left
+and right, 120 px above and below: 960x720 px, 57 % of it black); and as it is, 4x underexposed (every value x
+0.25: the darkest nuclei of some fields are then as dark as the black around a circle, but inside the field). Counted: WBC and RBC boxes in total, and the
 fields whose WBC count equals the annotated one. The circle loses the cells in the corners, so "circle" rather
 than "as it is" is the reference for the framed photo. Each is measured twice: with the colour statistics of the
-field normalisation as they are now (black pixels, where more than 1 % of the image, left out:
-``smearpipe.preprocess._UNLIT_MAX_SHARE``) and as before 2026-11-28 (every pixel counted; the constant set above 1
-for that pass only). Writes ``<out>/<detector>/<split>.json``; an existing report is kept unless ``--overwrite``.
+field normalisation as they are now (black reaching the image's edge, where more than 1 % of the image, left out:
+``smearpipe.preprocess._lit_mask``) and as before 2026-11-28 (every pixel counted;
+``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that pass only). Writes ``<out>/<detector>/<split>.json``; an existing report is kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -31,18 +32,19 @@ from smearpipe.pipeline import analyze_smear, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd" / "BCCD"
-VIEWS = ("as_is", "circle", "framed")
+VIEWS = ("as_is", "circle", "framed", "dim")
 
 
 def eyepiece_views(field: np.ndarray) -> dict[str, np.ndarray]:
-    """The field as it is, inside a circle of 0.55 x its width on black, and that inside a black frame."""
+    """The field as it is, inside a circle of 0.55 x its width on black, that inside a black frame, and the field
+    4x underexposed."""
     h, w = field.shape[:2]
     yy, xx = np.mgrid[:h, :w]
     circle = field.copy()
     circle[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 > (0.55 * w) ** 2] = 0
     framed = np.zeros((h + 240, w + 320, 3), np.uint8)
     framed[120:120 + h, 160:160 + w] = circle
-    return {"as_is": field, "circle": circle, "framed": framed}
+    return {"as_is": field, "circle": circle, "framed": framed, "dim": (field * 0.25).astype(np.uint8)}
 
 
 def main() -> None:

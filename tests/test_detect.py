@@ -161,19 +161,31 @@ def test_a_finished_detector_run_is_not_resumed(smoke_run, tiny_data, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing written where the call was made
 
 
-def test_a_resumed_detector_run_counts_its_earlier_training_time(smoke_run, tmp_path):
-    from smearpipe.train import _logged_train_seconds
+def test_the_training_clock_of_a_detector_run_counts_every_segment(smoke_run, tmp_path):
+    """What a resumed run's record adds as time logged before the resume (train_detector's resume path itself
+    needs an interrupted ultralytics run, which no test makes)."""
+    from smearpipe.train import _start_train_clock
 
-    # ultralytics' time column restarts at each (re)start: two segments of 30 + 25 s
-    csv_path = tmp_path / "results.csv"
-    csv_path.write_text("epoch,time,metrics/mAP50(B)\n1,10.0,0.1\n2,30.0,0.2\n3,12.5,0.3\n4,25.0,0.4\n")
-    assert _logged_train_seconds(csv_path) == pytest.approx(55.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert _start_train_clock(run) == 0.0  # a new run
+    csv_path = run / "results.csv"
+    csv_path.write_text("epoch,time,metrics/mAP50(B)\n1,10.0,0.1\n2,30.0,0.2\n")
+    assert _start_train_clock(run) == pytest.approx(30.0)  # first resume: the first segment's 30 s
+    # the second segment's first epoch (40 s) took longer than the whole first segment: still a new segment
+    csv_path.write_text(csv_path.read_text() + "3,40.0,0.3\n4,not a number,0.4\n")
+    assert _start_train_clock(run) == pytest.approx(70.0)
+    assert _start_train_clock(run) == pytest.approx(70.0)  # resumed again before any new epoch: nothing added
+    # a run from before train_time.json: restarts are where the time column falls back
+    (run / "train_time.json").unlink()
+    csv_path.write_text("epoch,time\n1,10.0\n2,30.0\n3,12.5\n4,25.0\n")
+    assert _start_train_clock(run) == pytest.approx(55.0)
     csv_path.write_text("                  epoch,                   time\n1,4.5\n")  # older, padded header
-    assert _logged_train_seconds(csv_path) == pytest.approx(4.5)
-    csv_path.write_text("epoch,train/box_loss\n1,0.5\n")  # no time column: nothing to add
-    assert _logged_train_seconds(csv_path) == 0.0 and _logged_train_seconds(tmp_path / "missing.csv") == 0.0
-    # the smoke run's own log: one segment, as long as its record's time or shorter (setup and final validation)
-    logged = _logged_train_seconds(smoke_run.run_dir / "results.csv") / 60
+    (run / "train_time.json").unlink()
+    assert _start_train_clock(run) == pytest.approx(4.5)
+    # the smoke run: started once, its record's time at least what it logged (plus setup and final validation)
+    assert json.loads((smoke_run.run_dir / "train_time.json").read_text()) == {"seconds": 0.0, "rows": 0}
+    logged = max(float(r.split(",")[1]) for r in (smoke_run.run_dir / "results.csv").read_text().splitlines()[1:]) / 60
     assert 0 < logged <= json.loads(smoke_run.record.read_text())["training"]["wall_minutes"] + 0.05
 
 

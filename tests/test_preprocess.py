@@ -414,14 +414,14 @@ def _in_eyepiece(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_reinhard_leaves_out_the_black_around_an_eyepiece_circle(bccd_field):
     """The black outside a photo's lit circle is no part of the smear: it would darken and stretch every colour."""
     from smearpipe.augment import reinhard_batch
-    from smearpipe.preprocess import _lab_with_statistics
+    from smearpipe.preprocess import _lab_with_statistics, _to_lab
 
     circle, framed = _in_eyepiece(bccd_field)
     lit = framed.max(axis=2) > 0
     assert 0.3 < 1 - lit.mean() < 0.6  # the black is a large part of the photo
     inside = np.ascontiguousarray(framed[lit].reshape(-1, 1, 3))  # the lit pixels alone, as a 1-px-wide image
+    np.testing.assert_allclose(_lab_with_statistics(framed)[1:], _lab_with_statistics(inside)[1:], rtol=1e-5)
     for ref in (default_reinhard_reference(), field_reinhard_reference()):
-        np.testing.assert_allclose(_lab_with_statistics(framed)[1:], _lab_with_statistics(inside)[1:], rtol=1e-5)
         # so the lit field is normalised as it would be alone, not brightened against the black
         np.testing.assert_array_equal(reinhard_normalize(framed, reference=ref)[lit],
                                       reinhard_normalize(inside, reference=ref).reshape(-1, 3))
@@ -431,15 +431,28 @@ def test_reinhard_leaves_out_the_black_around_an_eyepiece_circle(bccd_field):
     import torch
 
     batch = [framed, cv2.resize(bccd_field, framed.shape[1::-1])]  # one photo with black, one without
+    batch.append(np.zeros_like(framed))  # all black: statistics of all its pixels
+    batch.append((cv2.resize(bccd_field, framed.shape[1::-1]) * 0.19).astype(np.uint8))  # dark nuclei, no frame
     x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
     got = np.rint(reinhard_batch(x).permute(0, 2, 3, 1).numpy() * 255).astype(int)
     expected = np.stack([reinhard_normalize(im) for im in batch]).astype(int)
     assert np.quantile(np.abs(got - expected), 0.999) <= 1
+
+    def all_pixels(image):
+        return cv2.meanStdDev(cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2LAB))[0].ravel()
+
     dotted = bccd_field.copy()
     dotted[::12, ::12] = 0  # 0.7 % black pixels: kept in the statistics
-    np.testing.assert_allclose(_lab_with_statistics(dotted)[1],
-                               cv2.meanStdDev(cv2.cvtColor(dotted.astype(np.float32) / 255, cv2.COLOR_RGB2LAB))[0].ravel(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(_lab_with_statistics(dotted)[1], all_pixels(dotted), rtol=1e-6)
+    # an underexposed field: its darkest nuclei are black too (> 1 %), but inside the field, so they count
+    dim = (bccd_field * 0.19).astype(np.uint8)  # 5x underexposed: 3.7 % of it darker than L* 10
+    assert (_to_lab(dim)[..., 0] < 10).mean() > 0.01
+    np.testing.assert_allclose(_lab_with_statistics(dim)[1], all_pixels(dim), rtol=1e-6)
+    # and in a black frame, the frame is left out (with the few dark pixels of cells cut by the field's edge)
+    framed_dim = np.zeros_like(framed)
+    framed_dim[120:600, 160:800] = dim
+    np.testing.assert_allclose(_lab_with_statistics(framed_dim)[1], all_pixels(dim), atol=0.05)
+    assert abs(all_pixels(framed_dim)[0] - all_pixels(dim)[0]) > 5  # what counting the frame would do
 
 
 def _reinhard_reference_implementation(image, ref):
@@ -450,10 +463,17 @@ def _reinhard_reference_implementation(image, ref):
     bg = np.multiply(estimate_background(image), 1 / 255).astype(np.float32).reshape(1, 1, 3)
     dist = np.linalg.norm(lab - cv2.cvtColor(bg, cv2.COLOR_RGB2LAB).reshape(3), axis=2)
     stained = (dist >= P._STAINED_MIN_DELTA_E) & (lab[..., 0] >= P._STAINED_MIN_L)
-    # since 2026-11-28: black pixels (outside the lit field), where more than 1 % of the image, are left out
-    lit = lab[..., 0] >= P._UNLIT_MAX_L
-    if not 0 < lit.mean() <= 1 - P._UNLIT_MAX_SHARE:
-        lit = np.ones_like(lit)
+    # since 2026-11-28: black pixels reaching the image's edge (outside the lit field), where more than 1 % of the
+    # image, are left out
+    from scipy import ndimage
+
+    dark = lab[..., 0] < P._UNLIT_MAX_L
+    labels, _ = ndimage.label(dark, structure=np.ones((3, 3)))
+    unlit = np.isin(labels, sorted(set(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])) - {0}))
+    if P._UNLIT_MAX_SHARE < dark.mean() < 1 and unlit.mean() > P._UNLIT_MAX_SHARE:
+        lit = ~unlit
+    else:
+        lit = np.ones_like(dark)
     share, mask = float(stained.sum() / lit.sum()), (None if lit.all() else lit.view(np.uint8))
     if ref.region == "stained" and share >= P._STAINED_MIN_FRACTION:
         mask = stained.view(np.uint8)

@@ -474,7 +474,7 @@ def _lab_to_rgb(lab: Any) -> Any:
 def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     """:func:`~smearpipe.preprocess.reinhard_normalize` on a float batch, in torch.
 
-    Each image's L*a*b* mean and standard deviation become the reference's. Used by
+    Each image's L*a*b* mean and standard deviation (over its lit field, as there) become the reference's. Used by
     ``train_classifier(normalize_after_augment=True)`` to normalise crops *after* colour augmentation.
 
     Parameters
@@ -502,7 +502,7 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
     >>> reinhard_batch(x).shape
     torch.Size([2, 3, 16, 16])
     """
-    from .preprocess import _REINHARD_MIN_STD, _UNLIT_MAX_L, _UNLIT_MAX_SHARE, default_reinhard_reference
+    from .preprocess import _REINHARD_MIN_STD, _UNLIT_MAX_L, _UNLIT_MAX_SHARE, _lit_mask, default_reinhard_reference
 
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"reinhard_batch takes a float tensor (B, 3, H, W) in [0, 1], got "
@@ -511,15 +511,20 @@ def reinhard_batch(x: Any, *, reference: Any = None) -> Any:
         raise ValueError(f"reinhard_batch takes values in [0, 1], got {float(x.min()):.3g}..{float(x.max()):.3g}")
     ref = reference if reference is not None else default_reinhard_reference()
     if ref.region != "all" or ref.min_stained_fraction is not None:
-        raise ValueError("reinhard_batch normalises with statistics of all pixels; this reference's region is "
+        raise ValueError("reinhard_batch normalises with statistics of all (lit) pixels; this reference's region is "
                          f"{ref.region!r}, min_stained_fraction {ref.min_stained_fraction}")
     lab = _rgb_to_lab(x.float())
-    # as reinhard_normalize: an image more than 1 % black (outside the lit field) has its statistics without them
-    lit = lab[:, :1] >= _UNLIT_MAX_L
-    n_lit = lit.sum(dim=(2, 3), keepdim=True)
-    unlit = (n_lit > 0) & (n_lit <= (1 - _UNLIT_MAX_SHARE) * lit[0, 0].numel())
-    if bool(unlit.any()):
-        w = torch.where(unlit, lit, torch.ones_like(lit)).to(lab.dtype)
+    # as reinhard_normalize: the black outside an image's lit field is left out of its statistics (preprocess._lit_mask;
+    # only images more than 1 % that dark are looked at, on the CPU)
+    masks = {}
+    for i in torch.nonzero((lab[:, 0] < _UNLIT_MAX_L).float().mean(dim=(1, 2)) > _UNLIT_MAX_SHARE).flatten().tolist():
+        keep = _lit_mask(lab[i, 0].detach().cpu().numpy())
+        if keep is not None:
+            masks[i] = torch.from_numpy(keep)
+    if masks:
+        w = torch.ones_like(lab[:, :1])
+        for i, keep in masks.items():
+            w[i, 0] = keep.to(w)
         w_sum = w.sum(dim=(2, 3), keepdim=True)
         m = (lab * w).sum(dim=(2, 3), keepdim=True) / w_sum
         s = (((lab - m) ** 2 * w).sum(dim=(2, 3), keepdim=True) / w_sum).sqrt().clamp_min(_REINHARD_MIN_STD)

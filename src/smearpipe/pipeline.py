@@ -85,17 +85,19 @@ class PipelineConfig:
           most red cells), :func:`~smearpipe.scale.estimate_rbc_diameter` against the record's
           ``rbc_diameter_px`` decides whether to look again; a field without either is kept as it is, and so is
           one whose measurement puts the red cells outside :data:`RESCALE_RANGE` (0.2-5x) of the training size
-          and would move the detector's view by more than that range too (a warning says so). A rescaled view with too few red-cell boxes to confirm it that has lost every WBC the first
-          detection found (at the record's WBC threshold) is taken for a wrong scale: the first detection stays
-          (at a higher magnification, granulometry may read a WBC filling the field as the red-cell size).
+          and would move the detector's view by more than that range too (a warning says so). A rescaled view
+          with too few red-cell boxes to confirm it that has lost every WBC the first detection found (at the
+          record's WBC threshold) is taken for a wrong scale: the first detection stays (at a higher
+          magnification, granulometry may read a WBC filling the field as the red-cell size).
           Needs ``rbc_box_px`` and ``train_long_side_px`` in the detector record; without them fields are
           seen as they are (``load_pipeline`` warns).
         - ``True``: the red-cell diameter comes from ``rbc_diameter_px`` / ``pixel_size_um`` or else from
           :func:`~smearpipe.scale.estimate_rbc_diameter` on the image alone (no detector; ~50-100 ms per
           640x480 field; single-field estimates scatter, see ``slide_scale_fields``), and every field is
           detected once at that scale. Needs ``rbc_diameter_px`` and ``train_long_side_px`` in the record. A
-          measured scale outside :data:`RESCALE_RANGE` on both counts (as above) raises ``ScaleEstimationError`` (a slide's median leaves
-          such fields out); a given diameter or pixel size is always followed.
+          measured scale outside :data:`RESCALE_RANGE` on both counts (as above) raises
+          ``ScaleEstimationError`` (a slide's median leaves such fields out); a given diameter or pixel size is
+          always followed.
         - ``False``: every field is letterboxed to the detector's input size as it is.
     rbc_diameter_px, pixel_size_um : float, optional
         The field's known red-cell diameter in pixels, or pixel size in micrometres (7.5 um red cells);
@@ -243,7 +245,8 @@ def _implausible_ruler(factor: float, shape: tuple[int, ...], train_long_side: f
     lo, hi = RESCALE_RANGE
     if lo <= factor <= hi or lo <= view <= hi:
         return None
-    return (f"red cells measured {factor:.2f}x from the training size, {view:.2f}x off the detector's view of the "
+    size = f"{factor:.2f}x smaller" if factor >= 1 else f"{1 / factor:.2f}x larger"
+    return (f"red cells measured {size} than in training and a {view:.2f}x change of the detector's view of the "
             f"field: both outside the {lo}-{hi}x")
 
 
@@ -527,7 +530,7 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         :data:`MIN_FIELD_SIDE` px per side), missing weights (``WeightsError``, also for rescaling with a
         detector whose record lacks the training scale), and, with ``rescale=True`` measured on the field
         itself, a field without measurable red cells or whose measured scale is outside :data:`RESCALE_RANGE`
-        (``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
+        on both counts (red-cell size and view; ``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
 
     Warns
     -----
@@ -573,9 +576,9 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
             from .scale import ScaleEstimationError
 
             raise ScaleEstimationError(
-                f"the field's red cells measure {meta['rbc_diameter_px'] / factor:.1f} px: {implausible} a measured "
-                "ruler is followed over (noise or texture?): pass rbc_diameter_px or pixel_size_um if the scale is "
-                "known")
+                f"{implausible} a measured ruler is followed over (the field's red cells read "
+                f"{meta['rbc_diameter_px'] / factor:.1f} px: noise or texture?): pass rbc_diameter_px or pixel_size_um "
+                "if the scale is known")
         imgsz = detector_input_size(rgb.shape, factor=factor, input_size=p.detector.record.input_size,
                                     train_long_side=meta["train_long_side_px"])
     t1 = time.perf_counter()

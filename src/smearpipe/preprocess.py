@@ -502,15 +502,17 @@ class ReinhardReference:
     ``mean`` and ``std`` are in L* (0-100), a*, b* units: the average over reference images of each
     image's own statistics. ``source`` says how they were obtained. ``region`` says over which pixels
     the statistics are taken, of the reference images and of every image normalised onto them:
-    ``"all"`` (every pixel), or ``"stained"`` (cells only: pixels that differ from the image's own
-    background colour, :func:`estimate_background`, by a colour distance of at least 10 and are not
+    ``"all"`` (every pixel of the lit field), or ``"stained"`` (cells only: pixels that differ from the image's
+    own background colour, :func:`estimate_background`, by a colour distance of at least 10 and are not
     black; see :func:`stained_mask`). With ``"stained"``, how much bare glass or padding a field shows
-    (a sparse area of the smear, a black field stop, a shrunk field on a canvas) no longer changes the
-    mapping. An image with fewer than 1 % stained pixels (a blank one) uses the statistics of all its pixels.
+    (a sparse area of the smear, a shrunk field on a canvas) no longer changes the mapping. In both, black
+    reaching the image's edge (outside the lit field: a photo's eyepiece circle, black padding) is left out
+    where it is more than 1 % of the image. An image with fewer than 1 % stained pixels (a blank one) uses the
+    statistics of all its pixels.
 
     ``min_stained_fraction`` (with ``region="all"`` only) keeps the statistics of all pixels for images
     like the reference images, but caps how much bare background can weigh: where stained pixels
-    (:func:`stained_mask`) make up less than this fraction of an image, its background pixels are
+    (:func:`stained_mask`) make up less than this fraction of an image's lit field, its background pixels are
     down-weighted so that they do (the pooled mean and variance of the two groups at that share). A field
     from a sparse area of the smear, or a shrunk field on a canvas, is then mapped as a field with the
     reference's least stained share would be, while every image at or above it keeps the plain statistics.
@@ -567,11 +569,31 @@ _STAINED_MIN_L = 15.0
 _STAINED_MIN_DIST2 = np.nextafter(np.float32(_STAINED_MIN_DELTA_E ** 2), np.float32(0))  # see _far_from
 # fewer stained pixels than this fraction (a blank image): statistics of all pixels instead
 _STAINED_MIN_FRACTION = 0.01
-# Pixels darker than this L* are outside the lit field (the black around an eyepiece's circle in a photo through
-# it, a dark frame); where they are more than this share of the image, the statistics leave them out. None of the
-# 364 BCCD fields, the 351 BCCD crops and every fifth PBC image (2,060) has more than 0.001 % of them.
+# Pixels darker than this L* that reach the image's edge are outside the lit field (the black around an
+# eyepiece's circle in a photo through it, a dark frame, black padding); where they are more than this share of
+# the image, the statistics leave them out. None of the 364 BCCD fields, the 351 BCCD crops and every fifth PBC
+# image (2,060) has more than 0.001 % of pixels that dark at all.
 _UNLIT_MAX_L = 10.0
 _UNLIT_MAX_SHARE = 0.01
+
+
+def _lit_mask(lightness: np.ndarray) -> np.ndarray | None:
+    """(H, W) bool: the pixels Reinhard statistics use, from an L* channel; None for all of them.
+
+    Left out: pixels darker than ``_UNLIT_MAX_L`` connected (8-neighbourhood) to the image's edge, where they are
+    more than ``_UNLIT_MAX_SHARE`` of the image and not all of it. Dark pixels inside the field (the nuclei of an
+    underexposed field) stay: they are part of what is normalised."""
+    dark = lightness < _UNLIT_MAX_L
+    n_dark = int(np.count_nonzero(dark))
+    if n_dark <= _UNLIT_MAX_SHARE * dark.size or n_dark == dark.size:
+        return None
+    _, labels = cv2.connectedComponents(dark.view(np.uint8), connectivity=8)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    unlit = np.isin(labels, edge[edge > 0])
+    n_unlit = int(np.count_nonzero(unlit))
+    if n_unlit <= _UNLIT_MAX_SHARE * dark.size:
+        return None
+    return ~unlit
 
 
 _REINHARD_REFERENCE_FILE = "reinhard_reference_pbc.json"
@@ -639,8 +661,8 @@ def lab_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarra
     image : (H, W, 3) uint8 ndarray
         RGB.
     region : {"all", "stained"}
-        All pixels, or the stained ones only (:func:`stained_mask`; all pixels when fewer than 1 % are
-        stained), as :class:`ReinhardReference` ``region`` defines them.
+        All pixels of the lit field, or the stained ones only (:func:`stained_mask`; all pixels when fewer than
+        1 % are stained), as :class:`ReinhardReference` ``region`` defines them.
 
     Returns
     -------
@@ -711,14 +733,12 @@ def _lab_with_statistics(image: np.ndarray, *, region: str = "all", min_stained_
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W, 3) float32 L*a*b* of an RGB uint8 image, and its per-channel mean and standard deviation
     over ``region`` (all pixels, or the stained ones when there are enough), with the background's weight
-    capped by ``min_stained_fraction`` (:class:`ReinhardReference`). Unlit pixels (black: L* under
-    ``_UNLIT_MAX_L``) are left out where they are more than ``_UNLIT_MAX_SHARE`` of the image and not all of it:
-    the black around a photo's eyepiece circle would otherwise darken and stretch every colour of the field."""
+    capped by ``min_stained_fraction`` (:class:`ReinhardReference`). The black outside the lit field is left out
+    (:func:`_lit_mask`): the black around a photo's eyepiece circle would otherwise darken and stretch every colour
+    of the field."""
     lab = _to_lab(image)
-    lit = lab[..., 0] >= _UNLIT_MAX_L
-    n_lit = int(np.count_nonzero(lit))
-    if n_lit == lit.size or n_lit == 0 or n_lit > (1 - _UNLIT_MAX_SHARE) * lit.size:
-        lit, n_lit = None, lit.size
+    lit = _lit_mask(lab[..., 0])
+    n_lit = lab.shape[0] * lab.shape[1] if lit is None else int(np.count_nonzero(lit))
     mask = None if lit is None else lit.view(np.uint8)
     if region == "stained" or min_stained_fraction is not None:
         stained = _stained(image, lab)  # never black (L* >= _STAINED_MIN_L)
@@ -753,7 +773,9 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | Mapp
     of brightness, contrast and colour cast between labs and cameras, which is what makes a classifier
     trained in one lab call every cell of another lab the same type (see ``reports/cross_lab``).
     Applied to each WBC crop (the ``"reinhard"`` step of :class:`Preprocessing`), the result does not
-    depend on the crop's lab-wide brightness or contrast.
+    depend on the crop's lab-wide brightness or contrast. Black outside the lit field (pixels darker than
+    L* 10 connected to the image's edge, where more than 1 % of the image: the surround of a photo's eyepiece
+    circle, black padding) is left out of the statistics; dark pixels inside the field are not.
 
     Parameters
     ----------

@@ -171,25 +171,52 @@ class DetectorTrainResult:
         return {"run_dir": str(self.run_dir), "weights": str(self.weights), "record": str(self.record), "metrics": dict(self.metrics)}
 
 
-def _logged_train_seconds(results_csv: Path) -> float:
-    """Training seconds an ultralytics run logged in ``results.csv``: its ``time`` column counts from the start of
-    each (re)start, so the total is the sum of each segment's last value (0 without the file or column). Time spent
-    after the last logged epoch of an interrupted segment is not in the file."""
+#: In a detector run's folder: the training seconds logged before the latest (re)start and how many rows
+#: results.csv had then, so that a resumed run's record counts the whole run.
+_TRAIN_TIME_FILE = "train_time.json"
+
+
+def _logged_times(results_csv: Path) -> list[float]:
+    """The ``time`` column of an ultralytics ``results.csv`` (seconds since that row's (re)start), one value per
+    row; rows without a number there are skipped. [] without the file or column."""
     import csv
 
     if not results_csv.is_file():
-        return 0.0
-    total, last = 0.0, 0.0
+        return []
+    times = []
     with results_csv.open(newline="") as f:
         for row in csv.DictReader(f):
+            value = next((v for k, v in row.items() if k and k.strip() == "time"), None)
             try:
-                t = float(next(v for k, v in row.items() if k and k.strip() == "time"))
-            except (StopIteration, TypeError, ValueError):
-                return 0.0
+                times.append(float(value))
+            except (TypeError, ValueError):
+                continue
+    return times
+
+
+def _start_train_clock(run_dir: Path) -> float:
+    """Record a (re)start of the detector run in ``run_dir``; returns the training seconds logged before it.
+
+    ultralytics restarts ``results.csv``'s ``time`` at each start, so each start writes what came before it
+    (:data:`_TRAIN_TIME_FILE`): the seconds logged up to the previous start plus the last ``time`` logged since.
+    A run started before this file existed is read from the column alone, where a value lower than the one
+    before it marks a restart (a restart whose first epoch took longer than all of the segment before is missed).
+    Time after a segment's last logged epoch is not counted."""
+    times = _logged_times(run_dir / "results.csv")
+    marker = run_dir / _TRAIN_TIME_FILE
+    if marker.is_file():
+        before = json.loads(marker.read_text())
+        since = times[int(before["rows"]):]
+        seconds = float(before["seconds"]) + (since[-1] if since else 0.0)
+    else:
+        seconds, last = 0.0, 0.0
+        for t in times:
             if t < last:  # a resumed segment begins
-                total += last
+                seconds += last
             last = t
-    return total + last
+        seconds += last
+    marker.write_text(json.dumps({"seconds": seconds, "rows": len(times)}))
+    return seconds
 
 
 def train_detector(
@@ -228,8 +255,9 @@ def train_detector(
         Continue the interrupted run ``out_dir/name`` from its ``weights/last.pt``, with the settings it was
         started with (ValueError naming those that differ: ultralytics would ignore them). A finished run
         cannot be resumed (DatasetError). A new run that fails before its first checkpoint removes its folder.
-        The record's ``wall_minutes`` then adds the training time the run logged before (``results.csv``; time
-        after its last logged epoch is lost) and ``resumed`` is true.
+        The record's ``wall_minutes`` then adds the training time the run logged before (``results.csv``, with
+        ``train_time.json`` marking each start; time after a segment's last logged epoch is lost) and
+        ``resumed`` is true.
     preprocessing : Preprocessing, optional
         Applied to every training/validation image (a preprocessed copy is written in the run folder)
         and stored in the record, so :class:`~smearpipe.detect.Detector` applies it at inference. A
@@ -306,8 +334,6 @@ def train_detector(
             data_yaml = run_dir / "data" / "data.yaml"
 
         ultralytics = import_ultralytics()
-        # a resumed run's record counts the training time logged before it too
-        earlier_minutes = _logged_train_seconds(run_dir / "results.csv") / 60 if resume else 0.0
         t0 = time.time()
         if resume:
             yolo = ultralytics.YOLO(str(run_dir / "weights" / "last.pt"))
@@ -315,9 +341,11 @@ def train_detector(
             if ck.get("epoch", -1) < 0 or ck.get("optimizer") is None:  # ultralytics strips both when a run ends
                 raise DatasetError(f"cannot resume {run_dir}: its training finished (weights/last.pt holds no optimizer "
                                    "state); nothing to continue. Start a new run to train longer")
+            earlier_minutes = _start_train_clock(run_dir) / 60  # the record counts the time logged before too
             yolo.train(resume=True)
         else:
             yolo = ultralytics.YOLO(str(model), task="detect")
+            earlier_minutes = _start_train_clock(run_dir) / 60  # 0: a new run
             args = dict(
                 data=str(data_yaml), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch), device=device,
                 workers=int(workers), seed=int(seed), project=str(run_dir.parent.resolve()), name=run_dir.name,
