@@ -530,7 +530,8 @@ def analyze_smear(image: ImageLike, *, pipeline: Pipeline | None = None, config:
         :data:`MIN_FIELD_SIDE` px per side), missing weights (``WeightsError``, also for rescaling with a
         detector whose record lacks the training scale), and, with ``rescale=True`` measured on the field
         itself, a field without measurable red cells or whose measured scale is outside :data:`RESCALE_RANGE`
-        on both counts (red-cell size and view; ``ScaleEstimationError``: give ``rbc_diameter_px`` or ``pixel_size_um`` instead).
+        on both counts (red-cell size and view; ``ScaleEstimationError``: give ``rbc_diameter_px`` or
+        ``pixel_size_um`` instead).
 
     Warns
     -----
