@@ -400,15 +400,12 @@ def test_reinhard_flat_and_tiny_images():
 
 
 def _in_eyepiece(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A field as a photo through the eyepiece shows it: inside a circle that cuts its corners, and that circle
-    inside a larger black frame."""
-    h, w = field.shape[:2]
-    yy, xx = np.mgrid[:h, :w]
-    circle = field.copy()
-    circle[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 > (0.55 * w) ** 2] = 0
-    framed = np.zeros((h + 240, w + 320, 3), np.uint8)
-    framed[120:120 + h, 160:160 + w] = circle
-    return circle, framed
+    """A field as a photo through the eyepiece shows it (``scripts/eval_eyepiece.py``'s views): inside a circle that
+    cuts its corners, and that circle inside a larger black frame."""
+    from .test_cross_lab_scripts import _script
+
+    views = _script("eval_eyepiece").eyepiece_views(field)
+    return views["circle"], views["framed"]
 
 
 def test_reinhard_leaves_out_the_black_around_an_eyepiece_circle(bccd_field):
