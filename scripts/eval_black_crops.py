@@ -7,11 +7,11 @@ Some tools and datasets hand over a WBC crop with black around the cell: a round
 eyepiece's circle), or black padding that makes a crop square. The 1,030 PBC val images (the central 70 %, as in
 training) are typed as they are, inside a centred circle of 0.42 x their side on black (45 % of each crop black),
 padded with black by a quarter of their size on every side (56 % black), and 2.5x underexposed (every value x 0.4:
-no black around them, but their darkest nuclei as dark as that black; the statistics must keep those). Each is
-typed twice: with the per-crop Reinhard statistics as they are now (black reaching the crop's edge, where more than
-1 % of the crop, left out: ``smearpipe.preprocess._lit_mask``) and as before 2026-11-28 (every pixel counted;
-``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that pass only). Validation data only: no test split is read. Writes ``<out>/<classifier>/pbc_val_crops.json``
-(refuses to overwrite).
+no black around them, but their darkest nuclei nearly as dark; the statistics must keep those). Each is typed
+twice: with the per-crop Reinhard statistics as they are now (black reaching the crop's edge left out:
+``smearpipe.preprocess._lit_mask``) and as before 2026-11-28 (every pixel counted;
+``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that pass only). Validation data only: no test split is
+read. Writes ``<out>/<classifier>/pbc_val_crops.json`` (refuses to overwrite).
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ A phone or camera held to the eyepiece records the field as a lit circle in blac
 is analysed (default pipeline, ``rescale="auto"``) four ways: as it is; inside a circle of 0.55 times its width
 (the circle cuts its corners, as an eyepiece's field stop does); that circle inside a black frame (160 px left
 and right, 120 px above and below: 960x720 px, 57 % of it black); and as it is, 4x underexposed (every value x
-0.25: the darkest nuclei of some fields are then as dark as the black around a circle, but inside the field). Counted: WBC and RBC boxes in total, and the
-fields whose WBC count equals the annotated one. The circle loses the cells in the corners, so "circle" rather
+0.25: the darkest nuclei of some fields are then nearly as dark as the black around a circle, but they are the
+field). Counted: WBC and RBC boxes in total, and the fields whose WBC count equals the annotated one. The circle loses the cells in the corners, so "circle" rather
 than "as it is" is the reference for the framed photo. Each is measured twice: with the colour statistics of the
-field normalisation as they are now (black reaching the image's edge, where more than 1 % of the image, left out:
-``smearpipe.preprocess._lit_mask``) and as before 2026-11-28 (every pixel counted;
-``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that pass only). Writes ``<out>/<detector>/<split>.json``; an existing report is kept unless ``--overwrite``.
+field normalisation as they are now (black reaching the image's edge left out: ``smearpipe.preprocess._lit_mask``)
+and as before 2026-11-28 (every pixel counted; ``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that
+pass only). Writes ``<out>/<detector>/<split>.json``; an existing report is kept unless ``--overwrite``.
 """
 
 from __future__ import annotations

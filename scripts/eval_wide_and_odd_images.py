@@ -10,7 +10,9 @@ Three checks of the default pipeline, each a number the README quotes:
   the same fields analysed one by one: WBC / RBC / platelet counts, scale factor, detector input size, seconds.
 - ``non_smear``: eleven scikit-image sample pictures (astronaut, cat, chelsea, coffee, colorwheel,
   hubble_deep_field, immunohistochemistry, retina, rocket, logo without its alpha channel, the left
-  stereo_motorcycle image): WBC and RBC counts, and whether the "no red cells found" warning was given.
+  stereo_motorcycle image): WBC and RBC counts, and whether the "no red cells found" warning was given; also
+  with the black around an image counted in the Reinhard statistics as before 2026-11-28
+  (``smearpipe.preprocess._UNLIT_MAX_SHARE`` set above 1 for that pass only).
 - ``dark_pixels``: the share of pixels darker than L* 10 (the threshold of the black left out of Reinhard
   statistics) in every BCCD field, every ``bccd_wbc_subtypes`` crop and every fifth PBC image: the maximum, and how
   many images exceed 0.001 % and 1 %.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import smearpipe.preprocess as preprocess
 from smearpipe.io import read_image
 from smearpipe.pipeline import analyze_smear, load_pipeline
 from smearpipe.preprocess import _UNLIT_MAX_L, _to_lab
@@ -57,7 +60,7 @@ def main() -> None:
     if out.exists():
         raise SystemExit(f"{out} exists; remove it first")
     pipe = load_pipeline()
-    result = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "models": pipe.models}
+    result = {"what": " ".join(__doc__.split("\n\n")[2:4]).replace("\n", " "), "models": pipe.models}
 
     stems = sorted(p.stem for p in (BCCD / "JPEGImages").glob("*.jpg"))[:36]
     fields = [read_image(BCCD / "JPEGImages" / f"{s}.jpg") for s in stems]
@@ -72,14 +75,21 @@ def main() -> None:
     pictures = {name: getattr(data, name)() for name in PICTURES}
     pictures["logo"] = np.ascontiguousarray(data.logo()[..., :3])
     pictures["stereo_motorcycle"] = data.stereo_motorcycle()[0]
-    rows = {}
-    for name, picture in pictures.items():
-        c = counts(np.ascontiguousarray(picture), pipe)
-        rows[name] = {"WBC": c["WBC"], "RBC": c["RBC"], "no_red_cells_warning": any("no red cells found" in w for w in c["warnings"])}
-    result["non_smear"] = {"pictures": rows, "with_a_wbc": sum(r["WBC"] > 0 for r in rows.values()),
-                           "with_a_red_cell": sum(r["RBC"] > 0 for r in rows.values()),
-                           "warned": sum(r["no_red_cells_warning"] for r in rows.values()), "n": len(rows)}
-    print("non_smear", {k: v for k, v in result["non_smear"].items() if k != "pictures"}, flush=True)
+    now = preprocess._UNLIT_MAX_SHARE
+    for key, share in (("non_smear", now), ("non_smear_black_counted", 1.1)):
+        preprocess._UNLIT_MAX_SHARE = share
+        try:
+            rows = {}
+            for name, picture in pictures.items():
+                c = counts(np.ascontiguousarray(picture), pipe)
+                rows[name] = {"WBC": c["WBC"], "RBC": c["RBC"],
+                              "no_red_cells_warning": any("no red cells found" in w for w in c["warnings"])}
+        finally:
+            preprocess._UNLIT_MAX_SHARE = now
+        result[key] = {"pictures": rows, "with_a_wbc": sum(r["WBC"] > 0 for r in rows.values()),
+                       "with_a_red_cell": sum(r["RBC"] > 0 for r in rows.values()),
+                       "warned": sum(r["no_red_cells_warning"] for r in rows.values()), "n": len(rows)}
+        print(key, {k: v for k, v in result[key].items() if k != "pictures"}, flush=True)
 
     pbc = [SHARED / "pbc" / "PBC_dataset_normal_DIB" / r["path"]
            for r in csv.DictReader(open(SHARED / "pbc" / "splits.csv", newline=""))][::5]

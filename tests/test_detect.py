@@ -176,6 +176,18 @@ def test_the_training_clock_of_a_detector_run_counts_every_segment(smoke_run, tm
     csv_path.write_text(csv_path.read_text() + "3,40.0,0.3\n4,not a number,0.4\n")
     assert _start_train_clock(run) == pytest.approx(70.0)
     assert _start_train_clock(run) == pytest.approx(70.0)  # resumed again before any new epoch: nothing added
+    # a damaged marker (a kill while it was written, a hand edit): warned, read from the time column alone
+    csv_path.write_text("epoch,time\n1,10.0\n2,30.0\n3,12.5\n4,25.0\n")
+    for damaged in ("", "[]", '{"rows": 2}', '{"rows": -1, "seconds": 5}', '{"rows": 9, "seconds": 5}',
+                    '{"rows": 1, "seconds": "x"}', '{"rows": 1, "seconds": NaN}'):
+        (run / "train_time.json").write_text(damaged)
+        with pytest.warns(UserWarning, match="unreadable"):
+            assert _start_train_clock(run) == pytest.approx(55.0)
+        assert json.loads((run / "train_time.json").read_text()) == {"seconds": 55.0, "rows": 4}
+    # rows logged by an ultralytics resume that bypassed train_detector: its restart is still found
+    (run / "train_time.json").write_text('{"rows": 2, "seconds": 30.0}')
+    csv_path.write_text(csv_path.read_text() + "5,8.0\n")
+    assert _start_train_clock(run) == pytest.approx(30.0 + 25.0 + 8.0)
     # a run from before train_time.json: restarts are where the time column falls back
     (run / "train_time.json").unlink()
     csv_path.write_text("epoch,time\n1,10.0\n2,30.0\n3,12.5\n4,25.0\n")

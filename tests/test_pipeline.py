@@ -402,6 +402,20 @@ def test_auto_rescale_does_not_follow_an_implausible_ruler(pipe):
         assert det.sizes == [None, 3072] and r.scale_factor == pytest.approx(1.0) and r.detector_imgsz == 3072
 
 
+@pytest.mark.parametrize(("factor", "shape", "message"), [
+    (8.6, (480, 640), "red cells measured 8.60x smaller than in training and a 8.60x change"),  # noise
+    (0.1, (480, 640), "red cells measured 10.00x larger than in training and a 0.10x change"),
+    (1.0, (2880, 3840), None),  # a wide image at the training magnification: its view changes 6x
+    (0.16, (3000, 4000), None),  # a photo of a field with 6x its pixels: no change of view
+    (8.6, (120, 160), None),  # 8.6x smaller red cells on a field a quarter as wide: a 2.15x change of view
+])
+def test_a_ruler_is_implausible_only_when_both_size_and_view_are_out_of_range(factor, shape, message):
+    from smearpipe.pipeline import _implausible_ruler
+
+    got = _implausible_ruler(factor, shape, 640)
+    assert got == message if message is None else got.startswith(message) and got.endswith("both outside the 0.2-5.0x")
+
+
 def test_noise_is_not_measured_as_red_cells(pipe):
     # random noise reads as ~10 px red cells to the image ruler: neither "auto" nor True follows it
     noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

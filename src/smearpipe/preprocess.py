@@ -507,8 +507,8 @@ class ReinhardReference:
     black; see :func:`stained_mask`). With ``"stained"``, how much bare glass or padding a field shows
     (a sparse area of the smear, a shrunk field on a canvas) no longer changes the mapping. In both, black
     reaching the image's edge (outside the lit field: a photo's eyepiece circle, black padding) is left out
-    where it is more than 1 % of the image. An image with fewer than 1 % stained pixels (a blank one) uses the
-    statistics of all its pixels.
+    where it is more than 1 % of the image (:func:`reinhard_normalize`). An image with fewer than 1 % of its lit
+    field stained (a blank one) uses the statistics of its whole lit field.
 
     ``min_stained_fraction`` (with ``region="all"`` only) keeps the statistics of all pixels for images
     like the reference images, but caps how much bare background can weigh: where stained pixels
@@ -569,29 +569,37 @@ _STAINED_MIN_L = 15.0
 _STAINED_MIN_DIST2 = np.nextafter(np.float32(_STAINED_MIN_DELTA_E ** 2), np.float32(0))  # see _far_from
 # fewer stained pixels than this fraction (a blank image): statistics of all pixels instead
 _STAINED_MIN_FRACTION = 0.01
-# Pixels darker than this L* that reach the image's edge are outside the lit field (the black around an
-# eyepiece's circle in a photo through it, a dark frame, black padding); where they are more than this share of
-# the image, the statistics leave them out. None of the 364 BCCD fields, the 351 BCCD crops and every fifth PBC
-# image (2,060) has more than 0.001 % of pixels that dark at all.
+# Black outside the lit field (the surround of an eyepiece's circle in a photo through it, a dark frame, black
+# padding): pixels darker than _UNLIT_MAX_L connected to the image's edge, left out of the statistics where they
+# are more than _UNLIT_MAX_SHARE of the image, their median is under _UNLIT_BLACK_L (black, not the dark nuclei of
+# an underexposed field) and at least _UNLIT_MIN_LIT of the image stays lit. None of the 364 BCCD fields, the 351
+# BCCD crops and every fifth PBC image (2,060) has more than 0.001 % of pixels under L* 10 at all.
 _UNLIT_MAX_L = 10.0
+_UNLIT_BLACK_L = 3.0
 _UNLIT_MAX_SHARE = 0.01
+_UNLIT_MIN_LIT = 0.05
 
 
 def _lit_mask(lightness: np.ndarray) -> np.ndarray | None:
     """(H, W) bool: the pixels Reinhard statistics use, from an L* channel; None for all of them.
 
     Left out: pixels darker than ``_UNLIT_MAX_L`` connected (8-neighbourhood) to the image's edge, where they are
-    more than ``_UNLIT_MAX_SHARE`` of the image and not all of it. Dark pixels inside the field (the nuclei of an
-    underexposed field) stay: they are part of what is normalised."""
+    more than ``_UNLIT_MAX_SHARE`` of the image, black (median L* under ``_UNLIT_BLACK_L``) and at most
+    ``1 - _UNLIT_MIN_LIT`` of it, in an image at least 3 px on each side. Dark pixels of the field itself (the
+    nuclei of an underexposed field, even where a cell is cut by the edge; a field dark all over) stay."""
+    if min(lightness.shape) < 3:
+        return None  # every pixel of a strip touches its edge
     dark = lightness < _UNLIT_MAX_L
     n_dark = int(np.count_nonzero(dark))
-    if n_dark <= _UNLIT_MAX_SHARE * dark.size or n_dark == dark.size:
+    if n_dark <= _UNLIT_MAX_SHARE * dark.size:
         return None
     _, labels = cv2.connectedComponents(dark.view(np.uint8), connectivity=8)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     unlit = np.isin(labels, edge[edge > 0])
     n_unlit = int(np.count_nonzero(unlit))
-    if n_unlit <= _UNLIT_MAX_SHARE * dark.size:
+    if not _UNLIT_MAX_SHARE * dark.size < n_unlit <= (1 - _UNLIT_MIN_LIT) * dark.size:
+        return None
+    if float(np.median(lightness[unlit])) >= _UNLIT_BLACK_L:
         return None
     return ~unlit
 
@@ -661,8 +669,8 @@ def lab_statistics(image: np.ndarray, *, region: str = "all") -> tuple[np.ndarra
     image : (H, W, 3) uint8 ndarray
         RGB.
     region : {"all", "stained"}
-        All pixels of the lit field, or the stained ones only (:func:`stained_mask`; all pixels when fewer than
-        1 % are stained), as :class:`ReinhardReference` ``region`` defines them.
+        All pixels of the lit field, or the stained ones only (:func:`stained_mask`; the whole lit field when
+        fewer than 1 % of it are stained), as :class:`ReinhardReference` ``region`` defines them.
 
     Returns
     -------
@@ -774,8 +782,9 @@ def reinhard_normalize(image: np.ndarray, *, reference: ReinhardReference | Mapp
     trained in one lab call every cell of another lab the same type (see ``reports/cross_lab``).
     Applied to each WBC crop (the ``"reinhard"`` step of :class:`Preprocessing`), the result does not
     depend on the crop's lab-wide brightness or contrast. Black outside the lit field (pixels darker than
-    L* 10 connected to the image's edge, where more than 1 % of the image: the surround of a photo's eyepiece
-    circle, black padding) is left out of the statistics; dark pixels inside the field are not.
+    L* 10 connected to the image's edge, black as a whole, more than 1 % and at most 95 % of the image: the
+    surround of a photo's eyepiece circle, black padding) is left out of the statistics; the dark nuclei of an
+    underexposed image are not, even where a cell is cut by the edge.
 
     Parameters
     ----------

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from .datasets import DETECTION_CLASSES, _split_dirs, normalize_detection_class, read_data_yaml, read_yolo_labels
 from .errors import DatasetError, ImageReadError, WeightsError
 from .framing import Framing
-from .io import IMAGE_SUFFIXES, read_image, write_image
+from .io import IMAGE_SUFFIXES, read_image, replace_file, write_image
 from .preprocess import Preprocessing
 from .weights import WeightsRecord, sha256_file
 
@@ -194,28 +195,40 @@ def _logged_times(results_csv: Path) -> list[float]:
     return times
 
 
+def _segments_seconds(times: list[float]) -> float:
+    """Seconds in ``results.csv`` time values: the last value of each segment, a segment ending where the time
+    falls back (a restart; one whose first epoch took longer than all of the segment before is not told apart)."""
+    seconds, last = 0.0, 0.0
+    for t in times:
+        if t < last:
+            seconds += last
+        last = t
+    return seconds + last
+
+
 def _start_train_clock(run_dir: Path) -> float:
     """Record a (re)start of the detector run in ``run_dir``; returns the training seconds logged before it.
 
     ultralytics restarts ``results.csv``'s ``time`` at each start, so each start writes what came before it
-    (:data:`_TRAIN_TIME_FILE`): the seconds logged up to the previous start plus the last ``time`` logged since.
-    A run started before this file existed is read from the column alone, where a value lower than the one
-    before it marks a restart (a restart whose first epoch took longer than all of the segment before is missed).
-    Time after a segment's last logged epoch is not counted."""
-    times = _logged_times(run_dir / "results.csv")
+    (:data:`_TRAIN_TIME_FILE`, replaced whole): the seconds logged up to the previous start plus those logged since
+    (:func:`_segments_seconds`). Without a readable marker (a run from before it, a damaged file: warned) the whole
+    column is read that way. Time after a segment's last logged epoch is not counted."""
+    times = [t for t in _logged_times(run_dir / "results.csv") if np.isfinite(t) and t >= 0]
     marker = run_dir / _TRAIN_TIME_FILE
+    seconds = None
     if marker.is_file():
-        before = json.loads(marker.read_text())
-        since = times[int(before["rows"]):]
-        seconds = float(before["seconds"]) + (since[-1] if since else 0.0)
-    else:
-        seconds, last = 0.0, 0.0
-        for t in times:
-            if t < last:  # a resumed segment begins
-                seconds += last
-            last = t
-        seconds += last
-    marker.write_text(json.dumps({"seconds": seconds, "rows": len(times)}))
+        try:
+            before = json.loads(marker.read_text())
+            rows, earlier = int(before["rows"]), float(before["seconds"])
+            if not (0 <= rows <= len(times) and np.isfinite(earlier) and earlier >= 0):
+                raise ValueError(f"rows {rows} of {len(times)} logged, seconds {earlier}")
+            seconds = earlier + _segments_seconds(times[rows:])
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            warnings.warn(f"{marker} is unreadable ({e}); the training time is read from results.csv alone",
+                          stacklevel=3)
+    if seconds is None:
+        seconds = _segments_seconds(times)
+    replace_file(marker, json.dumps({"seconds": seconds, "rows": len(times)}).encode())
     return seconds
 
 
@@ -1123,8 +1136,6 @@ def train_classifier(
                            "and the recorded validation metrics would be measured on what the network learnt")
     unvalidated = [c for k, c in enumerate(classes) if k not in {y for _, y in val_pairs}]
     if unvalidated:
-        import warnings
-
         warnings.warn(f"no validation crops for class(es) {unvalidated}: early stopping's macro-F1 is over the "
                       "other classes only", stacklevel=2)
     made = not resume
