@@ -60,7 +60,7 @@ from pathlib import Path
 from smearpipe.augment import AugmentConfig
 from smearpipe.cli import add_training_options
 from smearpipe.datasets import extract_wbc_crops
-from smearpipe.framing import FRAMINGS
+from smearpipe.framing import FRAMINGS, Framing
 from smearpipe.preprocess import Preprocessing
 from smearpipe.train import CropSource, train_classifier
 
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--no-macenko", action="store_true", help="same as --preprocess '' (the v3 commands used it)")
     ap.add_argument("--framing", default="cell", choices=FRAMINGS,
                     help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
+    ap.add_argument("--mask-radius", type=float, default=None,
+                    help="with cell framing: show only a disk of this radius around the nucleus, in nucleus extents, "
+                         "background colour outside (Framing.mask_radius; default: the whole square)")
     ap.add_argument("--lowres", type=float, default=0.0,
                     help="share of training crops seen through a coarser camera (AugmentConfig.lowres_p)")
     ap.add_argument("--normalize-after-augment", action="store_true",
@@ -154,7 +157,8 @@ def main() -> None:
         train.append(CropSource(str(bccd_crops(out, "train")), weight=3.0, name="bccd-train-fields"))
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
-                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE, framing=args.framing,
+                              name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE,
+                              framing=Framing(args.framing, mask_radius=args.mask_radius),
                               augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
