@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--framing", default="cell", choices=FRAMINGS,
                     help="recut every crop around its nucleus ('cell', default) or use crops as given (v1-v4)")
     ap.add_argument("--mask-radius", type=float, default=None,
-                    help="with cell framing: show only a disk of this radius around the nucleus, in nucleus extents, "
+                    help="with cell framing: show only a disk of this many half-sides of the square around the nucleus, "
                          "background colour outside (Framing.mask_radius; default: the whole square)")
     ap.add_argument("--lowres", type=float, default=0.0,
                     help="share of training crops seen through a coarser camera (AugmentConfig.lowres_p)")

@@ -861,6 +861,29 @@ def test_cli_train_classifier_records_its_preprocessing(tiny_crops, tmp_path, ca
     assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
                      "--preprocess", "unsharp", "--out", str(tmp_path)]) == 2
     assert "unsharp" in capsys.readouterr().err
+    assert cli_main(["train-classifier", "--train", str(tiny_crops / "train"), "--val", str(tiny_crops / "val"),
+                     "--framing", "as_given", "--mask-radius", "0.8", "--out", str(tmp_path)]) == 2
+    assert "mask_radius needs the 'cell' framing" in capsys.readouterr().err
+
+
+def test_a_masked_framing_is_recorded_and_repeated_at_inference(tiny_crops, tmp_path):
+    from smearpipe.classify import prepare_crops
+    from smearpipe.framing import Framing, frame_cell
+
+    res = train_classifier([tiny_crops / "train"], [tiny_crops / "val"], epochs=1, batch_size=5, input_size=32,
+                           out_dir=tmp_path, num_workers=0, framing=Framing("cell", mask_radius=0.8))
+    rec = json.loads(res.record.read_text())
+    assert rec["framing"]["mask_radius"] == 0.8
+    clf = Classifier.load(res.weights)
+    assert clf.framing == Framing("cell", mask_radius=0.8)
+    from smearpipe.io import read_image
+
+    crop = read_image(next((tiny_crops / "val").rglob("*.jpg")))
+    a = prepare_crops([crop], size=32, preprocessing=clf.preprocessing, preprocess_resized=clf.preprocess_resized,
+                      framing=clf.framing)
+    b = prepare_crops([frame_cell(crop, mask_radius=0.8)], size=32, preprocessing=clf.preprocessing,
+                      preprocess_resized=clf.preprocess_resized, framing="as_given")
+    np.testing.assert_array_equal(a, b)
 
 
 def test_cli_classify_types_crops_in_input_order_and_keeps_earlier_output(tiny_run, tiny_crops, tmp_path, capsys):

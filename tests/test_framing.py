@@ -160,3 +160,34 @@ def test_every_real_wbc_crop_shows_a_nucleus(pbc_root):
     assert len(bccd) == 351 and len(rows) == 206
     assert [i for i, c in enumerate(crops) if nucleus_box(c) is None] == []
     assert nucleus_box(np.full((64, 64, 3), 255, np.uint8)) is None  # a blank crop has none
+
+
+def test_mask_radius_keeps_the_cell_and_paints_the_surroundings():
+    img = cell_image(300, (150, 150), 30)  # red cells all around, a cell of radius 45 px in the middle
+    whole, masked = frame_cell(img), frame_cell(img, mask_radius=0.75)
+    assert masked.shape == whole.shape and masked.dtype == np.uint8
+    side = whole.shape[0]
+    c, r = (side - 1) / 2, 0.75 * side / 2
+    yy, xx = np.mgrid[:side, :side]
+    d = np.hypot(xx - c, yy - c)
+    assert np.array_equal(masked[d <= r], whole[d <= r])  # inside the disk: the crop as framed
+    assert (np.abs(masked[d >= 1.1 * r].astype(int) - BACKGROUND).max(axis=1) <= 1).all()  # outside: background
+    assert (np.abs(whole[d >= 1.1 * r].astype(int) - BACKGROUND).max(axis=1) > 5).any()  # where red cells were
+    ring = (d > r) & (d < 1.1 * r)
+    assert ring.any()  # a soft edge between the two
+
+
+def test_mask_radius_in_the_record_and_its_checks():
+    img = cell_image(200, (100, 100), 20)
+    masked = Framing(mask_radius=0.8)
+    assert Framing().to_dict().keys() == Framing.from_value(Framing().to_dict()).to_dict().keys()
+    assert "mask_radius" not in Framing().to_dict()  # records from before the option read the same
+    assert Framing.from_value(masked.to_dict()) == masked
+    assert np.array_equal(apply_framing(img, masked.to_dict()), frame_cell(img, mask_radius=0.8))
+    for bad in (0, -0.5, 1.6, float("nan"), True, "0.8"):
+        with pytest.raises(ValueError, match="mask_radius"):
+            Framing(mask_radius=bad)
+    with pytest.raises(ValueError, match="mask_radius needs the 'cell' framing"):
+        Framing("as_given", mask_radius=0.8)
+    flat = np.full((80, 90, 3), 200, np.uint8)
+    assert frame_cell(flat, mask_radius=0.8) is flat  # no nucleus: nothing to centre a disk on, crop as given

@@ -550,16 +550,18 @@ def _crop_source(spec: str):  # noqa: ANN202
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .framing import Framing
     from .preprocess import Preprocessing
     from .train import train_classifier
 
+    framing = Framing(args.framing, mask_radius=args.mask_radius)  # ValueError (reported by main) for bad values
     prep = Preprocessing(steps=tuple(x for x in args.preprocess.split(",") if x), macenko_on_failure="passthrough")
 
     res = train_classifier([_crop_source(s) for s in args.train], [_crop_source(s) for s in args.val],
                            input_size=args.input_size, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                            out_dir=args.out, name=args.name, resume=args.resume, max_minutes=args.max_minutes,
                            pretrained=args.pretrained, freeze_features=args.freeze_features, preprocessing=prep,
-                           framing=args.framing, normalize_after_augment=args.normalize_after_augment,
+                           framing=framing, normalize_after_augment=args.normalize_after_augment,
                            ema=args.ema, consistency=args.consistency, sam_rho=args.sam_rho, mixup=args.mixup,
                            device=args.device,
                            num_workers=args.workers, patience=args.patience, seed=args.seed, record_name=args.record_name,
@@ -702,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--framing", default="cell", choices=FRAMINGS,
                    help="recut every crop around its WBC nucleus before resizing (recorded, repeated at inference), "
                         "or use crops as given (default: %(default)s)")
+    p.add_argument("--mask-radius", type=float, default=None,
+                   help="with --framing cell: show only a disk of this many half-sides of the square around the nucleus, "
+                        "background colour outside (Framing.mask_radius; recorded; default: the whole square)")
     p.add_argument("--normalize-after-augment", action="store_true",
                    help="apply the 'reinhard' step to each training batch after colour augmentation, as inference "
                         "normalises another lab's shifted crop (needs --preprocess reinhard)")
