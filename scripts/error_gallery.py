@@ -1,14 +1,16 @@
 """Montage of misclassified crops from an ``evaluate_classifier`` predictions.csv, grouped by confusion.
 
 Usage: python scripts/error_gallery.py PREDICTIONS_CSV OUT_PNG [--per-row 10] [--rows 4] [--root DIR]
-                                       [--shared-with OTHER_PREDICTIONS_CSV] [--overwrite]
+                                       [--shared-with OTHER_PREDICTIONS_CSV] [--group TRUE:PRED ...] [--overwrite]
 
 One row per confusion (true -> predicted), the most frequent first, the most confident mistakes first
 within a row; each tile is the crop as given (before the classifier's framing and normalisation) with
 the predicted probability. Paths in the CSV are absolute or relative to ``--root`` (the data folder of
 the machine the CSV was written on may differ: pass its replacement). ``--shared-with`` keeps only the mistakes
 that a second run (another seed) made too, with the same wrong class: errors that belong to the crops, for a
-reviewer to check the crop and its label. Beside the PNG, ``OUT.csv`` lists the crops shown, row by row.
+reviewer to check the crop and its label. ``--group TRUE:PRED`` (repeatable) shows those rows instead, in the
+order given, and may name answers that are right (``eosinophil:eosinophil``), to set a reviewer's eye beside
+the mistakes. Beside the PNG, ``OUT.csv`` lists the crops shown, row by row.
 """
 
 from __future__ import annotations
@@ -37,14 +39,22 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="replace the folder part of each path up to the class folder")
     ap.add_argument("--shared-with", default=None, metavar="CSV",
                     help="another run's predictions.csv: show only the mistakes it made too (same wrong class)")
+    ap.add_argument("--group", action="append", default=None, metavar="TRUE:PRED",
+                    help="show this row (repeatable, in this order; TRUE may equal PRED) instead of the commonest mistakes")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT_PNG and its .csv if they exist")
     args = ap.parse_args()
     out = Path(args.out)
     listing = out.with_suffix(".csv")
     if not args.overwrite and (out.exists() or listing.exists()):
         sys.exit(f"{out} or {listing.name} exists; pass --overwrite or another OUT_PNG")
+    wanted = []
+    for group in args.group or []:
+        true, sep, pred = group.partition(":")
+        if not (sep and true and pred):
+            sys.exit(f"--group {group!r}: expected TRUE:PRED, e.g. eosinophil:neutrophil")
+        wanted.append((true, pred))
     with open(args.predictions) as f:
-        rows = [r for r in csv.DictReader(f) if r["true"] != r["pred"]]
+        rows = [r for r in csv.DictReader(f) if r["true"] != r["pred"] or (r["true"], r["pred"]) in wanted]
     if args.shared_with:
         with open(args.shared_with) as f:
             other = {_key(r): (r["true"], r["pred"]) for r in csv.DictReader(f)}
@@ -55,6 +65,11 @@ def main() -> None:
     for r in rows:
         groups[(r["true"], r["pred"])].append(r)
     order = sorted(groups, key=lambda k: -len(groups[k]))[: args.rows]
+    if wanted:
+        missing = [f"{a}:{b}" for a, b in wanted if (a, b) not in groups]
+        if missing:
+            sys.exit(f"--group {', '.join(missing)}: no such crops" + (" shared by both runs" if args.shared_with else ""))
+        order = wanted
     lines, shown = [], []
     for key in order:
         items = sorted(groups[key], key=lambda r: -float(r[f"p_{r['pred']}"]))[: args.per_row]

@@ -117,6 +117,18 @@ def test_error_gallery_of_shared_errors(tmp_path, monkeypatch):
     script.main()  # with itself: every mistake is shared
     with out.with_suffix(".csv").open() as f:
         assert len(list(csv.DictReader(f))) == 3
+    c = predictions("c", ["eosinophil", "neutrophil", "neutrophil"])  # one right answer per true class
+    chosen = tmp_path / "g" / "chosen.png"
+    monkeypatch.setattr(sys, "argv", ["error_gallery.py", str(c), str(chosen), "--group", "eosinophil:neutrophil",
+                                      "--group", "eosinophil:eosinophil"])
+    script.main()  # rows as asked, right answers included, in the order given
+    with chosen.with_suffix(".csv").open() as f:
+        assert [(r["row"], r["true"], r["pred"]) for r in csv.DictReader(f)] == [
+            ("1", "eosinophil", "neutrophil"), ("2", "eosinophil", "eosinophil")]
+    for group, message in (("eosinophil", "expected TRUE:PRED"), ("basophil:basophil", "no such crops")):
+        monkeypatch.setattr(sys, "argv", ["error_gallery.py", str(c), str(chosen), "--group", group, "--overwrite"])
+        with pytest.raises(SystemExit, match=message):
+            script.main()
 
 
 def test_red_cell_shift_moves_only_the_colour():
