@@ -255,3 +255,17 @@ def test_recipe_sweep_summary_compares_within_calls_and_counts_hard_images(tmp_p
     assert "proba" not in (out / "sweep_call1.json").read_text()
     with pytest.raises(ValueError, match="also in an earlier call"):
         sweep.summarize([first, first], tmp_path, out)
+
+
+def test_field_shift_panel_changes_the_stain_and_not_the_glass():
+    script = _script("eval_field_shift_panel")
+    rng = np.random.default_rng(0)
+    field = np.full((60, 80, 3), (225, 232, 218), np.uint8)  # BCCD's greenish-white glass
+    field[20:40, 20:40] = (95, 70, 170)  # a violet nucleus
+    field[5:15, 50:70] = (200, 140, 150)  # a red cell
+    field = np.clip(field + rng.integers(-2, 3, field.shape), 0, 255).astype(np.uint8)
+    assert np.array_equal(script.hed_shift(1.0, 1.0)(field), field)  # no shift: the same image, glass included
+    stronger = script.hed_shift(1.5, 1.0)(field)
+    glass = (slice(45, 60), slice(0, 15))
+    assert np.abs(stronger[glass].astype(int) - field[glass]).max() <= 3  # the lamp is not stained
+    assert stronger[20:40, 20:40].mean() < field[20:40, 20:40].mean() - 10  # the nucleus takes more haematoxylin
