@@ -1,4 +1,4 @@
-"""Montage of misclassified crops from an ``evaluate_classifier`` predictions.csv, grouped by confusion.
+"""Montage of a classifier's answers (its mistakes by default) from an ``evaluate_classifier`` predictions.csv.
 
 Usage: python scripts/error_gallery.py PREDICTIONS_CSV OUT_PNG [--per-row 10] [--rows 4] [--root DIR]
                                        [--shared-with OTHER_PREDICTIONS_CSV] [--group TRUE:PRED ...] [--overwrite]
@@ -9,7 +9,7 @@ the predicted probability. Paths in the CSV are absolute or relative to ``--root
 the machine the CSV was written on may differ: pass its replacement). ``--shared-with`` keeps only the mistakes
 that a second run (another seed) made too, with the same wrong class: errors that belong to the crops, for a
 reviewer to check the crop and its label. ``--group TRUE:PRED`` (repeatable) shows those rows instead, in the
-order given, and may name answers that are right (``eosinophil:eosinophil``), to set a reviewer's eye beside
+order given (``--rows`` is then not used; a group named twice is shown once), and may name answers that are right (``eosinophil:eosinophil``), to set a reviewer's eye beside
 the mistakes. Beside the PNG, ``OUT.csv`` lists the crops shown, row by row.
 """
 
@@ -52,7 +52,8 @@ def main() -> None:
         true, sep, pred = group.partition(":")
         if not (sep and true and pred):
             sys.exit(f"--group {group!r}: expected TRUE:PRED, e.g. eosinophil:neutrophil")
-        wanted.append((true, pred))
+        if (true, pred) not in wanted:
+            wanted.append((true, pred))
     with open(args.predictions) as f:
         rows = [r for r in csv.DictReader(f) if r["true"] != r["pred"] or (r["true"], r["pred"]) in wanted]
     if args.shared_with:

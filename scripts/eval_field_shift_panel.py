@@ -8,13 +8,13 @@ camera; this asks it of the whole default pipeline (``analyze_smear``, ``rescale
 ``--split`` is shifted (the same stain, colour, tone, blur and JPEG shifts; the crop-framing and magnification
 ones are left out: magnification is ``scripts/eval_scale.py``'s) and analysed. Per shift: annotated WBC boxes
 found (a WBC box of IoU >= 0.5, greedy), fields whose WBC count is exact, the RBC total against the annotations,
-and the WBC type of the fields with a single-type label and as many annotated WBCs as labels (as
-``scripts/eval_end_to_end.py`` scores it: every WBC found typed as the label). The stain shifts are done in
-optical density relative to the field's glass, without clipping (``hed_shift``): scikit-image's ``rgb2hed`` clips negative stain amounts, which
-turns BCCD's greenish-white glass pinkish-grey even with both scales at 1, a change of the glass, not of the stain,
-measured separately as "HED round trip (clipped)". Choices are made on ``val``;
-``test`` is for reports. Writes ``<out>/<detector>+<classifier>/<split>.json``; an existing report is kept unless
-``--overwrite``.
+the median colour of the glass (``estimate_background``), and the WBC type of the fields with a single-type label
+and as many annotated WBCs as labels (as ``scripts/eval_end_to_end.py`` scores it: every WBC found typed as the
+label). The stain shifts are done in optical density relative to the field's glass, without clipping
+(``hed_shift``): scikit-image's ``rgb2hed`` clips negative stain amounts, which turns BCCD's near-white glass
+pink even with both scales at 1, a change of the glass, not of the stain, measured separately as "HED
+round trip (clipped)". Choices are made on ``val``; ``test`` is for reports. Writes
+``<out>/<detector>+<classifier>/<split>.json``; an existing report is kept unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ LEFT_OUT = ("magnification", "tight crop", "central", "off-centre")  # not stain
 def hed_shift(h_scale: float, e_scale: float):
     """Scale the haematoxylin and eosin amounts of an RGB uint8 image (Ruifrok-Johnston vectors, as scikit-image's),
     in optical density relative to the image's own glass (``estimate_background``: the lamp, which a stain does not
-    change), with negative amounts kept: both scales 1 give the image back."""
+    change), with negative amounts kept: both scales 1 give the image back (values of 0 come back as 1). The crop
+    panel's stain rows of the same names use scikit-image's clipped transform instead."""
     def f(im: np.ndarray) -> np.ndarray:
         glass = np.maximum(estimate_background(im), 1.0)
         od = -np.log(np.maximum(im.astype(np.float64), 1.0) / glass)
@@ -85,10 +86,13 @@ def main() -> None:
     for name, shift in shifts.items():
         found = exact = rbc_true = rbc_pred = typed = typed_right = 0
         per_label: dict[str, list[int]] = {}
+        glass = []
         for _, image, wbc, rbc, single in fields:
+            shifted = shift(image)
+            glass.append(estimate_background(shifted))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. a ruler refused on a shifted field: counted as analysed
-                r = analyze_smear(shift(image), pipeline=pipe)
+                r = analyze_smear(shifted, pipeline=pipe)
             found += sum(matched(wbc, [c.box for c in r.wbcs]))
             exact += r.counts["WBC"] == len(wbc)
             rbc_true, rbc_pred = rbc_true + rbc, rbc_pred + r.counts["RBC"]
@@ -100,6 +104,7 @@ def main() -> None:
         n_wbc = sum(len(f[2]) for f in fields)
         row = {"wbc_found": found, "wbc_annotated": n_wbc, "wbc_count_exact_fields": exact,
                "rbc_total_error_percent": round(100 * (rbc_pred - rbc_true) / rbc_true, 1),
+               "glass_rgb_median": [round(float(v), 1) for v in np.median(glass, axis=0)],
                "type_correct_fields": typed_right, "typed_fields": typed,
                "type_correct_per_label": {k: {"correct": v[0], "fields": v[1]} for k, v in sorted(per_label.items())}}
         result["shifts"][name] = row

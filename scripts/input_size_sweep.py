@@ -74,7 +74,7 @@ def main() -> None:
                                              preprocessing=dataclasses.replace(clf.preprocessing, steps=steps))
                 sized = Classifier(clf.model, record)
                 row = {"model": clf.name, "sha256": clf.record.sha256, "trained_at": clf.input_size, "input_size": size,
-                       "preprocessing": list(steps)}
+                       "preprocessing": list(steps), "framing": clf.framing.to_dict()}
                 for key, (crops, y) in data.items():
                     pred = sized.predict_proba(crops).argmax(1)
                     s = score(y, pred, classes)

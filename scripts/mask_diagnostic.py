@@ -6,7 +6,9 @@ Usage:
 After the model's own framing (cell framing: a square around the nucleus), everything farther from the square's
 centre than K half-sides is blended into the crop's background colour (a linear ramp from K to K + 0.1 half-sides;
 K = 0: no mask), then the model's recorded preprocessing with ``"sharpen"`` added (as the protocol model is
-scored). Scored on PBC val (1,030, centre 70 %) and the 280 BCCD dev crops (``bccd_wbc_subtypes`` crops of BCCD
+scored). The background colour is that of the framed square (the library's option takes the whole crop's), and a
+crop is taken for framed when the framing returns a square (it returns a crop without a nucleus as given, which
+may be square by chance: such a crop is masked too). Scored on PBC val (1,030, centre 70 %) and the 280 BCCD dev crops (``bccd_wbc_subtypes`` crops of BCCD
 train/val fields); validation data only, no test split read. This chose the radius of the mask pilot
 (``reports/cross_lab/mask_pilot.md``) and checks whether its inference-only effect repeats on other seeds. The
 library's option (``Framing(mask_radius=k)``) ramps over a tenth of the radius instead.
@@ -57,12 +59,26 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"{out} exists; pick another name")
-    framing_module.Framing.__call__ = _frame_and_mask
-    results, data = [], None
-    for model, *radii in args.model:
+    if any(len(m) < 2 for m in args.model):
+        raise SystemExit("--model: a classifier and at least one radius K")
+    framing_module.Framing.__call__ = _frame_and_mask  # for this process only: restored below
+    try:
+        results, classes = _score(args.model)
+    finally:
+        framing_module.Framing.__call__ = _frame
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"what": __doc__, "classes": list(classes), "results": results}, indent=1))
+
+
+def _score(models: list[list[str]]) -> tuple[list[dict], tuple[str, ...]]:
+    results, data, classes = [], None, None
+    for model, *radii in models:
         clf = Classifier.load(model)
         steps = tuple(clf.preprocessing.steps) + (() if "sharpen" in clf.preprocessing.steps else ("sharpen",))
         clf = Classifier(clf.model, dataclasses.replace(clf.record, preprocessing=dataclasses.replace(clf.preprocessing, steps=steps)))
+        if classes is not None and clf.classes != classes:
+            raise SystemExit(f"{clf.name}: classes {clf.classes} differ from the first model's {classes}")
+        classes = clf.classes
         data = data or validation_crops(clf.classes)
         for k in map(float, radii):
             _RADIUS[0] = k
@@ -73,8 +89,7 @@ def main() -> None:
                             "confusion_matrix": confusion_matrix(y, pred, labels=range(len(clf.classes))).tolist()}
             print(f"{clf.name} k={k}: pbc_val {row['pbc_val']['correct']}, bccd_dev {row['bccd_dev']['correct']}", flush=True)
             results.append(row)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"what": __doc__, "classes": list(clf.classes), "results": results}, indent=1))
+    return results, classes
 
 
 if __name__ == "__main__":

@@ -144,6 +144,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the network trains: cpu (the shipped weights), cuda, cuda:N")
     ap.add_argument("--workers", type=int, default=1, help="data-loading processes (1 on the 2-core project machine)")
     args = ap.parse_args()
+    try:
+        framing = Framing(args.framing, mask_radius=args.mask_radius)
+    except ValueError as exc:
+        ap.error(str(exc))
     out = Path(args.out)
     pbc_root = str(SHARED / "pbc" / "PBC_dataset_normal_DIB")
     splits = str(SHARED / "pbc" / "splits.csv")
@@ -158,8 +162,8 @@ def main() -> None:
         val.append(CropSource(str(bccd_crops(out, "val")), name="bccd-val-fields"))
     result = train_classifier(train, val, input_size=args.input_size, epochs=args.epochs, lr=args.lr, out_dir=out,
                               name=args.name, max_minutes=args.max_minutes, crop_scale=CROP_SCALE,
-                              framing=Framing(args.framing, mask_radius=args.mask_radius),
-                              augment=dataclasses.replace(AUGMENT_FRAMED if args.framing == "cell" else AUGMENT,
+                              framing=framing,
+                              augment=dataclasses.replace(AUGMENT_FRAMED if framing.name == "cell" else AUGMENT,
                                                           lowres_p=args.lowres, gamma=args.gamma,
                                                           blur_p=args.blur[0], blur_sigma_max=args.blur[1],
                                                           randconv_p=args.randconv, mixstyle_p=args.mixstyle,

@@ -884,6 +884,9 @@ def test_a_masked_framing_is_recorded_and_repeated_at_inference(tiny_crops, tmp_
     b = prepare_crops([frame_cell(crop, mask_radius=0.8)], size=32, preprocessing=clf.preprocessing,
                       preprocess_resized=clf.preprocess_resized, framing="as_given")
     np.testing.assert_array_equal(a, b)
+    unmasked = prepare_crops([crop], size=32, preprocessing=clf.preprocessing, preprocess_resized=clf.preprocess_resized,
+                             framing="cell")
+    assert not np.array_equal(a, unmasked)  # the mask did something
 
 
 def test_cli_classify_types_crops_in_input_order_and_keeps_earlier_output(tiny_run, tiny_crops, tmp_path, capsys):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from smearpipe.errors import InvalidImageError
 from smearpipe.framing import Framing, apply_framing, frame_cell, nucleus_box
 
-from .conftest import SHARED
+from .conftest import REPO, SHARED
 
 BACKGROUND = (235, 215, 205)  # pinkish-cream, as between cells
 RBC = (215, 150, 160)  # blue close to green, as red cells
@@ -162,7 +164,7 @@ def test_every_real_wbc_crop_shows_a_nucleus(pbc_root):
     assert nucleus_box(np.full((64, 64, 3), 255, np.uint8)) is None  # a blank crop has none
 
 
-def test_mask_radius_keeps_the_cell_and_paints_the_surroundings():
+def test_mask_radius_keeps_a_disk_around_the_nucleus_and_paints_the_rest():
     img = cell_image(300, (150, 150), 30)  # red cells all around, a cell of radius 45 px in the middle
     whole, masked = frame_cell(img), frame_cell(img, mask_radius=0.75)
     assert masked.shape == whole.shape and masked.dtype == np.uint8
@@ -171,20 +173,26 @@ def test_mask_radius_keeps_the_cell_and_paints_the_surroundings():
     yy, xx = np.mgrid[:side, :side]
     d = np.hypot(xx - c, yy - c)
     assert np.array_equal(masked[d <= r], whole[d <= r])  # inside the disk: the crop as framed
-    assert (np.abs(masked[d >= 1.1 * r].astype(int) - BACKGROUND).max(axis=1) <= 1).all()  # outside: background
+    assert (np.abs(masked[d >= 1.1 * r].astype(int) - BACKGROUND).max(axis=1) <= 1).all()  # beyond: background
     assert (np.abs(whole[d >= 1.1 * r].astype(int) - BACKGROUND).max(axis=1) > 5).any()  # where red cells were
-    ring = (d > r) & (d < 1.1 * r)
-    assert ring.any()  # a soft edge between the two
+    ring = (d > r + 0.5) & (d < 1.1 * r - 0.5) & (np.abs(whole.astype(int) - BACKGROUND).max(axis=2) > 10)
+    lo, hi = np.minimum(whole, BACKGROUND)[ring].astype(int), np.maximum(whole, BACKGROUND)[ring].astype(int)
+    m = masked[ring].astype(int)
+    assert ring.any() and ((m >= lo - 1) & (m <= hi + 1)).all()  # the soft edge: between the two ...
+    assert (np.abs(m - whole[ring]).max(axis=1) > 0).any() and (np.abs(m - BACKGROUND).max(axis=1) > 1).any()  # ... strictly
 
 
 def test_mask_radius_in_the_record_and_its_checks():
     img = cell_image(200, (100, 100), 20)
     masked = Framing(mask_radius=0.8)
-    assert Framing().to_dict().keys() == Framing.from_value(Framing().to_dict()).to_dict().keys()
-    assert "mask_radius" not in Framing().to_dict()  # records from before the option read the same
+    shipped = json.loads((REPO / "weights" / "classifier-vgg16bn-v8.json").read_text())["framing"]
+    assert Framing().to_dict() == shipped  # a record from before the option reads, and is written, the same
+    assert Framing.from_value(shipped) == Framing()
     assert Framing.from_value(masked.to_dict()) == masked
     assert np.array_equal(apply_framing(img, masked.to_dict()), frame_cell(img, mask_radius=0.8))
-    for bad in (0, -0.5, 1.6, float("nan"), True, "0.8"):
+    assert not np.array_equal(frame_cell(img, mask_radius=0.8), frame_cell(img))
+    assert Framing(mask_radius=1.4).mask_radius == 1.4  # the largest that still touches the square's corners
+    for bad in (0, -0.5, 1.41, float("nan"), True, "0.8"):
         with pytest.raises(ValueError, match="mask_radius"):
             Framing(mask_radius=bad)
     with pytest.raises(ValueError, match="mask_radius needs the 'cell' framing"):

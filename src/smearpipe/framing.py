@@ -38,6 +38,7 @@ FRAMINGS = ("as_given", "cell")
 _WORK_SIZE = 96  # the nucleus is found on a copy of this size (long side): cheap, and enough for a box
 _MIN_AREA = 0.005  # smaller blue regions (platelets, noise) are not taken for a nucleus
 _MIN_BLUE = 15  # Otsu threshold on blue - green below this: no violet nucleus in the crop
+_MAX_MASK_RADIUS = 1.4  # Framing.mask_radius, in half-sides of the square: sqrt(2) reaches its corners
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,14 @@ class Framing:
     max_growth : float
         Largest side of the square relative to the crop's longer side.
     mask_radius : float or None
-        None (the default, as every record before it): the square is shown whole. A number in (0, 1.5]:
-        outside a disk centred in the square (on the nucleus) with this radius in half sides of the square,
-        the square takes the background colour (soft edge: a tenth of the radius wide), so the neighbouring
-        red cells and whatever else surrounds the cell (which differ from lab to lab) are not shown to the
-        classifier. 1 keeps the inscribed disk; with ``context`` 1.8, 0.75 keeps 0.68 nucleus extents around
-        the nucleus's centre where the square is not limited by ``max_growth``.
+        None (the default, as every record before it): the square is shown whole. A number ``k`` in (0, 1.4]:
+        a disk centred in the square (on the nucleus) is kept, of radius ``k`` half-sides of the square; beyond
+        ``1.1 k`` half-sides the square takes the background colour, and in between the two are blended. The
+        neighbouring red cells and whatever else surrounds the cell, which differ from lab to lab, are then
+        mostly hidden from the classifier. ``k = 1`` keeps the inscribed disk. With ``context`` 1.8 the radius
+        is ``0.9 k`` nucleus extents (0.68 for ``k = 0.75``; the rim of a cell whose nucleus spans two thirds
+        of it lies at about 0.75), and less where ``max_growth`` limits the square (a crop cut tightly around
+        the cell): there the disk can cut into the cell's rim.
     """
 
     name: str = "cell"
@@ -75,8 +78,9 @@ class Framing:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"framing {key} must be a finite number > 0, got {v!r}")
         v = self.mask_radius
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1.5):
-            raise ValueError(f"framing mask_radius must be None or a number in (0, 1.5], got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= _MAX_MASK_RADIUS):
+            # beyond about 1.29 only the corners are touched, and from sqrt(2) on nothing: a record that does nothing
+            raise ValueError(f"framing mask_radius must be None or a number in (0, {_MAX_MASK_RADIUS}], got {v!r}")
         if v is not None and self.name != "cell":
             raise ValueError(f"framing mask_radius needs the 'cell' framing (it masks around the nucleus), not {self.name!r}")
 
@@ -167,13 +171,14 @@ def frame_cell(rgb: np.ndarray, *, context: float = 1.8, max_growth: float = 1.0
         The side is at most this times the crop's longer side (a crop clipped at a field's edge, or
         cut tighter than ``context``, is re-centred but not padded out).
     mask_radius : float or None
-        If given, everything farther from the square's centre (the nucleus's) than this times half the
-        square's side takes the background colour (soft edge: a tenth of that radius); see :class:`Framing`.
+        If given, the disk of this many half-sides around the square's centre (the nucleus's) is kept, beyond
+        1.1 times that radius the square takes the background colour, blended in between; see :class:`Framing`.
 
     Returns
     -------
     (S, S, 3) uint8 ndarray
-        Outside ``rgb``, pixels take the median colour of its brightest tenth (the background between cells).
+        Outside ``rgb`` (and beyond ``mask_radius``), pixels take the median colour of its brightest tenth (the
+        background between cells).
 
     Raises
     ------
