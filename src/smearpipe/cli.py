@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: classifier)")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop after the first epoch that ends past this wall time (resumable)")
-    p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet) or a local VGG16-BN state dict")
+    p.add_argument("--pretrained", default=None, help="'imagenet' (needs internet), a local VGG16-BN state dict, or a smearpipe classifier (.safetensors) to fine-tune")
     p.add_argument("--freeze-features", action="store_true", help="train only the head (the paper's recipe)")
     p.add_argument("--preprocess", default="reinhard",
                    help="comma-separated preprocessing steps of every crop, recorded and repeated at inference, as the "
